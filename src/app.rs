@@ -1,0 +1,110 @@
+//! Wiring: configuration in, a running worker (and its ops endpoint) out.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::Settings,
+    dedupe::Dedupe,
+    gewe::{Backoff, GeweClient},
+    ops,
+    pacing::Pacer,
+    processor::Processor,
+    redact::Redactor,
+    worker::{self, Readiness},
+};
+
+/// A worker ready to run: configuration validated, HTTP client built, ops
+/// port bound (so a busy port fails at start-up, not later).
+pub struct Application {
+    settings: Settings,
+    processor: Arc<Processor>,
+    readiness: Arc<Readiness>,
+    ops_listener: TcpListener,
+    ops_addr: SocketAddr,
+}
+
+impl Application {
+    /// Builds everything that can fail before the first command.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let token = settings.require_token()?;
+        let redactor = Redactor::new(secrecy::ExposeSecret::expose_secret(token));
+        let gewe = GeweClient::new(&settings.gewe.base_url, token, settings.gewe.timeout)?;
+        let processor = Arc::new(Processor {
+            amqp: settings.amqp.clone(),
+            gewe,
+            backoff: Backoff::from(&settings.retry),
+            pacer: Pacer::new(&settings.pacing),
+            dedupe: Dedupe::new(settings.dedupe.window),
+            redactor,
+        });
+        if settings.redis.url.is_some() {
+            tracing::warn!(
+                "redis.url is set but this build keeps dedupe and pacing state in memory only"
+            );
+        }
+        let ops_listener = TcpListener::bind(settings.http.listen)
+            .await
+            .with_context(|| format!("could not bind http.listen {}", settings.http.listen))?;
+        let ops_addr = ops_listener.local_addr()?;
+        Ok(Self {
+            settings,
+            processor,
+            readiness: Arc::new(Readiness::default()),
+            ops_listener,
+            ops_addr,
+        })
+    }
+
+    /// Where `/healthz`, `/readyz` and `/metrics` are served.
+    pub fn ops_addr(&self) -> SocketAddr {
+        self.ops_addr
+    }
+
+    /// Runs until `shutdown` is cancelled and in-flight work is settled.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let ops_stop = CancellationToken::new();
+        let ops = tokio::spawn(ops::serve(
+            self.ops_listener,
+            self.readiness.clone(),
+            ops_stop.clone(),
+        ));
+        tracing::info!(ops = %self.ops_addr, gewe = %self.processor.gewe.url(), "gewe-friend-worker starting");
+        let result = worker::run(&self.settings, self.processor, self.readiness, shutdown).await;
+        ops_stop.cancel();
+        let _ = ops.await;
+        result.map_err(Into::into)
+    }
+}
+
+/// Cancels the returned token on SIGTERM or SIGINT.
+pub fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let trigger = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = ctrl_c => {}
+                        _ = term.recv() => {}
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the worker");
+                    let _ = ctrl_c.await;
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutdown signal received");
+        trigger.cancel();
+    });
+    token
+}

@@ -1,0 +1,114 @@
+//! One broker session: a connection, a consuming channel with its prefetch,
+//! and a confirm-mode publishing channel.
+//!
+//! A session is never repaired in place: when anything in it breaks, the
+//! worker drops it and opens a new one, which re-declares the topology and
+//! re-applies `basic_qos` (lapin's own recovery would not restore prefetch).
+//! Deliveries of the dead channel are never acked on the new one; the broker
+//! redelivers them.
+
+use lapin::{
+    Channel, Connection, ConnectionProperties, Consumer,
+    options::{BasicConsumeOptions, BasicQosOptions},
+    types::{FieldTable, ShortString},
+};
+
+use super::{Publisher, TopologyError, topology};
+use crate::config::{AmqpSettings, redact_url_password};
+
+/// Why a session could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// TCP, TLS, authentication or vhost failure.
+    #[error("could not connect to the broker at {url}: {source}")]
+    Connect {
+        /// Broker URL, password redacted.
+        url: String,
+        /// lapin's error.
+        #[source]
+        source: lapin::Error,
+    },
+    /// Declaring the topology failed.
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+    /// Opening a channel, setting QoS or starting the consumer failed.
+    #[error("could not set up {what}: {source}")]
+    Channel {
+        /// The step that failed.
+        what: &'static str,
+        /// lapin's error.
+        #[source]
+        source: lapin::Error,
+    },
+}
+
+impl SessionError {
+    /// Errors that reconnecting cannot fix (a topology mismatch needs an
+    /// operator). At start-up these stop the program.
+    pub fn needs_operator(&self) -> bool {
+        match self {
+            SessionError::Topology(t) => t.is_mismatch(),
+            SessionError::Connect { .. } | SessionError::Channel { .. } => false,
+        }
+    }
+}
+
+/// A live session.
+pub struct Session {
+    /// The connection; closing it requeues every unacked delivery.
+    pub connection: Connection,
+    /// Channel the consumer runs on.
+    pub consume_channel: Channel,
+    /// Stream of deliveries.
+    pub consumer: Consumer,
+    /// Confirm-mode publishing channel.
+    pub publisher: Publisher,
+}
+
+impl Session {
+    /// Connects, declares (when `amqp.declare`), applies prefetch and starts
+    /// consuming `amqp.command_queue` with manual acks.
+    pub async fn open(a: &AmqpSettings, consumer_tag: &str) -> Result<Self, SessionError> {
+        let properties = ConnectionProperties::default()
+            .with_connection_name(format!("gewe-friend-worker {consumer_tag}").into());
+        let connection = Connection::connect(&a.url, properties)
+            .await
+            .map_err(|source| SessionError::Connect {
+                url: redact_url_password(&a.url),
+                source,
+            })?;
+        let channel_err = |what| move |source| SessionError::Channel { what, source };
+        let consume_channel = connection
+            .create_channel()
+            .await
+            .map_err(channel_err("the consuming channel"))?;
+        if a.declare {
+            topology::declare(&consume_channel, a).await?;
+        }
+        consume_channel
+            .basic_qos(a.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(channel_err("basic.qos"))?;
+        let publisher = Publisher::open(&connection)
+            .await
+            .map_err(channel_err("the publishing channel"))?;
+        let consumer = consume_channel
+            .basic_consume(
+                ShortString::from(a.command_queue.as_str()),
+                ShortString::from(consumer_tag),
+                BasicConsumeOptions {
+                    no_ack: false,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(channel_err("the consumer"))?;
+        Ok(Self {
+            connection,
+            consume_channel,
+            consumer,
+            publisher,
+        })
+    }
+}

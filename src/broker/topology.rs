@@ -1,0 +1,167 @@
+//! Declaration of the worker's topology (contract §2, `amqp.*`).
+//!
+//! RabbitMQ answers a re-declaration with different arguments with a bare
+//! `PRECONDITION_FAILED` that closes the channel; [`TopologyError`] turns that
+//! into a message that names the object and the argument that differs, and
+//! what the operator can do about it.
+
+use lapin::{
+    Channel, ExchangeKind,
+    options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
+    protocol::{AMQPErrorKind, AMQPSoftError},
+    types::{AMQPValue, FieldTable, LongString, ShortString},
+};
+
+use crate::config::{AmqpSettings, QueueType};
+
+/// Why the topology could not be declared.
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    /// An object already exists with other arguments.
+    #[error(
+        "{object} already exists with a different {argument} than this worker declares \
+         (broker said: {broker_text}); change the worker's amqp.* settings to match, \
+         delete the {object} so it can be re-created, or set amqp.declare=false"
+    )]
+    Mismatch {
+        /// e.g. `queue 'gewe.add_friend.commands'`.
+        object: String,
+        /// e.g. `argument 'x-queue-type'`.
+        argument: String,
+        /// The broker's own text.
+        broker_text: String,
+    },
+    /// Any other broker error while declaring.
+    #[error("could not declare {object}: {source}")]
+    Broker {
+        /// What was being declared.
+        object: String,
+        /// The broker or connection error.
+        #[source]
+        source: lapin::Error,
+    },
+}
+
+impl TopologyError {
+    /// A mismatch will not go away by reconnecting; other errors may.
+    pub fn is_mismatch(&self) -> bool {
+        match self {
+            TopologyError::Mismatch { .. } => true,
+            TopologyError::Broker { .. } => false,
+        }
+    }
+
+    fn from_lapin(object: String, source: lapin::Error) -> Self {
+        if let lapin::ErrorKind::ProtocolError(amqp) = source.kind()
+            && matches!(
+                amqp.kind(),
+                AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
+            )
+        {
+            let text = amqp.get_message().as_str().to_owned();
+            let argument = text
+                .split_once("inequivalent arg '")
+                .and_then(|(_, rest)| rest.split_once('\''))
+                .map(|(arg, _)| format!("argument '{arg}'"))
+                .unwrap_or_else(|| "setting".to_owned());
+            return TopologyError::Mismatch {
+                object,
+                argument,
+                broker_text: text,
+            };
+        }
+        TopologyError::Broker { object, source }
+    }
+}
+
+/// The arguments of the command queue, exactly as declared.
+pub fn command_queue_arguments(a: &AmqpSettings) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(LongString::from(a.dead_letter_exchange.as_str())),
+    );
+    if a.queue_type == QueueType::Quorum {
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(i64::from(a.delivery_limit)),
+        );
+    }
+    args
+}
+
+fn queue_type_arguments(a: &AmqpSettings) -> FieldTable {
+    let mut args = FieldTable::default();
+    if a.queue_type == QueueType::Quorum {
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+    }
+    args
+}
+
+/// Declares the dead-letter exchange and queue, the result exchange and the
+/// command queue. Idempotent; a failure leaves `channel` closed.
+pub async fn declare(channel: &Channel, a: &AmqpSettings) -> Result<(), TopologyError> {
+    let durable_exchange = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    let durable_queue = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    let exchange = |name: &str| format!("exchange '{name}'");
+    let queue = |name: &str| format!("queue '{name}'");
+
+    channel
+        .exchange_declare(
+            ShortString::from(a.dead_letter_exchange.as_str()),
+            ExchangeKind::Fanout,
+            durable_exchange,
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| TopologyError::from_lapin(exchange(&a.dead_letter_exchange), e))?;
+    channel
+        .queue_declare(
+            ShortString::from(a.dead_letter_queue.as_str()),
+            durable_queue,
+            queue_type_arguments(a),
+        )
+        .await
+        .map_err(|e| TopologyError::from_lapin(queue(&a.dead_letter_queue), e))?;
+    channel
+        .queue_bind(
+            ShortString::from(a.dead_letter_queue.as_str()),
+            ShortString::from(a.dead_letter_exchange.as_str()),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| TopologyError::from_lapin(queue(&a.dead_letter_queue), e))?;
+    channel
+        .exchange_declare(
+            ShortString::from(a.result_exchange.as_str()),
+            ExchangeKind::Topic,
+            durable_exchange,
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| TopologyError::from_lapin(exchange(&a.result_exchange), e))?;
+    channel
+        .queue_declare(
+            ShortString::from(a.command_queue.as_str()),
+            durable_queue,
+            command_queue_arguments(a),
+        )
+        .await
+        .map_err(|e| TopologyError::from_lapin(queue(&a.command_queue), e))?;
+    Ok(())
+}

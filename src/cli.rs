@@ -1,0 +1,101 @@
+//! Command-line interface (contract §1).
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::simulator::Failure;
+
+/// gewe-friend-worker: turns "add this group member as a friend" commands from
+/// RabbitMQ into GeWe calls and publishes confirmed result events.
+#[derive(Debug, Parser)]
+#[command(name = "gewe-friend-worker", version, about)]
+pub struct Cli {
+    /// TOML configuration file (layered over the defaults, under GEWE_WORKER__* variables).
+    #[arg(long, global = true, env = "GEWE_WORKER_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+
+    /// What to do; `run` when omitted.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the worker (the default).
+    Run,
+    /// Load and validate the configuration, print it with secrets redacted.
+    CheckConfig,
+    /// Publish one command; with --wait, print its result event.
+    Publish(PublishArgs),
+    /// A one-command tour: worker + in-process GeWe simulator + sample commands.
+    Demo(DemoArgs),
+    /// Run the GeWe simulator as a standalone HTTP server.
+    SimulateGewe(SimulateArgs),
+}
+
+/// `publish` arguments.
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// GeWe device id of the WeChat account.
+    #[arg(long)]
+    pub app_id: String,
+    /// Group id, e.g. 34757816141@chatroom.
+    #[arg(long)]
+    pub chatroom_id: String,
+    /// wxid of the member to add.
+    #[arg(long)]
+    pub member_wxid: String,
+    /// Greeting sent with the friend request.
+    #[arg(long)]
+    pub content: String,
+    /// Idempotency key; a UUID when omitted.
+    #[arg(long)]
+    pub command_id: Option<String>,
+    /// Wait up to SECONDS for the result event and print it as JSON.
+    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
+    pub wait: Option<Duration>,
+}
+
+/// `demo` arguments.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Give up if the results have not all arrived within this time.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+/// `simulate-gewe` arguments.
+#[derive(Debug, Args)]
+pub struct SimulateArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8090")]
+    pub listen: SocketAddr,
+    /// Delay added to every response, e.g. 100ms.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    pub latency: Duration,
+    /// Share of requests (0..=1) answered with HTTP 503.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_rate)]
+    pub fail_rate: f64,
+    /// Accept only this token (any non-empty token when omitted).
+    #[arg(long, env = "GEWE_SIM_TOKEN")]
+    pub token: Option<String>,
+    /// Answer every request with this failure.
+    #[arg(long, value_enum)]
+    pub fail_with: Option<Failure>,
+}
+
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(Duration::from_secs_f64(v)),
+        _ => humantime::parse_duration(s).map_err(|e| format!("not a number of seconds: {e}")),
+    }
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err("must be a number between 0 and 1".to_owned()),
+    }
+}

@@ -1,0 +1,280 @@
+//! Decoding of command messages (contract §3).
+//!
+//! Decoding never fails without telling what is wrong: every rejection is an
+//! [`InvalidCommand`] whose text ends up in the `invalid_command` event, and
+//! whatever could be read (ids, fields) is kept so the event can carry it.
+
+use serde_json::{Map, Value};
+
+/// Bodies above this size are refused before parsing: no real greeting comes
+/// close, and parsing megabytes per message would let one publisher stall
+/// the worker.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Longest accepted `commandId`, in characters.
+pub const MAX_COMMAND_ID_CHARS: usize = 128;
+
+/// AMQP properties of the delivery that the worker honours.
+#[derive(Debug, Clone, Default)]
+pub struct Envelope {
+    /// `message_id` property.
+    pub message_id: Option<String>,
+    /// `correlation_id` property.
+    pub correlation_id: Option<String>,
+    /// `reply_to` property.
+    pub reply_to: Option<String>,
+    /// `traceparent` header (W3C trace context), if any.
+    pub traceparent: Option<String>,
+}
+
+/// A valid command, ready to be sent to GeWe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Command {
+    /// Idempotency key of the command.
+    pub command_id: String,
+    /// GeWe device id of the WeChat account.
+    pub app_id: String,
+    /// Group the member is in.
+    pub chatroom_id: String,
+    /// Member to add.
+    pub member_wxid: String,
+    /// Greeting sent with the request.
+    pub content: String,
+}
+
+/// Why a message is not a command.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidCommand {
+    /// Body above [`MAX_BODY_BYTES`].
+    #[error("body is {size} bytes, more than the {limit} allowed")]
+    TooLarge {
+        /// Body size.
+        size: usize,
+        /// Limit.
+        limit: usize,
+    },
+    /// Body is not UTF-8.
+    #[error("body is not valid UTF-8")]
+    NotUtf8,
+    /// Body is not JSON.
+    #[error("body is not JSON: {0}")]
+    NotJson(String),
+    /// Body is JSON but not an object.
+    #[error("body is JSON {0}, not an object")]
+    NotAnObject(&'static str),
+    /// A required field is absent (or null).
+    #[error("field `{0}` is missing")]
+    Missing(&'static str),
+    /// A field is present but not a string.
+    #[error("field `{field}` must be a string, got {got}")]
+    NotAString {
+        /// Field name.
+        field: &'static str,
+        /// JSON type found.
+        got: &'static str,
+    },
+    /// A required field is an empty or blank string.
+    #[error("field `{0}` must not be empty")]
+    Empty(&'static str),
+    /// `commandId` longer than [`MAX_COMMAND_ID_CHARS`].
+    #[error("field `commandId` is longer than {MAX_COMMAND_ID_CHARS} characters")]
+    CommandIdTooLong,
+}
+
+/// What could be read from a rejected message, for its error event.
+#[derive(Debug, Clone, Default)]
+pub struct Partial {
+    /// Best available id (see [`resolve_command_id`]).
+    pub command_id: String,
+    /// `appId`, when it was a string.
+    pub app_id: Option<String>,
+    /// `chatroomId`, when it was a string.
+    pub chatroom_id: Option<String>,
+    /// `memberWxid`, when it was a string.
+    pub member_wxid: Option<String>,
+}
+
+/// Decodes a body into a [`Command`], or says why it is not one.
+pub fn decode(body: &[u8], envelope: &Envelope) -> Result<Command, (InvalidCommand, Partial)> {
+    let fallback = || Partial {
+        command_id: resolve_command_id(None, envelope),
+        ..Partial::default()
+    };
+    if body.len() > MAX_BODY_BYTES {
+        return Err((
+            InvalidCommand::TooLarge {
+                size: body.len(),
+                limit: MAX_BODY_BYTES,
+            },
+            fallback(),
+        ));
+    }
+    let text = std::str::from_utf8(body).map_err(|_| (InvalidCommand::NotUtf8, fallback()))?;
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| (InvalidCommand::NotJson(e.to_string()), fallback()))?;
+    let Value::Object(obj) = value else {
+        return Err((InvalidCommand::NotAnObject(json_type(&value)), fallback()));
+    };
+
+    let given_id = obj.get("commandId").and_then(Value::as_str);
+    let partial = Partial {
+        command_id: match given_id {
+            Some(id) if valid_command_id(id) => id.to_owned(),
+            _ => resolve_command_id(None, envelope),
+        },
+        app_id: string_field(&obj, "appId"),
+        chatroom_id: string_field(&obj, "chatroomId"),
+        member_wxid: string_field(&obj, "memberWxid"),
+    };
+    let checked = || -> Result<Command, InvalidCommand> {
+        let command_id = match obj.get("commandId") {
+            None | Some(Value::Null) => resolve_command_id(None, envelope),
+            Some(Value::String(id)) if id.trim().is_empty() => {
+                return Err(InvalidCommand::Empty("commandId"));
+            }
+            Some(Value::String(id)) if id.chars().count() > MAX_COMMAND_ID_CHARS => {
+                return Err(InvalidCommand::CommandIdTooLong);
+            }
+            Some(Value::String(id)) => id.clone(),
+            Some(other) => {
+                return Err(InvalidCommand::NotAString {
+                    field: "commandId",
+                    got: json_type(other),
+                });
+            }
+        };
+        Ok(Command {
+            command_id,
+            app_id: required(&obj, "appId")?,
+            chatroom_id: required(&obj, "chatroomId")?,
+            member_wxid: required(&obj, "memberWxid")?,
+            content: required(&obj, "content")?,
+        })
+    };
+    checked().map_err(|e| (e, partial))
+}
+
+/// `commandId` from the body, else `message_id`, else `correlation_id`, else
+/// a fresh UUID, as the contract orders them.
+pub fn resolve_command_id(given: Option<&str>, envelope: &Envelope) -> String {
+    given
+        .into_iter()
+        .chain(envelope.message_id.as_deref())
+        .chain(envelope.correlation_id.as_deref())
+        .find(|id| valid_command_id(id))
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+fn valid_command_id(id: &str) -> bool {
+    !id.trim().is_empty() && id.chars().count() <= MAX_COMMAND_ID_CHARS
+}
+
+fn required(obj: &Map<String, Value>, field: &'static str) -> Result<String, InvalidCommand> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Err(InvalidCommand::Missing(field)),
+        Some(Value::String(s)) if s.trim().is_empty() => Err(InvalidCommand::Empty(field)),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(other) => Err(InvalidCommand::NotAString {
+            field,
+            got: json_type(other),
+        }),
+    }
+}
+
+fn string_field(obj: &Map<String, Value>, field: &str) -> Option<String> {
+    obj.get(field).and_then(Value::as_str).map(str::to_owned)
+}
+
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"{"commandId":"c-1","appId":"wx_app","chatroomId":"1@chatroom","memberWxid":"wxid_a","content":"hi","extra":1}"#;
+
+    #[test]
+    fn decodes_a_good_command_and_ignores_unknown_fields() {
+        let c = decode(GOOD.as_bytes(), &Envelope::default()).expect("valid");
+        assert_eq!(c.command_id, "c-1");
+        assert_eq!(c.app_id, "wx_app");
+        assert_eq!(c.content, "hi");
+    }
+
+    #[test]
+    fn command_id_falls_back_to_message_id_then_correlation_id() {
+        let body = br#"{"appId":"a","chatroomId":"c","memberWxid":"m","content":"x"}"#;
+        let env = Envelope {
+            message_id: Some("mid".into()),
+            correlation_id: Some("cid".into()),
+            ..Envelope::default()
+        };
+        assert_eq!(decode(body, &env).expect("valid").command_id, "mid");
+        let env = Envelope {
+            correlation_id: Some("cid".into()),
+            ..Envelope::default()
+        };
+        assert_eq!(decode(body, &env).expect("valid").command_id, "cid");
+        let generated = decode(body, &Envelope::default())
+            .expect("valid")
+            .command_id;
+        assert_eq!(generated.len(), 36);
+    }
+
+    #[test]
+    fn says_what_is_wrong() {
+        let env = Envelope::default();
+        let cases: &[(&[u8], InvalidCommand)] = &[
+            (b"\xff\xfe", InvalidCommand::NotUtf8),
+            (b"[1,2]", InvalidCommand::NotAnObject("an array")),
+            (b"{}", InvalidCommand::Missing("appId")),
+            (
+                br#"{"appId":"a","chatroomId":"c","memberWxid":"m"}"#,
+                InvalidCommand::Missing("content"),
+            ),
+            (
+                br#"{"appId":" ","chatroomId":"c","memberWxid":"m","content":"x"}"#,
+                InvalidCommand::Empty("appId"),
+            ),
+            (
+                br#"{"appId":"a","chatroomId":7,"memberWxid":"m","content":"x"}"#,
+                InvalidCommand::NotAString {
+                    field: "chatroomId",
+                    got: "a number",
+                },
+            ),
+            (
+                br#"{"commandId":"","appId":"a","chatroomId":"c","memberWxid":"m","content":"x"}"#,
+                InvalidCommand::Empty("commandId"),
+            ),
+        ];
+        for (body, want) in cases {
+            let (got, _) = decode(body, &env).expect_err("invalid");
+            assert_eq!(&got, want, "{:?}", String::from_utf8_lossy(body));
+        }
+        let big = vec![b' '; MAX_BODY_BYTES + 1];
+        assert!(matches!(
+            decode(&big, &env),
+            Err((InvalidCommand::TooLarge { .. }, _))
+        ));
+    }
+
+    #[test]
+    fn partial_keeps_what_could_be_read() {
+        let body = br#"{"commandId":"c9","appId":"a","chatroomId":5,"memberWxid":"m"}"#;
+        let (_, p) = decode(body, &Envelope::default()).expect_err("invalid");
+        assert_eq!(p.command_id, "c9");
+        assert_eq!(p.app_id.as_deref(), Some("a"));
+        assert_eq!(p.chatroom_id, None);
+        assert_eq!(p.member_wxid.as_deref(), Some("m"));
+    }
+}

@@ -1,0 +1,165 @@
+//! One HTTP attempt against GeWe, no interpretation.
+//!
+//! The client is built once and shared: reqwest pools connections, so a
+//! per-message client would pay a TCP (and TLS) handshake per command.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Serialize;
+
+use super::{ADD_MEMBER_PATH, TOKEN_HEADER};
+use crate::command::Command;
+
+/// Could not build the client from configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientBuildError {
+    /// The token contains characters that cannot go in an HTTP header.
+    #[error("`gewe.token` contains characters not allowed in an HTTP header")]
+    BadToken,
+    /// The base URL cannot be joined with the endpoint path.
+    #[error("`gewe.base_url` is not a usable base URL: {0}")]
+    BadUrl(#[from] url::ParseError),
+    /// reqwest could not set up TLS or the connection pool.
+    #[error("could not build the HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+}
+
+/// GeWe did not answer with an HTTP response.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The attempt took longer than `gewe.timeout`.
+    #[error("GeWe did not answer within {0:?}")]
+    Timeout(Duration),
+    /// Connection refused, reset, DNS failure, TLS failure...
+    #[error("could not reach GeWe: {0}")]
+    Connect(String),
+    /// The response started but its body could not be read.
+    #[error("GeWe's response was cut off: {0}")]
+    Body(String),
+}
+
+/// An HTTP response from GeWe, not yet interpreted.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// HTTP status code.
+    pub status: u16,
+    /// `Retry-After`, when given in seconds.
+    pub retry_after: Option<Duration>,
+    /// Raw body.
+    pub body: Bytes,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Request<'a> {
+    app_id: &'a str,
+    chatroom_id: &'a str,
+    member_wxid: &'a str,
+    content: &'a str,
+}
+
+/// Calls `POST /gewe/v2/api/group/addGroupMemberAsFriend`.
+#[derive(Debug, Clone)]
+pub struct GeweClient {
+    http: reqwest::Client,
+    url: reqwest::Url,
+    timeout: Duration,
+}
+
+impl GeweClient {
+    /// Builds the shared client; the token goes into default headers marked
+    /// sensitive so reqwest never prints it.
+    pub fn new(
+        base_url: &str,
+        token: &SecretString,
+        timeout: Duration,
+    ) -> Result<Self, ClientBuildError> {
+        let mut token_value =
+            HeaderValue::from_str(token.expose_secret()).map_err(|_| ClientBuildError::BadToken)?;
+        token_value.set_sensitive(true);
+        let mut headers = HeaderMap::new();
+        headers.insert(TOKEN_HEADER, token_value);
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let http = reqwest::Client::builder()
+            .default_headers(headers)
+            .user_agent(concat!("gewe-friend-worker/", env!("CARGO_PKG_VERSION")))
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()?;
+        let base = if base_url.ends_with('/') {
+            base_url.to_owned()
+        } else {
+            format!("{base_url}/")
+        };
+        let url = reqwest::Url::parse(&base)?.join(ADD_MEMBER_PATH.trim_start_matches('/'))?;
+        Ok(Self { http, url, timeout })
+    }
+
+    /// The full endpoint URL (no secret in it).
+    pub fn url(&self) -> &reqwest::Url {
+        &self.url
+    }
+
+    /// Makes one attempt for `command`.
+    pub async fn add_group_member_as_friend(
+        &self,
+        command: &Command,
+    ) -> Result<Answer, TransportError> {
+        let body = Request {
+            app_id: &command.app_id,
+            chatroom_id: &command.chatroom_id,
+            member_wxid: &command.member_wxid,
+            content: &command.content,
+        };
+        let response = self
+            .http
+            .post(self.url.clone())
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| self.transport_error(e, false))?;
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| self.transport_error(e, true))?;
+        Ok(Answer {
+            status,
+            retry_after,
+            body,
+        })
+    }
+
+    fn transport_error(&self, e: reqwest::Error, reading_body: bool) -> TransportError {
+        // reqwest's Display includes the URL, never the headers, so no token.
+        let text = error_chain(&e);
+        if e.is_timeout() {
+            TransportError::Timeout(self.timeout)
+        } else if reading_body {
+            TransportError::Body(text)
+        } else {
+            TransportError::Connect(text)
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

@@ -1,0 +1,16 @@
+//! The GeWe boundary: one HTTP attempt ([`client`]), the exhaustive
+//! classification of its result ([`classify`]) and the retrying caller
+//! ([`retry`]).
+
+pub mod classify;
+pub mod client;
+pub mod retry;
+
+pub use classify::{Verdict, classify};
+pub use client::{Answer, GeweClient, TransportError};
+pub use retry::{Backoff, CallOutcome};
+
+/// Path of the endpoint the worker calls.
+pub const ADD_MEMBER_PATH: &str = "/gewe/v2/api/group/addGroupMemberAsFriend";
+/// Header carrying the token.
+pub const TOKEN_HEADER: &str = "X-GEWE-TOKEN";

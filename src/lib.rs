@@ -1,0 +1,24 @@
+//! gewe-friend-worker: consumes "add group member as friend" commands from
+//! RabbitMQ, calls GeWe's `addGroupMemberAsFriend` with paced, deduplicated,
+//! retried requests, and publishes each outcome as a confirmed result event.
+//!
+//! The contract (CLI, configuration, message formats, error kinds) lives in
+//! the repository's README and `shared/contract.md`.
+
+pub mod app;
+pub mod broker;
+pub mod cli;
+pub mod client;
+pub mod command;
+pub mod config;
+pub mod dedupe;
+pub mod demo;
+pub mod event;
+pub mod gewe;
+pub mod ops;
+pub mod pacing;
+pub mod processor;
+pub mod redact;
+pub mod simulator;
+pub mod telemetry;
+pub mod worker;

@@ -1,0 +1,108 @@
+//! Entry point: parse the command line, load configuration, dispatch.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use gewe_friend_worker::{
+    app::{self, Application},
+    cli::{Cli, Command, PublishArgs},
+    client::{CommandClient, Listen, NewCommand},
+    config::Settings,
+    demo,
+    redact::Redactor,
+    simulator, telemetry,
+};
+use secrecy::ExposeSecret;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let settings = Settings::load(cli.config.as_deref())?;
+    let redactor = settings
+        .gewe
+        .token
+        .as_ref()
+        .map(|t| Redactor::new(t.expose_secret()))
+        .unwrap_or_default();
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => {
+            telemetry::init(settings.log.format, redactor, "info");
+            let app = Application::build(settings).await?;
+            app.run(app::shutdown_on_signals()).await
+        }
+        Command::CheckConfig => {
+            settings.require_token()?;
+            println!("{}", settings.redacted_json());
+            eprintln!("configuration is valid");
+            Ok(())
+        }
+        Command::Publish(args) => {
+            telemetry::init(settings.log.format, redactor, "warn");
+            publish(&settings, args).await
+        }
+        Command::Demo(args) => {
+            telemetry::init(settings.log.format, redactor, "warn");
+            demo::run(settings, args.timeout).await
+        }
+        Command::SimulateGewe(args) => {
+            telemetry::init(settings.log.format, redactor, "info");
+            let stop = app::shutdown_on_signals();
+            let (addr, server) = simulator::spawn(
+                args.listen,
+                simulator::Options {
+                    token: args.token,
+                    latency: args.latency,
+                    fail_rate: args.fail_rate,
+                    fail_with: args.fail_with,
+                },
+                stop,
+            )
+            .await
+            .with_context(|| format!("could not listen on {}", args.listen))?;
+            tracing::info!(%addr, "GeWe simulator listening");
+            server.await??;
+            Ok(())
+        }
+    }
+}
+
+async fn publish(settings: &Settings, args: PublishArgs) -> anyhow::Result<()> {
+    let command = NewCommand {
+        command_id: args
+            .command_id
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+        app_id: args.app_id,
+        chatroom_id: args.chatroom_id,
+        member_wxid: args.member_wxid,
+        content: args.content,
+    };
+    let mut client = CommandClient::connect(&settings.amqp, Listen::ReplyTo).await?;
+    client.send(&command).await?;
+    eprintln!("published command {}", command.command_id);
+    if let Some(wait) = args.wait {
+        let event = client.wait_for(&command.command_id, wait).await?;
+        println!("{}", serde_json::to_string_pretty(&event)?);
+    }
+    client.close().await;
+    Ok(())
+}

@@ -1,0 +1,80 @@
+//! Ops HTTP endpoint (contract §5): `/healthz`, `/readyz`, `/metrics`.
+
+use std::sync::{Arc, OnceLock};
+
+use axum::{Router, extract::State, http::StatusCode, routing::get};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::worker::Readiness;
+
+static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder once; later calls reuse it.
+pub fn prometheus() -> Option<PrometheusHandle> {
+    PROMETHEUS
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Suffix("_seconds".to_owned()),
+                    &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+                )
+                .ok()?;
+            match builder.install_recorder() {
+                Ok(handle) => Some(handle),
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics recorder not installed; /metrics will be empty");
+                    None
+                }
+            }
+        })
+        .clone()
+}
+
+#[derive(Clone)]
+struct Ops {
+    readiness: Arc<Readiness>,
+    metrics: Option<PrometheusHandle>,
+}
+
+/// The ops router.
+pub fn router(readiness: Arc<Readiness>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(Ops {
+            readiness,
+            metrics: prometheus(),
+        })
+}
+
+async fn readyz(State(ops): State<Ops>) -> (StatusCode, &'static str) {
+    if ops.readiness.is_consuming() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not consuming: broker unavailable\n",
+        )
+    }
+}
+
+async fn metrics(State(ops): State<Ops>) -> String {
+    ops.metrics
+        .as_ref()
+        .map(PrometheusHandle::render)
+        .unwrap_or_default()
+}
+
+/// Serves the ops endpoint on `listener` until `shutdown`.
+pub async fn serve(listener: TcpListener, readiness: Arc<Readiness>, shutdown: CancellationToken) {
+    let app = router(readiness);
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+    {
+        tracing::error!(error = %e, "ops endpoint stopped");
+    }
+}

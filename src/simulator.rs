@@ -1,0 +1,170 @@
+//! A GeWe stand-in for `demo`, `simulate-gewe`, docker-compose and load tests.
+//!
+//! It speaks the real endpoint's shape and GeWe's known failure bodies, so
+//! the worker cannot tell it from GeWe. Failures on demand, per request:
+//! a `memberWxid` containing `reject` is refused ("user ticket invalid"), an
+//! `appId` containing `offline` is offline, one containing `nodevice` is
+//! unknown; `--fail-with` forces one failure for every request and
+//! `--fail-rate` answers that share of requests with HTTP 503.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use axum::{
+    Json, Router,
+    extract::State,
+    http::{HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    routing::post,
+};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::gewe::{ADD_MEMBER_PATH, TOKEN_HEADER};
+
+/// A failure the simulator can be told to give for every request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Failure {
+    /// `ret` 500 with the token message (echoing the token, as GeWe does).
+    Token,
+    /// `微信已离线`.
+    Offline,
+    /// `设备不存在`.
+    NoDevice,
+    /// `user ticket invalid`.
+    Rejected,
+    /// `{"ret":500,"msg":null}`.
+    NullMsg,
+    /// `ret` 200 without `v3`.
+    NoV3,
+    /// HTTP 503.
+    Unavailable,
+    /// HTTP 429 with `Retry-After: 1`.
+    RateLimited,
+}
+
+/// Simulator behaviour.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Token the simulator accepts; `None` accepts any non-empty token.
+    pub token: Option<String>,
+    /// Added to every response.
+    pub latency: Duration,
+    /// Share (0..=1) of requests answered with HTTP 503.
+    pub fail_rate: f64,
+    /// Forced failure for every request.
+    pub fail_with: Option<Failure>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            token: None,
+            latency: Duration::ZERO,
+            fail_rate: 0.0,
+            fail_with: None,
+        }
+    }
+}
+
+/// The simulator's HTTP app.
+pub fn router(options: Options) -> Router {
+    Router::new()
+        .route(ADD_MEMBER_PATH, post(add_member))
+        .with_state(Arc::new(options))
+}
+
+/// Binds `addr` and serves until `shutdown`; returns the bound address and
+/// the server task.
+pub async fn spawn(
+    addr: SocketAddr,
+    options: Options,
+    shutdown: CancellationToken,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let app = router(options);
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await
+    });
+    Ok((local, task))
+}
+
+async fn add_member(
+    State(options): State<Arc<Options>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if !options.latency.is_zero() {
+        tokio::time::sleep(options.latency).await;
+    }
+    let given = headers
+        .get(TOKEN_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let token_ok = match &options.token {
+        Some(expected) => given == expected,
+        None => !given.is_empty(),
+    };
+    if !token_ok || options.fail_with == Some(Failure::Token) {
+        return gewe(
+            json!({"ret": 500, "msg": format!("HTTP HEADER: X-GEWE-TOKEN={given} 不可用或已过期")}),
+        );
+    }
+    let Ok(Value::Object(req)) = serde_json::from_slice::<Value>(&body) else {
+        return gewe(json!({"ret": 500, "msg": "参数错误"}));
+    };
+    let field = |k: &str| req.get(k).and_then(Value::as_str).unwrap_or("");
+    let (app_id, member) = (field("appId"), field("memberWxid"));
+    if app_id.is_empty() || member.is_empty() || field("chatroomId").is_empty() {
+        return gewe(json!({"ret": 500, "msg": "参数错误"}));
+    }
+    let failure = options.fail_with.or_else(|| {
+        if app_id.contains("nodevice") {
+            Some(Failure::NoDevice)
+        } else if app_id.contains("offline") {
+            Some(Failure::Offline)
+        } else if member.contains("reject") {
+            Some(Failure::Rejected)
+        } else if options.fail_rate > 0.0 && rand::random::<f64>() < options.fail_rate {
+            Some(Failure::Unavailable)
+        } else {
+            None
+        }
+    });
+    match failure {
+        None => {
+            let v3 = format!("v3_{}@stranger", uuid::Uuid::new_v4().simple());
+            gewe(json!({"ret": 200, "msg": "操作成功", "data": {"v3": v3}}))
+        }
+        Some(Failure::Token) => {
+            gewe(json!({"ret": 500, "msg": "HTTP HEADER: X-GEWE-TOKEN= 不可用或已过期"}))
+        }
+        Some(Failure::Offline) => gewe(
+            json!({"ret": 500, "msg": "发送消息失败", "data": {"code": "-1", "msg": "微信已离线"}}),
+        ),
+        Some(Failure::NoDevice) => gewe(
+            json!({"ret": 500, "msg": "获取失败", "data": {"code": "-1", "msg": format!("[{app_id}]设备不存在")}}),
+        ),
+        Some(Failure::Rejected) => gewe(
+            json!({"ret": 500, "msg": "添加好友失败", "data": {"code": "-2", "msg": "user ticket invalid"}}),
+        ),
+        Some(Failure::NullMsg) => gewe(json!({"ret": 500, "msg": null})),
+        Some(Failure::NoV3) => gewe(json!({"ret": 200, "msg": "操作成功", "data": {}})),
+        Some(Failure::Unavailable) => {
+            (StatusCode::SERVICE_UNAVAILABLE, "upstream busy").into_response()
+        }
+        Some(Failure::RateLimited) => (
+            StatusCode::TOO_MANY_REQUESTS,
+            [("retry-after", "1")],
+            "slow down",
+        )
+            .into_response(),
+    }
+}
+
+fn gewe(body: Value) -> Response {
+    (StatusCode::OK, Json(body)).into_response()
+}
