@@ -1,0 +1,299 @@
+//! Test harness: a real worker on a uniquely named topology of the real
+//! RabbitMQ, GeWe mocked with wiremock, and a listener on the result
+//! exchange standing in for a downstream consumer.
+#![allow(dead_code)]
+
+use std::{net::SocketAddr, time::Duration};
+
+use futures_util::StreamExt;
+use gewe_friend_worker::{
+    app::Application,
+    broker::topology,
+    config::{QueueType, Settings},
+};
+use lapin::{
+    BasicProperties, Channel, Connection, ConnectionProperties, Consumer,
+    options::{
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
+        ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    },
+    types::FieldTable,
+};
+use secrecy::SecretString;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+/// The token every test worker uses.
+pub const TOKEN: &str = "test-token-9f3c2a";
+/// How long a test waits for something that should happen promptly.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Broker URL: `GEWE_TEST_AMQP_URL` or the local default.
+pub fn amqp_url() -> String {
+    std::env::var("GEWE_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+/// Settings with unique names, fast retries, no pacing, an ephemeral ops port.
+pub fn test_settings(gewe_url: &str) -> Settings {
+    let mut s = Settings::load_from(None, Some(Default::default())).expect("defaults are valid");
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    s.amqp.url = amqp_url();
+    s.amqp.command_queue = format!("test.{id}.commands");
+    s.amqp.result_exchange = format!("test.{id}.results");
+    s.amqp.dead_letter_exchange = format!("test.{id}.dlx");
+    s.amqp.dead_letter_queue = format!("test.{id}.dead");
+    s.amqp.prefetch = 16;
+    s.gewe.base_url = gewe_url.to_owned();
+    s.gewe.token = Some(SecretString::from(TOKEN));
+    s.gewe.timeout = Duration::from_secs(2);
+    s.retry.max_attempts = 3;
+    s.retry.initial_delay = Duration::from_millis(10);
+    s.retry.max_delay = Duration::from_millis(100);
+    s.pacing.per_app_min_interval = Duration::ZERO;
+    s.pacing.per_app_concurrency = 64;
+    s.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    s.shutdown.grace = Duration::from_secs(5);
+    s
+}
+
+/// A running worker plus a broker connection for publishing and observing.
+pub struct TestApp {
+    pub settings: Settings,
+    pub ops_addr: SocketAddr,
+    pub connection: Connection,
+    pub channel: Channel,
+    pub events: Consumer,
+    pub stop: CancellationToken,
+    pub worker: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+/// A received result event.
+#[derive(Debug)]
+pub struct Received {
+    pub body: Value,
+    pub properties: BasicProperties,
+    pub routing_key: String,
+}
+
+impl Received {
+    pub fn kind(&self) -> Option<&str> {
+        self.body["error"]["kind"].as_str()
+    }
+    pub fn status(&self) -> &str {
+        self.body["status"].as_str().unwrap_or("")
+    }
+    pub fn attempts(&self) -> u64 {
+        self.body["attempts"].as_u64().unwrap_or(u64::MAX)
+    }
+}
+
+/// Declares the topology, binds a listener to the result exchange (unless
+/// `bind_results` is false), then starts the worker.
+pub async fn spawn_app_with(settings: Settings, bind_results: bool) -> TestApp {
+    let connection = Connection::connect(&settings.amqp.url, ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ must be running for integration tests");
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    topology::declare(&channel, &settings.amqp)
+        .await
+        .expect("topology");
+    let listener = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("listener queue");
+    if bind_results {
+        channel
+            .queue_bind(
+                listener.name().clone(),
+                settings.amqp.result_exchange.as_str().into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind");
+    }
+    let events = channel
+        .basic_consume(
+            listener.name().clone(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let app = Application::build(settings.clone())
+        .await
+        .expect("application builds");
+    let ops_addr = app.ops_addr();
+    let stop = CancellationToken::new();
+    let worker = tokio::spawn(app.run(stop.clone()));
+    TestApp {
+        settings,
+        ops_addr,
+        connection,
+        channel,
+        events,
+        stop,
+        worker: Some(worker),
+    }
+}
+
+pub async fn spawn_app(settings: Settings) -> TestApp {
+    spawn_app_with(settings, true).await
+}
+
+/// A valid command body.
+pub fn command(id: &str, app_id: &str) -> Value {
+    json!({
+        "commandId": id,
+        "appId": app_id,
+        "chatroomId": "34757816141@chatroom",
+        "memberWxid": format!("wxid_{id}"),
+        "content": "hello from the group"
+    })
+}
+
+/// A GeWe success body.
+pub fn gewe_ok(v3: &str) -> Value {
+    json!({"ret": 200, "msg": "操作成功", "data": {"v3": v3}})
+}
+
+impl TestApp {
+    /// Publishes `body` to the command queue (default exchange), confirmed.
+    pub async fn publish_raw(&self, body: &[u8], properties: BasicProperties) {
+        let confirm = self
+            .channel
+            .basic_publish(
+                "".into(),
+                self.settings.amqp.command_queue.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                body,
+                properties,
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        assert!(
+            confirm.is_ack() && confirm.take_message().is_none(),
+            "command not routed"
+        );
+    }
+
+    pub async fn publish(&self, body: &Value) {
+        self.publish_raw(body.to_string().as_bytes(), BasicProperties::default())
+            .await;
+    }
+
+    /// Next event on the result exchange, or panic after [`WAIT`].
+    pub async fn next_event(&mut self) -> Received {
+        next_on(&mut self.events).await
+    }
+
+    /// Collects `n` events.
+    pub async fn events(&mut self, n: usize) -> Vec<Received> {
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            out.push(self.next_event().await);
+        }
+        out
+    }
+
+    /// Takes `expected` messages from the dead-letter queue (panics if they
+    /// do not arrive within [`WAIT`]) and returns their bodies.
+    pub async fn dead_letters(&self, expected: usize) -> Vec<Vec<u8>> {
+        let channel = self.connection.create_channel().await.expect("channel");
+        let mut consumer = channel
+            .basic_consume(
+                self.settings.amqp.dead_letter_queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume dead letters");
+        let mut out = Vec::with_capacity(expected);
+        while out.len() < expected {
+            let delivery = tokio::time::timeout(WAIT, consumer.next())
+                .await
+                .unwrap_or_else(|_| panic!("only {} of {expected} dead letters arrived", out.len()))
+                .expect("consumer open")
+                .expect("delivery");
+            delivery
+                .acker
+                .ack(BasicAckOptions::default())
+                .await
+                .expect("ack");
+            out.push(delivery.data);
+        }
+        let _ = channel.close(200, "done".into()).await;
+        out
+    }
+
+    /// Stops the worker, asserts it exited cleanly, removes the topology.
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(worker) = self.worker.take() {
+            let result = tokio::time::timeout(WAIT, worker)
+                .await
+                .expect("worker stops in time");
+            result.expect("worker task").expect("worker exits cleanly");
+        }
+        let a = &self.settings.amqp;
+        for q in [&a.command_queue, &a.dead_letter_queue] {
+            let _ = self
+                .channel
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        for x in [&a.result_exchange, &a.dead_letter_exchange] {
+            let _ = self
+                .channel
+                .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
+        }
+        let _ = self.connection.close(200, "test done".into()).await;
+    }
+}
+
+/// Next delivery on `consumer` as a [`Received`], acked.
+pub async fn next_on(consumer: &mut Consumer) -> Received {
+    let delivery = tokio::time::timeout(WAIT, consumer.next())
+        .await
+        .expect("an event arrives in time")
+        .expect("consumer open")
+        .expect("delivery");
+    delivery
+        .acker
+        .ack(BasicAckOptions::default())
+        .await
+        .expect("ack");
+    Received {
+        body: serde_json::from_slice(&delivery.data).expect("event is JSON"),
+        properties: delivery.properties,
+        routing_key: delivery.routing_key.to_string(),
+    }
+}
+
+/// Queue type helper for tests that need classic queues.
+pub fn classic(mut s: Settings) -> Settings {
+    s.amqp.queue_type = QueueType::Classic;
+    s
+}
