@@ -93,14 +93,24 @@ pub struct Partial {
     pub member_wxid: Option<String>,
 }
 
+/// A message that is not a command: why, and what could be read of it.
+#[derive(Debug, Clone)]
+pub struct Rejected {
+    /// Why it is not a command.
+    pub reason: InvalidCommand,
+    /// What could be read, for the error event.
+    pub partial: Partial,
+}
+
 /// Decodes a body into a [`Command`], or says why it is not one.
-pub fn decode(body: &[u8], envelope: &Envelope) -> Result<Command, (InvalidCommand, Partial)> {
+pub fn decode(body: &[u8], envelope: &Envelope) -> Result<Command, Box<Rejected>> {
+    let reject = |reason, partial| Box::new(Rejected { reason, partial });
     let fallback = || Partial {
         command_id: resolve_command_id(None, envelope),
         ..Partial::default()
     };
     if body.len() > MAX_BODY_BYTES {
-        return Err((
+        return Err(reject(
             InvalidCommand::TooLarge {
                 size: body.len(),
                 limit: MAX_BODY_BYTES,
@@ -108,11 +118,15 @@ pub fn decode(body: &[u8], envelope: &Envelope) -> Result<Command, (InvalidComma
             fallback(),
         ));
     }
-    let text = std::str::from_utf8(body).map_err(|_| (InvalidCommand::NotUtf8, fallback()))?;
+    let text =
+        std::str::from_utf8(body).map_err(|_| reject(InvalidCommand::NotUtf8, fallback()))?;
     let value: Value = serde_json::from_str(text)
-        .map_err(|e| (InvalidCommand::NotJson(e.to_string()), fallback()))?;
+        .map_err(|e| reject(InvalidCommand::NotJson(e.to_string()), fallback()))?;
     let Value::Object(obj) = value else {
-        return Err((InvalidCommand::NotAnObject(json_type(&value)), fallback()));
+        return Err(reject(
+            InvalidCommand::NotAnObject(json_type(&value)),
+            fallback(),
+        ));
     };
 
     let given_id = obj.get("commandId").and_then(Value::as_str);
@@ -150,7 +164,7 @@ pub fn decode(body: &[u8], envelope: &Envelope) -> Result<Command, (InvalidComma
             content: required(&obj, "content")?,
         })
     };
-    checked().map_err(|e| (e, partial))
+    checked().map_err(|e| reject(e, partial))
 }
 
 /// `commandId` from the body, else `message_id`, else `correlation_id`, else
@@ -258,20 +272,22 @@ mod tests {
             ),
         ];
         for (body, want) in cases {
-            let (got, _) = decode(body, &env).expect_err("invalid");
+            let got = decode(body, &env).expect_err("invalid").reason;
             assert_eq!(&got, want, "{:?}", String::from_utf8_lossy(body));
         }
         let big = vec![b' '; MAX_BODY_BYTES + 1];
         assert!(matches!(
-            decode(&big, &env),
-            Err((InvalidCommand::TooLarge { .. }, _))
+            decode(&big, &env).map_err(|r| r.reason),
+            Err(InvalidCommand::TooLarge { .. })
         ));
     }
 
     #[test]
     fn partial_keeps_what_could_be_read() {
         let body = br#"{"commandId":"c9","appId":"a","chatroomId":5,"memberWxid":"m"}"#;
-        let (_, p) = decode(body, &Envelope::default()).expect_err("invalid");
+        let p = decode(body, &Envelope::default())
+            .expect_err("invalid")
+            .partial;
         assert_eq!(p.command_id, "c9");
         assert_eq!(p.app_id.as_deref(), Some("a"));
         assert_eq!(p.chatroom_id, None);

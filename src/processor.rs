@@ -76,7 +76,11 @@ impl Processor {
                     span.record("app_id", cmd.app_id.as_str());
                     (self.execute(&cmd, received_at).await, Settle::Ack)
                 }
-                Err((invalid, partial)) => {
+                Err(rejected) => {
+                    let command::Rejected {
+                        reason: invalid,
+                        partial,
+                    } = *rejected;
                     span.record("command_id", partial.command_id.as_str());
                     if let Some(app) = &partial.app_id {
                         span.record("app_id", app.as_str());

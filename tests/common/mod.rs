@@ -91,6 +91,22 @@ impl Received {
 /// Declares the topology, binds a listener to the result exchange (unless
 /// `bind_results` is false), then starts the worker.
 pub async fn spawn_app_with(settings: Settings, bind_results: bool) -> TestApp {
+    let mut app = listener(settings, bind_results).await;
+    let worker = Application::build(app.settings.clone())
+        .await
+        .expect("application builds");
+    app.ops_addr = worker.ops_addr();
+    app.worker = Some(tokio::spawn(worker.run(app.stop.clone())));
+    app
+}
+
+/// Topology and a result listener, but no worker (for tests that run the
+/// real binary as the worker).
+pub async fn spawn_listener(settings: &Settings) -> TestApp {
+    listener(settings.clone(), true).await
+}
+
+async fn listener(settings: Settings, bind_results: bool) -> TestApp {
     let connection = Connection::connect(&settings.amqp.url, ConnectionProperties::default())
         .await
         .expect("RabbitMQ must be running for integration tests");
@@ -135,20 +151,14 @@ pub async fn spawn_app_with(settings: Settings, bind_results: bool) -> TestApp {
         )
         .await
         .expect("consume");
-    let app = Application::build(settings.clone())
-        .await
-        .expect("application builds");
-    let ops_addr = app.ops_addr();
-    let stop = CancellationToken::new();
-    let worker = tokio::spawn(app.run(stop.clone()));
     TestApp {
         settings,
-        ops_addr,
+        ops_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
         connection,
         channel,
         events,
-        stop,
-        worker: Some(worker),
+        stop: CancellationToken::new(),
+        worker: None,
     }
 }
 

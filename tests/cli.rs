@@ -1,0 +1,262 @@
+//! The program as users run it: the real binary, its exit codes and output.
+
+mod common;
+
+use std::{process::Stdio, time::Duration};
+
+use common::*;
+use gewe_friend_worker::gewe::ADD_MEMBER_PATH;
+use serde_json::{Value, json};
+use tokio::{io::AsyncReadExt, process::Command};
+use wiremock::{
+    Mock, MockServer, ResponseTemplate,
+    matchers::{method, path},
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_gewe-friend-worker");
+
+/// The binary with a clean configuration environment.
+fn program() -> Command {
+    let mut cmd = Command::new(BIN);
+    for (key, _) in std::env::vars() {
+        if key.starts_with("GEWE_WORKER") || key == "RUST_LOG" {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+async fn output(mut cmd: Command, limit: Duration) -> std::process::Output {
+    tokio::time::timeout(limit, cmd.output())
+        .await
+        .expect("the program finishes in time")
+        .expect("the program starts")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Env vars that point a child process at `settings`' broker and names.
+fn settings_env(cmd: &mut Command, s: &gewe_friend_worker::config::Settings) {
+    cmd.env("GEWE_WORKER__AMQP__URL", &s.amqp.url)
+        .env("GEWE_WORKER__AMQP__COMMAND_QUEUE", &s.amqp.command_queue)
+        .env(
+            "GEWE_WORKER__AMQP__RESULT_EXCHANGE",
+            &s.amqp.result_exchange,
+        )
+        .env(
+            "GEWE_WORKER__AMQP__DEAD_LETTER_EXCHANGE",
+            &s.amqp.dead_letter_exchange,
+        )
+        .env(
+            "GEWE_WORKER__AMQP__DEAD_LETTER_QUEUE",
+            &s.amqp.dead_letter_queue,
+        );
+}
+
+#[tokio::test]
+async fn check_config_prints_the_effective_config_without_secrets() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("worker.toml");
+    std::fs::write(&file, "[amqp]\nprefetch = 8\n[retry]\nmax_delay = \"1m\"\n").expect("write");
+    let mut cmd = program();
+    cmd.arg("check-config")
+        .arg("--config")
+        .arg(&file)
+        .env("GEWE_WORKER__GEWE__TOKEN", "very-secret-token")
+        .env(
+            "GEWE_WORKER__AMQP__URL",
+            "amqp://user:hunter2@broker:5672/%2f",
+        )
+        .env("GEWE_WORKER__AMQP__PREFETCH", "32");
+    let out = output(cmd, WAIT).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let printed: Value = serde_json::from_str(&stdout).expect("prints JSON");
+    assert_eq!(printed["amqp"]["prefetch"], 32, "env wins over the file");
+    assert_eq!(
+        printed["retry"]["max_delay"], "1m",
+        "the file wins over defaults"
+    );
+    assert_eq!(printed["gewe"]["token"], "***");
+    assert_eq!(printed["amqp"]["url"], "amqp://user:***@broker:5672/%2f");
+    assert!(!stdout.contains("very-secret-token") && !stdout.contains("hunter2"));
+}
+
+#[tokio::test]
+async fn check_config_rejects_bad_values_naming_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad_file = dir.path().join("bad.toml");
+    std::fs::write(&bad_file, "[retry]\ninitial_delay = \"soon\"\n").expect("write");
+    type Case<'a> = (
+        Vec<(&'a str, &'a str)>,
+        Option<&'a std::path::Path>,
+        &'a str,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            vec![("GEWE_WORKER__AMQP__PREFETCH", "lots")],
+            None,
+            "amqp.prefetch",
+        ),
+        (
+            vec![("GEWE_WORKER__AMQP__QUEUE_TYPE", "stream")],
+            None,
+            "amqp.queue_type",
+        ),
+        (
+            vec![("GEWE_WORKER__GEWE__TIMEOUT", "0s")],
+            None,
+            "gewe.timeout",
+        ),
+        (vec![], Some(bad_file.as_path()), "retry.initial_delay"),
+        (vec![], None, "gewe.token"),
+    ];
+    for (env, file, key) in cases {
+        let mut cmd = program();
+        cmd.arg("check-config");
+        if let Some(f) = file {
+            cmd.arg("--config").arg(f);
+        }
+        if key != "gewe.token" {
+            cmd.env("GEWE_WORKER__GEWE__TOKEN", "t");
+        }
+        for (k, v) in &env {
+            cmd.env(k, v);
+        }
+        let out = output(cmd, WAIT).await;
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "{key}: must fail");
+        assert!(
+            stderr.contains(key),
+            "{key}: stderr {stderr:?} must name the key"
+        );
+    }
+}
+
+#[tokio::test]
+async fn demo_runs_end_to_end_and_exits_zero() {
+    let mut cmd = program();
+    cmd.arg("demo").env("GEWE_WORKER__AMQP__URL", amqp_url());
+    let out = output(cmd, Duration::from_secs(60)).await;
+    let stdout = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "stdout: {stdout}\nstderr: {}",
+        text(&out.stderr)
+    );
+    assert!(
+        stdout.contains("demo finished: 6 commands, 6 result events"),
+        "{stdout}"
+    );
+    for needle in [
+        "\"status\": \"succeeded\"",
+        "\"kind\": \"rejected\"",
+        "\"kind\": \"app_offline\"",
+        "\"kind\": \"invalid_command\"",
+    ] {
+        assert!(stdout.contains(needle), "demo output shows {needle}");
+    }
+}
+
+#[tokio::test]
+async fn publish_wait_prints_the_result_event() {
+    let gewe = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path(ADD_MEMBER_PATH))
+        .respond_with(ResponseTemplate::new(200).set_body_json(gewe_ok("v3_cli")))
+        .expect(1)
+        .mount(&gewe)
+        .await;
+    let app = spawn_app(test_settings(&gewe.uri())).await;
+    let mut cmd = program();
+    settings_env(&mut cmd, &app.settings);
+    cmd.args([
+        "publish",
+        "--app-id",
+        "wx_cli",
+        "--chatroom-id",
+        "1@chatroom",
+        "--member-wxid",
+        "wxid_m",
+        "--content",
+        "hi",
+        "--command-id",
+        "cli-cmd-1",
+        "--wait",
+        "20",
+    ]);
+    let out = output(cmd, Duration::from_secs(30)).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let event: Value = serde_json::from_slice(&out.stdout).expect("prints the event as JSON");
+    assert_eq!(event["commandId"], "cli-cmd-1");
+    assert_eq!(event["status"], "succeeded");
+    assert_eq!(event["v3"], "v3_cli");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_token_never_leaves_the_process_and_sigterm_exits_zero() {
+    let gewe = MockServer::start().await;
+    // GeWe echoes the token in its token error.
+    Mock::given(method("POST"))
+        .and(path(ADD_MEMBER_PATH))
+        .respond_with(ResponseTemplate::new(200).set_body_json(
+            json!({"ret": 500, "msg": format!("HTTP HEADER: X-GEWE-TOKEN={TOKEN} 不可用或已过期")}),
+        ))
+        .expect(1)
+        .mount(&gewe)
+        .await;
+    // The harness only declares and listens; the worker is the real binary.
+    let settings = test_settings(&gewe.uri());
+    let mut listener = spawn_listener(&settings).await;
+    let mut cmd = program();
+    settings_env(&mut cmd, &settings);
+    cmd.arg("run")
+        .env("GEWE_WORKER__GEWE__BASE_URL", gewe.uri())
+        .env("GEWE_WORKER__GEWE__TOKEN", TOKEN)
+        .env("GEWE_WORKER__HTTP__LISTEN", "127.0.0.1:0")
+        .env("GEWE_WORKER__PACING__PER_APP_MIN_INTERVAL", "0s")
+        .env("GEWE_WORKER__LOG__FORMAT", "json")
+        .env("RUST_LOG", "trace");
+    let mut child = cmd.spawn().expect("worker starts");
+    // Drain stderr while the worker runs so a full pipe never blocks it.
+    let mut stderr = child.stderr.take().expect("stderr");
+    let logs = tokio::spawn(async move {
+        let mut logs = String::new();
+        stderr.read_to_string(&mut logs).await.map(|_| logs)
+    });
+    listener.publish(&command("secret-1", "app-s")).await;
+    let event = listener.next_event().await;
+    let raw = event.body.to_string();
+    assert_eq!(event.kind(), Some("unauthorized"));
+    assert!(!raw.contains(TOKEN), "event leaks the token: {raw}");
+    assert!(
+        event.body["error"]["gewe"]["msg"]
+            .as_str()
+            .unwrap_or("")
+            .contains("***")
+    );
+
+    let pid = child.id().expect("pid").to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .expect("exits within grace")
+        .expect("wait");
+    let logs = logs.await.expect("join").expect("read logs");
+    assert!(status.success(), "SIGTERM exits 0; logs:\n{logs}");
+    assert!(logs.contains("secret-1"), "logs carry the commandId");
+    assert!(logs.contains("***"), "the redacted GeWe message is logged");
+    assert!(!logs.contains(TOKEN), "logs leak the token");
+    listener.stop().await;
+}
