@@ -153,26 +153,29 @@ impl Processor {
     async fn call_gewe(&self, cmd: &Command) -> CallOutcome {
         let outcome = self
             .backoff
-            .run(|attempt| async move {
-                let turn = self.pacer.turn(&cmd.app_id).await;
-                tracing::debug!(
-                    attempt,
-                    waited_ms = turn.waited.as_millis() as u64,
-                    "calling GeWe"
-                );
-                let started = tokio::time::Instant::now();
-                let result = self.gewe.add_group_member_as_friend(cmd).await;
-                metrics::histogram!("gewe_request_duration_seconds")
-                    .record(started.elapsed().as_secs_f64());
-                let verdict = classify(&result, &self.redactor);
-                let label = match &verdict {
-                    crate::gewe::Verdict::Success { .. } => "success",
-                    crate::gewe::Verdict::Permanent(e)
-                    | crate::gewe::Verdict::Transient { error: e, .. } => e.kind.as_str(),
-                };
-                metrics::counter!("gewe_requests_total", "outcome" => label).increment(1);
-                drop(turn);
-                verdict
+            .run(|attempt| {
+                async move {
+                    let turn = self.pacer.turn(&cmd.app_id).await;
+                    tracing::debug!(
+                        attempt,
+                        waited_ms = turn.waited.as_millis() as u64,
+                        "calling GeWe"
+                    );
+                    let started = tokio::time::Instant::now();
+                    let result = self.gewe.add_group_member_as_friend(cmd).await;
+                    metrics::histogram!("gewe_request_duration_seconds")
+                        .record(started.elapsed().as_secs_f64());
+                    let verdict = classify(&result, &self.redactor);
+                    let label = match &verdict {
+                        crate::gewe::Verdict::Success { .. } => "success",
+                        crate::gewe::Verdict::Permanent(e)
+                        | crate::gewe::Verdict::Transient { error: e, .. } => e.kind.as_str(),
+                    };
+                    metrics::counter!("gewe_requests_total", "outcome" => label).increment(1);
+                    drop(turn);
+                    verdict
+                }
+                .instrument(tracing::error_span!("attempt", attempt))
             })
             .await;
         match &outcome.result {

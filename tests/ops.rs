@@ -1,0 +1,187 @@
+//! What operators see: the ops endpoints, and the worker riding out a lost
+//! broker connection.
+
+mod common;
+
+use std::{collections::HashSet, time::Duration};
+
+use common::*;
+use gewe_friend_worker::gewe::ADD_MEMBER_PATH;
+use wiremock::{
+    Mock, MockServer, ResponseTemplate,
+    matchers::{method, path},
+};
+
+async fn get(addr: std::net::SocketAddr, route: &str) -> (u16, String) {
+    let response = reqwest::get(format!("http://{addr}{route}"))
+        .await
+        .expect("ops endpoint answers");
+    let status = response.status().as_u16();
+    (status, response.text().await.expect("body"))
+}
+
+/// Polls `route` until it answers `want` or [`WAIT`] passes.
+async fn wait_for_status(addr: std::net::SocketAddr, route: &str, want: u16) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (status, body) = get(addr, route).await;
+        if status == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{route} stayed {status} ({body}), wanted {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test]
+async fn readyz_is_503_while_the_broker_is_unreachable_and_healthz_stays_200() {
+    let gewe = MockServer::start().await;
+    let mut settings = test_settings(&gewe.uri());
+    // Nothing listens on port 1: the worker keeps retrying, it does not exit.
+    settings.amqp.url = "amqp://guest:guest@127.0.0.1:1/%2f".to_owned();
+    let app = gewe_friend_worker::app::Application::build(settings)
+        .await
+        .expect("builds");
+    let addr = app.ops_addr();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let worker = tokio::spawn(app.run(stop.clone()));
+    let (health, _) = get(addr, "/healthz").await;
+    assert_eq!(health, 200);
+    let (ready, reason) = get(addr, "/readyz").await;
+    assert_eq!(ready, 503);
+    assert!(reason.contains("broker"), "{reason}");
+    assert!(
+        !worker.is_finished(),
+        "an unreachable broker does not stop the worker"
+    );
+    stop.cancel();
+    tokio::time::timeout(WAIT, worker)
+        .await
+        .expect("stops")
+        .expect("join")
+        .expect("clean exit");
+}
+
+fn rabbitmqctl(args: &[&str]) -> String {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl is needed for broker fault tests");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Closes the worker's broker connection (only this test's worker: the
+/// connection name carries the consumer tag), leaving every other test's
+/// connections alone. Waits for the worker to be consuming first.
+async fn close_worker_connection(queue: &str) -> usize {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let closed = close_worker_connections(queue);
+        if closed > 0 || tokio::time::Instant::now() > deadline {
+            return closed;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn close_worker_connections(queue: &str) -> usize {
+    let consumers = rabbitmqctl(&["list_consumers", "-q", "queue_name", "consumer_tag"]);
+    let tags: HashSet<String> = consumers
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .filter(|(q, _)| *q == queue)
+        .map(|(_, tag)| tag.trim().to_owned())
+        .collect();
+    let connections = rabbitmqctl(&["list_connections", "-q", "pid", "client_properties"]);
+    let mut closed = 0;
+    for line in connections.lines() {
+        let Some((pid, props)) = line.split_once('\t') else {
+            continue;
+        };
+        if tags.iter().any(|t| props.contains(t.as_str())) {
+            rabbitmqctl(&["close_connection", pid, "test: simulated broker failure"]);
+            closed += 1;
+        }
+    }
+    closed
+}
+
+fn consumer_prefetch(queue: &str) -> Vec<String> {
+    rabbitmqctl(&["list_consumers", "-q", "queue_name", "prefetch_count"])
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .filter(|(q, _)| *q == queue)
+        .map(|(_, p)| p.trim().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_closed_connection_is_reopened_with_prefetch_and_nothing_is_lost() {
+    let gewe = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path(ADD_MEMBER_PATH))
+        .respond_with(ResponseTemplate::new(200).set_body_json(gewe_ok("v3_r")))
+        .mount(&gewe)
+        .await;
+    let mut app = spawn_app(test_settings(&gewe.uri())).await;
+    let queue = app.settings.amqp.command_queue.clone();
+    wait_for_status(app.ops_addr, "/readyz", 200).await;
+
+    let total = 60;
+    let mut seen = HashSet::new();
+    for round in 0..2 {
+        for i in 0..total / 2 {
+            app.publish(&command(
+                &format!("r{round}-{i}"),
+                &format!("app-{}", i % 5),
+            ))
+            .await;
+        }
+        // Let part of the batch through, then cut the worker's connection.
+        for e in app.events(5).await {
+            seen.insert(e.body["commandId"].as_str().unwrap_or("").to_owned());
+        }
+        assert_eq!(
+            close_worker_connection(&queue).await,
+            1,
+            "the worker's connection was found and closed"
+        );
+    }
+    while seen.len() < total {
+        let e = app.next_event().await;
+        assert_eq!(e.status(), "succeeded", "{}", e.body);
+        seen.insert(e.body["commandId"].as_str().unwrap_or("").to_owned());
+    }
+    wait_for_status(app.ops_addr, "/readyz", 200).await;
+    assert_eq!(
+        consumer_prefetch(&queue),
+        vec!["16".to_owned()],
+        "one consumer, prefetch re-applied"
+    );
+
+    let (_, metrics) = get(app.ops_addr, "/metrics").await;
+    let reconnects = metrics
+        .lines()
+        .find(|l| l.starts_with("broker_reconnects_total"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(reconnects >= 2.0, "reconnects counted: {reconnects}");
+    for name in [
+        "commands_received_total",
+        "results_published_total",
+        "gewe_requests_total",
+        "gewe_request_duration_seconds",
+    ] {
+        assert!(metrics.contains(name), "/metrics exposes {name}");
+    }
+    app.stop().await;
+}
