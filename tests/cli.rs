@@ -115,7 +115,6 @@ async fn check_config_rejects_bad_values_naming_the_key() {
             "gewe.timeout",
         ),
         (vec![], Some(bad_file.as_path()), "retry.initial_delay"),
-        (vec![], None, "gewe.token"),
     ];
     for (env, file, key) in cases {
         let mut cmd = program();
@@ -123,9 +122,7 @@ async fn check_config_rejects_bad_values_naming_the_key() {
         if let Some(f) = file {
             cmd.arg("--config").arg(f);
         }
-        if key != "gewe.token" {
-            cmd.env("GEWE_WORKER__GEWE__TOKEN", "t");
-        }
+        cmd.env("GEWE_WORKER__GEWE__TOKEN", "t");
         for (k, v) in &env {
             cmd.env(k, v);
         }
@@ -137,6 +134,31 @@ async fn check_config_rejects_bad_values_naming_the_key() {
             "{key}: stderr {stderr:?} must name the key"
         );
     }
+}
+
+#[tokio::test]
+async fn check_config_without_a_token_is_valid_but_warns_that_run_needs_it() {
+    let mut cmd = program();
+    cmd.arg("check-config");
+    let out = output(cmd, WAIT).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let printed: Value = serde_json::from_slice(&out.stdout).expect("prints JSON");
+    assert_eq!(printed["gewe"]["token"], Value::Null);
+    assert!(text(&out.stderr).contains("gewe.token"));
+
+    let mut run = program();
+    run.arg("run")
+        .env("GEWE_WORKER__HTTP__LISTEN", "127.0.0.1:0");
+    let out = output(run, WAIT).await;
+    assert!(
+        !out.status.success(),
+        "run refuses to start without a token"
+    );
+    assert!(
+        text(&out.stderr).contains("gewe.token"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[tokio::test]
