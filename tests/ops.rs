@@ -185,3 +185,88 @@ async fn a_closed_connection_is_reopened_with_prefetch_and_nothing_is_lost() {
     }
     app.stop().await;
 }
+
+#[tokio::test]
+async fn shutdown_finishes_or_returns_every_in_flight_command() {
+    let gewe = MockServer::start().await;
+    // Fast for two accounts, slower than the grace period for the third.
+    Mock::given(method("POST"))
+        .and(path(ADD_MEMBER_PATH))
+        .and(wiremock::matchers::body_partial_json(
+            serde_json::json!({"appId": "slow"}),
+        ))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(gewe_ok("v3_slow"))
+                .set_delay(Duration::from_secs(5)),
+        )
+        .mount(&gewe)
+        .await;
+    Mock::given(method("POST"))
+        .and(path(ADD_MEMBER_PATH))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(gewe_ok("v3_fast"))
+                .set_delay(Duration::from_millis(200)),
+        )
+        .mount(&gewe)
+        .await;
+    let mut settings = test_settings(&gewe.uri());
+    settings.shutdown.grace = Duration::from_secs(1);
+    settings.gewe.timeout = Duration::from_secs(10);
+    let mut app = spawn_app(settings).await;
+    wait_for_status(app.ops_addr, "/readyz", 200).await;
+    let ids: Vec<String> = (0..6).map(|i| format!("sd-{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        let account = if i < 3 { "slow" } else { "fast" };
+        app.publish(&command(id, account)).await;
+    }
+    // Wait until every command reached GeWe, i.e. all are in flight.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while gewe.received_requests().await.map_or(0, |r| r.len()) < ids.len() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "commands reach GeWe"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let started = tokio::time::Instant::now();
+    app.stop.cancel();
+    let worker = app.worker.take().expect("worker");
+    tokio::time::timeout(WAIT, worker)
+        .await
+        .expect("stops")
+        .expect("join")
+        .expect("exits cleanly");
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(4),
+        "stopped within grace, not after the slow calls: {took:?}"
+    );
+
+    let mut results = HashSet::new();
+    for _ in 0..3 {
+        let e = app.next_event().await;
+        assert_eq!(e.body["v3"], "v3_fast");
+        results.insert(e.body["commandId"].as_str().unwrap_or("").to_owned());
+    }
+    // The slow ones are back in the queue, untouched by the stopped worker.
+    let queue = app
+        .channel
+        .queue_declare(
+            app.settings.amqp.command_queue.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("queue exists");
+    assert_eq!(
+        results.len() + queue.message_count() as usize,
+        ids.len(),
+        "every command has its result or is back in the queue"
+    );
+    app.stop().await;
+}
