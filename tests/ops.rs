@@ -250,21 +250,30 @@ async fn shutdown_finishes_or_returns_every_in_flight_command() {
         assert_eq!(e.body["v3"], "v3_fast");
         results.insert(e.body["commandId"].as_str().unwrap_or("").to_owned());
     }
-    // The slow ones are back in the queue, untouched by the stopped worker.
-    let queue = app
-        .channel
-        .queue_declare(
+    // The slow ones are back in the queue (the broker requeues them when the
+    // worker's connection closes): consume them to prove it.
+    let channel = app.connection.create_channel().await.expect("channel");
+    let mut requeued = channel
+        .basic_consume(
             app.settings.amqp.command_queue.as_str().into(),
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
+            "".into(),
+            lapin::options::BasicConsumeOptions::default(),
             lapin::types::FieldTable::default(),
         )
         .await
-        .expect("queue exists");
+        .expect("consume the command queue");
+    for _ in 0..3 {
+        let back = tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut requeued))
+            .await
+            .expect("a requeued command arrives")
+            .expect("open")
+            .expect("delivery");
+        let body: serde_json::Value = serde_json::from_slice(&back.data).expect("json");
+        assert_eq!(body["appId"], "slow");
+        results.insert(body["commandId"].as_str().unwrap_or("").to_owned());
+    }
     assert_eq!(
-        results.len() + queue.message_count() as usize,
+        results.len(),
         ids.len(),
         "every command has its result or is back in the queue"
     );
