@@ -7,6 +7,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    breaker::Breaker,
     config::Settings,
     dedupe::Dedupe,
     gewe::{Backoff, GeweClient},
@@ -14,8 +15,12 @@ use crate::{
     pacing::Pacer,
     processor::Processor,
     redact::Redactor,
+    shared_state::SharedState,
     worker::{self, Readiness},
 };
+
+/// Key prefix of the worker's state in Redis.
+const REDIS_PREFIX: &str = "gewe-friend-worker";
 
 /// A worker ready to run: configuration validated, HTTP client built, ops
 /// port bound (so a busy port fails at start-up, not later).
@@ -33,19 +38,21 @@ impl Application {
         let token = settings.require_token()?;
         let redactor = Redactor::new(secrecy::ExposeSecret::expose_secret(token));
         let gewe = GeweClient::new(&settings.gewe.base_url, token, settings.gewe.timeout)?;
+        let shared = match &settings.redis.url {
+            Some(url) => Some(Arc::new(SharedState::new(url, REDIS_PREFIX)?)),
+            None => None,
+        };
+        let breaker = Arc::new(Breaker::new(&settings.breaker));
         let processor = Arc::new(Processor {
-            amqp: settings.amqp.clone(),
+            result_exchange: settings.amqp.result_exchange.clone(),
             gewe,
             backoff: Backoff::from(&settings.retry),
-            pacer: Pacer::new(&settings.pacing),
-            dedupe: Dedupe::new(settings.dedupe.window),
+            pacer: Pacer::new(&settings.pacing, shared.clone()),
+            dedupe: Dedupe::new(settings.dedupe.window, shared),
+            breaker: breaker.clone(),
             redactor,
+            shutdown: CancellationToken::new(),
         });
-        if settings.redis.url.is_some() {
-            tracing::warn!(
-                "redis.url is set but this build keeps dedupe and pacing state in memory only"
-            );
-        }
         let ops_listener = TcpListener::bind(settings.http.listen)
             .await
             .with_context(|| format!("could not bind http.listen {}", settings.http.listen))?;
@@ -53,7 +60,7 @@ impl Application {
         Ok(Self {
             settings,
             processor,
-            readiness: Arc::new(Readiness::default()),
+            readiness: Arc::new(Readiness::new(breaker)),
             ops_listener,
             ops_addr,
         })
@@ -72,7 +79,15 @@ impl Application {
             self.readiness.clone(),
             ops_stop.clone(),
         ));
-        tracing::info!(ops = %self.ops_addr, gewe = %self.processor.gewe.url(), "gewe-friend-worker starting");
+        tracing::info!(ops = %self.ops_addr, gewe = %self.processor.gewe.url(), redis = self.settings.redis.url.is_some(), "gewe-friend-worker starting");
+        // Command tasks see shutdown through the processor's own token, so
+        // no GeWe call starts once it began.
+        let stop_calls = self.processor.shutdown.clone();
+        let signal = shutdown.clone();
+        tokio::spawn(async move {
+            signal.cancelled().await;
+            stop_calls.cancel();
+        });
         let result = worker::run(&self.settings, self.processor, self.readiness, shutdown).await;
         ops_stop.cancel();
         let _ = ops.await;

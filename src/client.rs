@@ -41,6 +41,10 @@ pub enum Listen {
     /// The private queue is bound to the result exchange with `#` and
     /// commands carry no `reply_to` (as a downstream consumer would).
     ResultExchange,
+    /// Fire and forget: no `reply_to`, nothing to wait on. A `reply_to`
+    /// naming a queue that is gone once the publisher exits would only make
+    /// the event harder to deliver.
+    Nothing,
 }
 
 /// A publisher connection with confirms and a private queue for results.

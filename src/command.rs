@@ -12,6 +12,9 @@ use serde_json::{Map, Value};
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// Longest accepted `commandId`, in characters.
 pub const MAX_COMMAND_ID_CHARS: usize = 128;
+/// Longest accepted `commandId` in UTF-8 bytes: it becomes the event's
+/// `correlation_id`, an AMQP short string of at most 255 bytes.
+pub const MAX_COMMAND_ID_BYTES: usize = 255;
 
 /// AMQP properties of the delivery that the worker honours.
 #[derive(Debug, Clone, Default)]
@@ -75,8 +78,11 @@ pub enum InvalidCommand {
     /// A required field is an empty or blank string.
     #[error("field `{0}` must not be empty")]
     Empty(&'static str),
-    /// `commandId` longer than [`MAX_COMMAND_ID_CHARS`].
-    #[error("field `commandId` is longer than {MAX_COMMAND_ID_CHARS} characters")]
+    /// `commandId` longer than [`MAX_COMMAND_ID_CHARS`] characters or
+    /// [`MAX_COMMAND_ID_BYTES`] bytes.
+    #[error(
+        "field `commandId` is longer than {MAX_COMMAND_ID_CHARS} characters or {MAX_COMMAND_ID_BYTES} bytes"
+    )]
     CommandIdTooLong,
 }
 
@@ -145,7 +151,7 @@ pub fn decode(body: &[u8], envelope: &Envelope) -> Result<Command, Box<Rejected>
             Some(Value::String(id)) if id.trim().is_empty() => {
                 return Err(InvalidCommand::Empty("commandId"));
             }
-            Some(Value::String(id)) if id.chars().count() > MAX_COMMAND_ID_CHARS => {
+            Some(Value::String(id)) if !valid_command_id(id) => {
                 return Err(InvalidCommand::CommandIdTooLong);
             }
             Some(Value::String(id)) => id.clone(),
@@ -180,7 +186,9 @@ pub fn resolve_command_id(given: Option<&str>, envelope: &Envelope) -> String {
 }
 
 fn valid_command_id(id: &str) -> bool {
-    !id.trim().is_empty() && id.chars().count() <= MAX_COMMAND_ID_CHARS
+    !id.trim().is_empty()
+        && id.len() <= MAX_COMMAND_ID_BYTES
+        && id.chars().count() <= MAX_COMMAND_ID_CHARS
 }
 
 fn required(obj: &Map<String, Value>, field: &'static str) -> Result<String, InvalidCommand> {
@@ -275,6 +283,15 @@ mod tests {
             let got = decode(body, &env).expect_err("invalid").reason;
             assert_eq!(&got, want, "{:?}", String::from_utf8_lossy(body));
         }
+        let cjk = format!(
+            r#"{{"commandId":"{}","appId":"a","chatroomId":"c","memberWxid":"m","content":"x"}}"#,
+            "好".repeat(100)
+        );
+        assert_eq!(
+            decode(cjk.as_bytes(), &env).map_err(|r| r.reason),
+            Err(InvalidCommand::CommandIdTooLong),
+            "100 CJK characters are 300 bytes"
+        );
         let big = vec![b' '; MAX_BODY_BYTES + 1];
         assert!(matches!(
             decode(&big, &env).map_err(|r| r.reason),

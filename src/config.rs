@@ -370,6 +370,27 @@ impl Settings {
                 }
             }
         }
+        for (key, value, limit) in [
+            ("gewe.timeout", self.gewe.timeout, 10 * 60),
+            ("retry.initial_delay", r.initial_delay, 3600),
+            ("retry.max_delay", r.max_delay, 3600),
+            (
+                "pacing.per_app_min_interval",
+                self.pacing.per_app_min_interval,
+                3600,
+            ),
+            ("dedupe.window", self.dedupe.window, 366 * 24 * 3600),
+            ("breaker.cooldown", self.breaker.cooldown, 3600),
+            ("shutdown.grace", self.shutdown.grace, 3600),
+        ] {
+            let limit = Duration::from_secs(limit);
+            if value > limit {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("must be at most {}", humantime::format_duration(limit)),
+                ));
+            }
+        }
         if let Some(token) = &self.gewe.token
             && token.expose_secret().trim().is_empty()
         {
@@ -507,6 +528,13 @@ mod tests {
             ("GEWE_WORKER__GEWE__BASE_URL", "not a url", "gewe.base_url"),
             ("GEWE_WORKER__AMQP__URL", "http://x", "amqp.url"),
             ("GEWE_WORKER__HTTP__LISTEN", "nowhere", "http.listen"),
+            ("GEWE_WORKER__DEDUPE__WINDOW", "2000years", "dedupe.window"),
+            (
+                "GEWE_WORKER__PACING__PER_APP_MIN_INTERVAL",
+                "100000years",
+                "pacing.per_app_min_interval",
+            ),
+            ("GEWE_WORKER__REDIS__URL", "http://redis", "redis.url"),
         ] {
             let err = Settings::load_from(None, env(&[(var, value)]))
                 .expect_err(&format!("{var}={value} must be rejected"))

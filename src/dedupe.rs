@@ -1,9 +1,11 @@
 //! Idempotency by commandId (contract §4, `dedupe.window`).
 //!
 //! A commandId whose outcome is known is not sent to GeWe again; the stored
-//! outcome is republished with `duplicate: true`. Concurrent deliveries of
-//! one commandId are coalesced: moka runs one initialiser and hands its
-//! result to every waiter, so they produce a single GeWe call.
+//! outcome is republished, with `duplicate: true` once an event for it has
+//! been confirmed. Concurrent deliveries of one commandId in this process
+//! are coalesced by moka (one initialiser, every waiter gets its result);
+//! across replicas and restarts, [`SharedState`] (Redis) holds the outcomes
+//! and a claim per in-flight commandId.
 //!
 //! Only *definitive* outcomes are stored (success, `rejected`,
 //! `unexpected_response`): GeWe may have acted on them. Outcomes that say the
@@ -21,81 +23,206 @@ use std::{
 };
 
 use moka::future::Cache;
+use serde::{Deserialize, Serialize};
 
-use crate::{event::ErrorKind, gewe::CallOutcome};
+use crate::{
+    event::ErrorKind,
+    gewe::CallOutcome,
+    shared_state::{SharedState, StateError},
+};
 
-/// Bound on remembered commandIds; at ~200 bytes each, about 100 MB worst case
-/// is avoided by keeping it at 200k (≈40 MB).
+/// Bound on commandIds remembered in memory (≈200 bytes each: ≈40 MB).
 const MAX_ENTRIES: u64 = 200_000;
+/// How long another replica's claim on a commandId is honoured; longer than
+/// any realistic run of attempts, short enough that a crashed replica's
+/// claim does not block the command for long.
+const CLAIM_LEASE: Duration = Duration::from_secs(300);
+/// How long a delivery waits for another replica's outcome before it is
+/// requeued instead.
+const CLAIM_WAIT: Duration = Duration::from_secs(10);
+const CLAIM_POLL: Duration = Duration::from_millis(100);
 
 /// A GeWe call outcome plus when it was known.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Known {
     /// The outcome.
     pub outcome: CallOutcome,
     /// RFC 3339 completion time of the original call.
     pub completed_at: String,
+    /// Whether an event for it has been confirmed by the broker.
+    #[serde(default)]
+    pub published: bool,
 }
 
-/// In-memory store of known outcomes.
-#[derive(Clone)]
-pub struct Dedupe {
-    cache: Cache<String, Arc<Known>>,
+/// Why the call did not produce an outcome: the command is retried later.
+#[derive(Debug, thiserror::Error)]
+pub enum Interrupted {
+    /// The worker is shutting down.
+    #[error("the worker is shutting down")]
+    Shutdown,
+    /// Shared state (Redis) is unavailable.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// Another replica is working on this commandId.
+    #[error("another replica is processing this commandId")]
+    ClaimedElsewhere,
 }
 
 /// What [`Dedupe::resolve`] found.
-pub struct Resolved {
+pub enum Resolved {
     /// The outcome to publish.
-    pub known: Arc<Known>,
-    /// True when this caller did not make the call itself.
-    pub duplicate: bool,
+    Outcome {
+        /// The outcome.
+        known: Arc<Known>,
+        /// True when this republishes an outcome already announced.
+        duplicate: bool,
+    },
+    /// No outcome now; requeue the command.
+    Retry(Arc<Interrupted>),
+}
+
+enum NotCached {
+    Transient(Arc<Known>),
+    Interrupted(Arc<Interrupted>),
+}
+
+/// Store of known outcomes: in memory, and in Redis when configured.
+#[derive(Clone)]
+pub struct Dedupe {
+    cache: Cache<String, Arc<Known>>,
+    shared: Option<Arc<SharedState>>,
+    window: Duration,
+    owner: String,
 }
 
 impl Dedupe {
-    /// A store remembering outcomes for `window`.
-    pub fn new(window: Duration) -> Self {
+    /// A store remembering outcomes for `window`, shared through `shared`.
+    pub fn new(window: Duration, shared: Option<Arc<SharedState>>) -> Self {
         Self {
             cache: Cache::builder()
                 .max_capacity(MAX_ENTRIES)
                 .time_to_live(window.max(Duration::from_millis(1)))
                 .build(),
+            shared,
+            window,
+            owner: uuid::Uuid::new_v4().to_string(),
         }
     }
 
-    /// Returns the stored outcome for `command_id`, or runs `call` (once,
-    /// however many deliveries ask at the same time) and stores its outcome
-    /// when definitive.
+    /// Returns the stored outcome for `command_id`, or runs `call` (once per
+    /// process however many deliveries ask at once, and once across replicas
+    /// when Redis is configured) and stores its outcome when definitive.
     pub async fn resolve<F>(&self, command_id: &str, call: F) -> Resolved
     where
-        F: Future<Output = Known>,
+        F: Future<Output = Result<Known, Interrupted>>,
     {
         let ran = Arc::new(AtomicBool::new(false));
         let ran_here = ran.clone();
         let result = self
             .cache
             .try_get_with_by_ref(command_id, async move {
-                ran_here.store(true, Ordering::Relaxed);
-                let known = Arc::new(call.await);
-                if is_definitive(&known.outcome) {
-                    Ok(known)
-                } else {
-                    Err(known)
+                let outcome = match &self.shared {
+                    Some(shared) => {
+                        self.resolve_shared(shared, command_id, call, &ran_here)
+                            .await
+                    }
+                    None => {
+                        ran_here.store(true, Ordering::Relaxed);
+                        call.await
+                            .map(Arc::new)
+                            .map_err(|e| NotCached::Interrupted(Arc::new(e)))
+                    }
+                };
+                match outcome {
+                    Ok(known) if !is_definitive(&known.outcome) => Err(NotCached::Transient(known)),
+                    other => other,
                 }
             })
             .await;
         let ran = ran.load(Ordering::Relaxed);
         match result {
-            Ok(known) => Resolved {
+            Ok(known) => Resolved::Outcome {
+                duplicate: !ran && known.published,
                 known,
-                duplicate: !ran,
             },
-            // Not stored: report it as this delivery's own outcome. A
-            // concurrent waiter receives the same non-definitive result.
-            Err(known) => Resolved {
-                known: (*known).clone(),
-                duplicate: false,
+            Err(not_cached) => match &*not_cached {
+                NotCached::Transient(known) => Resolved::Outcome {
+                    known: known.clone(),
+                    duplicate: false,
+                },
+                NotCached::Interrupted(e) => Resolved::Retry(e.clone()),
             },
         }
+    }
+
+    async fn resolve_shared<F>(
+        &self,
+        shared: &SharedState,
+        command_id: &str,
+        call: F,
+        ran: &AtomicBool,
+    ) -> Result<Arc<Known>, NotCached>
+    where
+        F: Future<Output = Result<Known, Interrupted>>,
+    {
+        let interrupted = |e: Interrupted| NotCached::Interrupted(Arc::new(e));
+        let deadline = tokio::time::Instant::now() + CLAIM_WAIT;
+        loop {
+            if let Some(known) = shared
+                .outcome(command_id)
+                .await
+                .map_err(|e| interrupted(e.into()))?
+            {
+                return Ok(Arc::new(known));
+            }
+            if shared
+                .claim(command_id, &self.owner, CLAIM_LEASE)
+                .await
+                .map_err(|e| interrupted(e.into()))?
+            {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(interrupted(Interrupted::ClaimedElsewhere));
+            }
+            tokio::time::sleep(CLAIM_POLL).await;
+        }
+        ran.store(true, Ordering::Relaxed);
+        let result = call.await;
+        if let Ok(known) = &result
+            && is_definitive(&known.outcome)
+            && let Err(e) = shared.store_outcome(command_id, known, self.window).await
+        {
+            // The call happened; failing the command now would only make
+            // things worse. A redelivery may call GeWe again: say so.
+            tracing::error!(error = %e, "could not store the outcome in Redis; a redelivery could call GeWe again");
+        }
+        if let Err(e) = shared.release(command_id, &self.owner).await {
+            tracing::warn!(error = %e, "could not release the claim; it expires by itself");
+        }
+        result.map(Arc::new).map_err(interrupted)
+    }
+
+    /// Records that an event for `known` was confirmed, so later deliveries
+    /// of the commandId are marked `duplicate`.
+    pub async fn mark_published(&self, command_id: &str, known: &Known) {
+        if known.published || !is_definitive(&known.outcome) {
+            return;
+        }
+        let published = Known {
+            published: true,
+            ..known.clone()
+        };
+        if let Some(shared) = &self.shared
+            && let Err(e) = shared
+                .store_outcome(command_id, &published, self.window)
+                .await
+        {
+            tracing::warn!(error = %e, "could not mark the outcome as published in Redis");
+        }
+        self.cache
+            .insert(command_id.to_owned(), Arc::new(published))
+            .await;
     }
 }
 
@@ -118,75 +245,93 @@ mod tests {
     use crate::event::EventError;
     use std::sync::atomic::AtomicU32;
 
-    fn known(result: Result<String, EventError>) -> Known {
-        Known {
+    fn known(result: Result<String, EventError>) -> Result<Known, Interrupted> {
+        Ok(Known {
             outcome: CallOutcome {
                 result,
                 attempts: 1,
             },
             completed_at: "t".into(),
+            published: false,
+        })
+    }
+
+    fn outcome(r: Resolved) -> (Arc<Known>, bool) {
+        match r {
+            Resolved::Outcome { known, duplicate } => (known, duplicate),
+            Resolved::Retry(e) => panic!("unexpected retry: {e}"),
         }
     }
 
     #[tokio::test]
-    async fn second_resolution_is_a_duplicate_without_a_call() {
-        let d = Dedupe::new(Duration::from_secs(60));
+    async fn a_published_outcome_is_republished_as_duplicate_without_a_call() {
+        let d = Dedupe::new(Duration::from_secs(60), None);
         let calls = AtomicU32::new(0);
-        let first = d
-            .resolve("c1", async {
+        let (first, dup) = outcome(
+            d.resolve("c1", async {
                 calls.fetch_add(1, Ordering::SeqCst);
                 known(Ok("v3".into()))
             })
-            .await;
-        let second = d
-            .resolve("c1", async {
+            .await,
+        );
+        assert!(!dup);
+        // Not yet confirmed: a redelivery publishes it as a first event.
+        let (_, dup) = outcome(d.resolve("c1", async { known(Ok("x".into())) }).await);
+        assert!(!dup);
+        d.mark_published("c1", &first).await;
+        let (second, dup) = outcome(
+            d.resolve("c1", async {
                 calls.fetch_add(1, Ordering::SeqCst);
                 known(Ok("other".into()))
             })
-            .await;
-        assert!(!first.duplicate);
-        assert!(second.duplicate);
-        assert_eq!(second.known.outcome.result, Ok("v3".into()));
+            .await,
+        );
+        assert!(dup);
+        assert_eq!(second.outcome.result, Ok("v3".into()));
         assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
     async fn concurrent_deliveries_make_one_call() {
-        let d = Dedupe::new(Duration::from_secs(60));
+        let d = Dedupe::new(Duration::from_secs(60), None);
         let calls = Arc::new(AtomicU32::new(0));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let c1 = calls.clone();
         let d1 = d.clone();
         let first = tokio::spawn(async move {
-            d1.resolve("c", async move {
-                c1.fetch_add(1, Ordering::SeqCst);
-                let _ = rx.await;
-                known(Ok("v3".into()))
-            })
-            .await
-            .duplicate
+            outcome(
+                d1.resolve("c", async move {
+                    c1.fetch_add(1, Ordering::SeqCst);
+                    let _ = rx.await;
+                    known(Ok("v3".into()))
+                })
+                .await,
+            )
+            .0
         });
         tokio::task::yield_now().await;
         let c2 = calls.clone();
         let d2 = d.clone();
         let second = tokio::spawn(async move {
-            d2.resolve("c", async move {
-                c2.fetch_add(1, Ordering::SeqCst);
-                known(Ok("v3b".into()))
-            })
-            .await
-            .duplicate
+            outcome(
+                d2.resolve("c", async move {
+                    c2.fetch_add(1, Ordering::SeqCst);
+                    known(Ok("v3b".into()))
+                })
+                .await,
+            )
+            .0
         });
         tokio::task::yield_now().await;
         let _ = tx.send(());
         let (a, b) = (first.await.expect("join"), second.await.expect("join"));
         assert_eq!(calls.load(Ordering::SeqCst), 1);
-        assert!(a ^ b, "exactly one is the duplicate");
+        assert_eq!(a.outcome.result, b.outcome.result);
     }
 
     #[tokio::test]
-    async fn transient_outcomes_are_not_stored() {
-        let d = Dedupe::new(Duration::from_secs(60));
+    async fn transient_outcomes_and_interruptions_are_not_stored() {
+        let d = Dedupe::new(Duration::from_secs(60), None);
         let unavailable = || {
             known(Err(EventError::new(
                 ErrorKind::UpstreamUnavailable,
@@ -194,9 +339,14 @@ mod tests {
                 None,
             )))
         };
-        assert!(!d.resolve("c", async { unavailable() }).await.duplicate);
-        let again = d.resolve("c", async { known(Ok("v3".into())) }).await;
-        assert!(!again.duplicate);
-        assert_eq!(again.known.outcome.result, Ok("v3".into()));
+        let (_, dup) = outcome(d.resolve("c", async { unavailable() }).await);
+        assert!(!dup);
+        assert!(matches!(
+            d.resolve("c", async { Err(Interrupted::Shutdown) }).await,
+            Resolved::Retry(_)
+        ));
+        let (again, dup) = outcome(d.resolve("c", async { known(Ok("v3".into())) }).await);
+        assert!(!dup);
+        assert_eq!(again.outcome.result, Ok("v3".into()));
     }
 }

@@ -6,6 +6,7 @@
 //! the repository's README and `shared/contract.md`.
 
 pub mod app;
+pub mod breaker;
 pub mod broker;
 pub mod cli;
 pub mod client;
@@ -16,9 +17,11 @@ pub mod demo;
 pub mod event;
 pub mod gewe;
 pub mod ops;
+pub mod outbound;
 pub mod pacing;
 pub mod processor;
 pub mod redact;
+pub mod shared_state;
 pub mod simulator;
 pub mod telemetry;
 pub mod worker;

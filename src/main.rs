@@ -100,7 +100,12 @@ async fn publish(settings: &Settings, args: PublishArgs) -> anyhow::Result<()> {
         member_wxid: args.member_wxid,
         content: args.content,
     };
-    let mut client = CommandClient::connect(&settings.amqp, Listen::ReplyTo).await?;
+    let listen = if args.wait.is_some() {
+        Listen::ReplyTo
+    } else {
+        Listen::Nothing
+    };
+    let mut client = CommandClient::connect(&settings.amqp, listen).await?;
     client.send(&command).await?;
     eprintln!("published command {}", command.command_id);
     if let Some(wait) = args.wait {

@@ -50,14 +50,10 @@ pub fn router(readiness: Arc<Readiness>) -> Router {
         })
 }
 
-async fn readyz(State(ops): State<Ops>) -> (StatusCode, &'static str) {
-    if ops.readiness.is_consuming() {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not consuming: broker unavailable\n",
-        )
+async fn readyz(State(ops): State<Ops>) -> (StatusCode, String) {
+    match ops.readiness.not_ready_reason() {
+        None => (StatusCode::OK, "ready\n".to_owned()),
+        Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
     }
 }
 

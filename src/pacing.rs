@@ -5,6 +5,11 @@
 //! least `per_app_min_interval` apart, retries included. Waiting commands
 //! await a semaphore and a timer: no task spins. State of idle accounts is
 //! dropped so memory does not grow with the number of accounts ever seen.
+//!
+//! With Redis configured the interval is reserved atomically in Redis
+//! (server clock), so all replicas together keep one interval per account;
+//! the concurrency limit stays per process. If Redis is unreachable the
+//! turn fails and the caller must not call GeWe.
 
 use std::{
     collections::HashMap,
@@ -17,7 +22,10 @@ use tokio::{
     time::Instant,
 };
 
-use crate::config::PacingSettings;
+use crate::{
+    config::PacingSettings,
+    shared_state::{SharedState, StateError},
+};
 
 /// Sweep idle accounts once the map holds this many entries.
 const SWEEP_THRESHOLD: usize = 1024;
@@ -32,6 +40,7 @@ pub struct Pacer {
     concurrency: usize,
     interval: Duration,
     accounts: Mutex<HashMap<String, Arc<Account>>>,
+    shared: Option<Arc<SharedState>>,
 }
 
 /// Held while a GeWe call for the account is in flight.
@@ -42,22 +51,26 @@ pub struct Turn {
 }
 
 impl Pacer {
-    /// A pacer with the configured limits.
-    pub fn new(settings: &PacingSettings) -> Self {
+    /// A pacer with the configured limits; intervals live in `shared` when given.
+    pub fn new(settings: &PacingSettings, shared: Option<Arc<SharedState>>) -> Self {
         Self {
             concurrency: settings.per_app_concurrency.max(1) as usize,
             interval: settings.per_app_min_interval,
             accounts: Mutex::new(HashMap::new()),
+            shared,
         }
     }
 
     /// Waits until `app_id` may start a call, then reserves the start.
-    pub async fn turn(&self, app_id: &str) -> Turn {
+    pub async fn turn(&self, app_id: &str) -> Result<Turn, StateError> {
         let began = Instant::now();
         let account = self.account(app_id);
         // The semaphore is never closed, so this is always `Some`.
         let permit = account.slots.clone().acquire_owned().await.ok();
-        if !self.interval.is_zero() {
+        if let (Some(shared), false) = (&self.shared, self.interval.is_zero()) {
+            let wait = shared.reserve_start(app_id, self.interval).await?;
+            tokio::time::sleep(wait).await;
+        } else if !self.interval.is_zero() {
             let start_at = {
                 let mut next = account
                     .next_start
@@ -71,10 +84,10 @@ impl Pacer {
         }
         let waited = began.elapsed();
         metrics::histogram!("pacing_wait_seconds").record(waited.as_secs_f64());
-        Turn {
+        Ok(Turn {
             _permit: permit,
             waited,
-        }
+        })
     }
 
     /// Accounts currently tracked (for tests and metrics).
@@ -113,10 +126,13 @@ mod tests {
     use super::*;
 
     fn pacer(concurrency: u32, interval_ms: u64) -> Arc<Pacer> {
-        Arc::new(Pacer::new(&PacingSettings {
-            per_app_concurrency: concurrency,
-            per_app_min_interval: Duration::from_millis(interval_ms),
-        }))
+        Arc::new(Pacer::new(
+            &PacingSettings {
+                per_app_concurrency: concurrency,
+                per_app_min_interval: Duration::from_millis(interval_ms),
+            },
+            None,
+        ))
     }
 
     #[tokio::test(start_paused = true)]
@@ -125,7 +141,7 @@ mod tests {
         let t0 = Instant::now();
         let mut starts = Vec::new();
         for _ in 0..4 {
-            let _turn = p.turn("a").await;
+            let _turn = p.turn("a").await.expect("in memory");
             starts.push(t0.elapsed());
         }
         for w in starts.windows(2) {
@@ -136,18 +152,18 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn other_accounts_are_not_delayed() {
         let p = pacer(1, 1000);
-        let _a1 = p.turn("a").await;
+        let _a1 = p.turn("a").await.expect("in memory");
         let t0 = Instant::now();
-        let _b = p.turn("b").await;
+        let _b = p.turn("b").await.expect("in memory");
         assert_eq!(t0.elapsed(), Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]
     async fn concurrency_limits_calls_in_flight() {
         let p = pacer(1, 0);
-        let first = p.turn("a").await;
+        let first = p.turn("a").await.expect("in memory");
         let p2 = p.clone();
-        let waiter = tokio::spawn(async move { p2.turn("a").await.waited });
+        let waiter = tokio::spawn(async move { p2.turn("a").await.expect("in memory").waited });
         tokio::time::sleep(Duration::from_secs(5)).await;
         assert!(!waiter.is_finished());
         drop(first);
@@ -159,13 +175,13 @@ mod tests {
     async fn idle_accounts_are_forgotten() {
         let p = pacer(1, 10);
         for i in 0..10_000 {
-            drop(p.turn(&format!("app-{i}")).await);
+            drop(p.turn(&format!("app-{i}")).await.expect("in memory"));
             if i % 100 == 0 {
                 tokio::time::advance(Duration::from_millis(20)).await;
             }
         }
         tokio::time::advance(Duration::from_millis(20)).await;
-        drop(p.turn("last").await);
+        drop(p.turn("last").await.expect("in memory"));
         assert!(
             p.tracked_accounts() <= SWEEP_THRESHOLD + 1,
             "{}",

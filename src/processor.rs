@@ -1,41 +1,42 @@
-//! What happens to one delivery: decode, call GeWe (paced, deduplicated,
-//! retried), publish the confirmed result event, then settle the delivery.
+//! What happens to one delivery: decode, call GeWe (breaker-gated, paced,
+//! deduplicated, retried), publish the confirmed result event, then settle.
 //!
 //! The order is the guarantee: a delivery is acked (or, when invalid,
 //! rejected to the dead-letter exchange) only after its event is confirmed.
-//! If the event cannot be made safe, the delivery is requeued, so the
-//! command is retried rather than lost; the stored outcome keeps the retry
+//! If the event cannot be made safe, or no outcome could be had (shutdown,
+//! Redis down, another replica on it), the delivery is requeued, so the
+//! command is retried rather than lost; a stored outcome keeps the retry
 //! from calling GeWe again.
 
 use std::{sync::Arc, time::Duration};
 
 use lapin::{
-    BasicProperties,
     message::Delivery,
     options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions},
-    types::{AMQPValue, FieldTable, ShortString},
 };
+use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, field};
 
 use crate::{
+    breaker::Breaker,
     broker::{PublishError, Publisher},
     command::{self, Command, Envelope},
-    config::AmqpSettings,
-    dedupe::{Dedupe, Known},
+    dedupe::{Dedupe, Interrupted, Known, Resolved},
     event::{ErrorKind, EventError, ResultEvent, Status, now_rfc3339},
-    gewe::{Backoff, CallOutcome, GeweClient, classify},
+    gewe::{Backoff, CallOutcome, GeweClient, Verdict, classify},
+    outbound::{envelope_of, publish_event},
     pacing::Pacer,
     redact::Redactor,
 };
 
-/// Pause before requeueing a command whose event could not be published, so
-/// a persistent broker-side problem does not become a hot redelivery loop.
+/// Pause before requeueing a command that got no confirmed event, so a
+/// persistent problem does not become a hot redelivery loop.
 const REQUEUE_PAUSE: Duration = Duration::from_millis(500);
 
 /// Shared, immutable state of the command pipeline.
 pub struct Processor {
-    /// Names of exchanges and queues.
-    pub amqp: AmqpSettings,
+    /// Topic exchange results are published to.
+    pub result_exchange: String,
     /// GeWe client (connection-pooled).
     pub gewe: GeweClient,
     /// Retry policy.
@@ -44,11 +45,24 @@ pub struct Processor {
     pub pacer: Pacer,
     /// Known outcomes.
     pub dedupe: Dedupe,
+    /// Circuit breaker on systemic failures.
+    pub breaker: Arc<Breaker>,
     /// Token remover.
     pub redactor: Redactor,
+    /// Cancelled on shutdown: no new GeWe call starts after it.
+    pub shutdown: CancellationToken,
 }
 
-/// How a delivery is settled once its event is confirmed.
+/// The session a delivery belongs to.
+#[derive(Clone)]
+pub struct SessionHandle {
+    /// Confirm-mode publishing channel.
+    pub publisher: Publisher,
+    /// Cancelled by a task that finds the session's channels broken.
+    pub broken: CancellationToken,
+}
+
+/// How a delivery is settled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Settle {
     Ack,
@@ -58,11 +72,12 @@ enum Settle {
 impl Processor {
     /// Handles one delivery to completion. Never panics on input; every
     /// broker error is logged and leaves the delivery to be redelivered.
-    pub async fn handle(self: Arc<Self>, delivery: Delivery, publisher: Publisher) {
+    pub async fn handle(self: Arc<Self>, delivery: Delivery, session: SessionHandle) {
         metrics::counter!("commands_received_total").increment(1);
         metrics::gauge!("commands_in_flight").increment(1.0);
         let received_at = now_rfc3339();
         let envelope = envelope_of(&delivery.properties);
+        // ERROR level so the span (and its ids) exists whatever RUST_LOG says.
         let span = tracing::error_span!(
             "command",
             command_id = field::Empty,
@@ -70,71 +85,112 @@ impl Processor {
             redelivered = delivery.redelivered,
         );
         let work = async {
-            let (event, settle) = match command::decode(&delivery.data, &envelope) {
+            match command::decode(&delivery.data, &envelope) {
                 Ok(cmd) => {
                     span.record("command_id", cmd.command_id.as_str());
                     span.record("app_id", cmd.app_id.as_str());
-                    (self.execute(&cmd, received_at).await, Settle::Ack)
+                    match self.execute(&cmd, received_at).await {
+                        Ok((event, known)) => {
+                            let confirmed = self
+                                .publish_and_settle(
+                                    &delivery,
+                                    &envelope,
+                                    &event,
+                                    Settle::Ack,
+                                    &session,
+                                )
+                                .await;
+                            if confirmed {
+                                self.dedupe.mark_published(&cmd.command_id, &known).await;
+                            }
+                        }
+                        Err(reason) => {
+                            tracing::warn!(%reason, "no outcome for now; requeueing the command");
+                            requeue(&delivery).await;
+                        }
+                    }
                 }
                 Err(rejected) => {
-                    let command::Rejected {
-                        reason: invalid,
-                        partial,
-                    } = *rejected;
-                    span.record("command_id", partial.command_id.as_str());
-                    if let Some(app) = &partial.app_id {
-                        span.record("app_id", app.as_str());
-                    }
-                    let message = self.redactor.redact(&invalid.to_string()).into_owned();
-                    tracing::warn!(reason = %message, "invalid command; dead-lettering it");
-                    let event = ResultEvent {
-                        command_id: partial.command_id,
-                        status: Status::Failed,
-                        app_id: partial.app_id,
-                        chatroom_id: partial.chatroom_id,
-                        member_wxid: partial.member_wxid,
-                        v3: None,
-                        error: Some(EventError::new(ErrorKind::InvalidCommand, message, None)),
-                        attempts: 0,
-                        received_at,
-                        completed_at: now_rfc3339(),
-                        duplicate: false,
-                    };
-                    (event, Settle::DeadLetter)
+                    let event = self.invalid_event(*rejected, received_at);
+                    self.publish_and_settle(
+                        &delivery,
+                        &envelope,
+                        &event,
+                        Settle::DeadLetter,
+                        &session,
+                    )
+                    .await;
                 }
-            };
-            self.publish_and_settle(&delivery, &envelope, &event, settle, &publisher)
-                .await;
+            }
         };
         work.instrument(span.clone()).await;
         metrics::gauge!("commands_in_flight").decrement(1.0);
     }
 
+    fn invalid_event(&self, rejected: command::Rejected, received_at: String) -> ResultEvent {
+        let command::Rejected { reason, partial } = rejected;
+        tracing::Span::current().record("command_id", partial.command_id.as_str());
+        if let Some(app) = &partial.app_id {
+            tracing::Span::current().record("app_id", app.as_str());
+        }
+        let message = self.redactor.redact(&reason.to_string()).into_owned();
+        tracing::warn!(reason = %message, "invalid command; dead-lettering it");
+        ResultEvent {
+            command_id: partial.command_id,
+            status: Status::Failed,
+            app_id: partial.app_id,
+            chatroom_id: partial.chatroom_id,
+            member_wxid: partial.member_wxid,
+            v3: None,
+            error: Some(EventError::new(ErrorKind::InvalidCommand, message, None)),
+            attempts: 0,
+            received_at,
+            completed_at: now_rfc3339(),
+            duplicate: false,
+        }
+    }
+
     /// Runs (or recalls) the GeWe call for `cmd` and builds its event.
-    async fn execute(&self, cmd: &Command, received_at: String) -> ResultEvent {
+    async fn execute(
+        &self,
+        cmd: &Command,
+        received_at: String,
+    ) -> Result<(ResultEvent, Arc<Known>), Arc<Interrupted>> {
         let resolved = self
             .dedupe
             .resolve(&cmd.command_id, async {
+                let admission = tokio::select! {
+                    a = self.breaker.admit() => a,
+                    () = self.shutdown.cancelled() => return Err(Interrupted::Shutdown),
+                };
                 let outcome = self.call_gewe(cmd).await;
-                Known {
-                    outcome,
-                    completed_at: now_rfc3339(),
+                match &outcome {
+                    Ok(o) => self
+                        .breaker
+                        .record(admission, o.result.as_ref().err().map(|e| e.kind)),
+                    Err(_) => self.breaker.release(admission),
                 }
+                Ok(Known {
+                    outcome: outcome?,
+                    completed_at: now_rfc3339(),
+                    published: false,
+                })
             })
             .await;
-        let Known {
-            outcome: CallOutcome { result, attempts },
-            completed_at,
-        } = (*resolved.known).clone();
-        if resolved.duplicate {
-            tracing::info!("commandId already has a known outcome; republishing it");
+        let (known, duplicate) = match resolved {
+            Resolved::Outcome { known, duplicate } => (known, duplicate),
+            Resolved::Retry(reason) => return Err(reason),
+        };
+        if duplicate {
+            tracing::info!("commandId already has a published outcome; republishing it");
             metrics::counter!("commands_duplicate_total").increment(1);
         }
+        let CallOutcome { result, attempts } = known.outcome.clone();
         let (status, v3, error) = match result {
             Ok(v3) => (Status::Succeeded, Some(v3), None),
             Err(e) => (Status::Failed, None, Some(e)),
         };
-        ResultEvent {
+        let event = ResultEvent {
             command_id: cmd.command_id.clone(),
             status,
             app_id: Some(cmd.app_id.clone()),
@@ -144,40 +200,46 @@ impl Processor {
             error,
             attempts,
             received_at,
-            completed_at,
-            duplicate: resolved.duplicate,
-        }
+            completed_at: known.completed_at.clone(),
+            duplicate,
+        };
+        Ok((event, known))
     }
 
     /// All attempts for one command, each waiting for the account's turn.
-    async fn call_gewe(&self, cmd: &Command) -> CallOutcome {
+    async fn call_gewe(&self, cmd: &Command) -> Result<CallOutcome, Interrupted> {
         let outcome = self
             .backoff
             .run(|attempt| {
                 async move {
-                    let turn = self.pacer.turn(&cmd.app_id).await;
-                    tracing::debug!(
-                        attempt,
-                        waited_ms = turn.waited.as_millis() as u64,
-                        "calling GeWe"
-                    );
+                    // No new call once shutdown began: the command goes back
+                    // to the queue instead of racing the grace period.
+                    let turn = tokio::select! {
+                        turn = self.pacer.turn(&cmd.app_id) => turn?,
+                        () = self.shutdown.cancelled() => return Err(Interrupted::Shutdown),
+                    };
+                    if self.shutdown.is_cancelled() {
+                        return Err(Interrupted::Shutdown);
+                    }
+                    tracing::debug!(waited_ms = turn.waited.as_millis() as u64, "calling GeWe");
                     let started = tokio::time::Instant::now();
                     let result = self.gewe.add_group_member_as_friend(cmd).await;
                     metrics::histogram!("gewe_request_duration_seconds")
                         .record(started.elapsed().as_secs_f64());
                     let verdict = classify(&result, &self.redactor);
                     let label = match &verdict {
-                        crate::gewe::Verdict::Success { .. } => "success",
-                        crate::gewe::Verdict::Permanent(e)
-                        | crate::gewe::Verdict::Transient { error: e, .. } => e.kind.as_str(),
+                        Verdict::Success { .. } => "success",
+                        Verdict::Permanent(e) | Verdict::Transient { error: e, .. } => {
+                            e.kind.as_str()
+                        }
                     };
                     metrics::counter!("gewe_requests_total", "outcome" => label).increment(1);
                     drop(turn);
-                    verdict
+                    Ok(verdict)
                 }
                 .instrument(tracing::error_span!("attempt", attempt))
             })
-            .await;
+            .await?;
         match &outcome.result {
             Ok(_) => tracing::info!(
                 attempts = outcome.attempts,
@@ -190,27 +252,30 @@ impl Processor {
                 "GeWe call failed"
             ),
         }
-        outcome
+        Ok(outcome)
     }
 
+    /// Publishes `event`; on confirm settles the delivery as `settle` says,
+    /// otherwise requeues it. Returns whether the event was confirmed.
     async fn publish_and_settle(
         &self,
         delivery: &Delivery,
         envelope: &Envelope,
         event: &ResultEvent,
         settle: Settle,
-        publisher: &Publisher,
-    ) {
-        let published = self.publish_event(envelope, event, publisher).await;
+        session: &SessionHandle,
+    ) -> bool {
+        let published =
+            publish_event(&self.result_exchange, envelope, event, &session.publisher).await;
         let label = event.error_kind().map(ErrorKind::as_str).unwrap_or("none");
         match published {
             Ok(()) => {
-                metrics::counter!(
-                    "results_published_total",
-                    "status" => match event.status { Status::Succeeded => "succeeded", Status::Failed => "failed" },
-                    "kind" => label
-                )
-                .increment(1);
+                let status = match event.status {
+                    Status::Succeeded => "succeeded",
+                    Status::Failed => "failed",
+                };
+                metrics::counter!("results_published_total", "status" => status, "kind" => label)
+                    .increment(1);
                 let settled = match settle {
                     Settle::Ack => delivery.acker.ack(BasicAckOptions::default()).await,
                     Settle::DeadLetter => {
@@ -232,108 +297,30 @@ impl Processor {
                         tracing::warn!(error = %e, "result confirmed but settling failed; the broker will redeliver the command")
                     }
                 }
+                true
             }
             Err(e) => {
                 metrics::counter!("results_publish_failures_total").increment(1);
                 tracing::error!(error = %e, "result event not confirmed; requeueing the command");
-                tokio::time::sleep(REQUEUE_PAUSE).await;
-                if let Err(e) = delivery
-                    .acker
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..BasicNackOptions::default()
-                    })
-                    .await
-                {
-                    tracing::warn!(error = %e, "requeue failed; the broker will redeliver the command when the channel closes");
+                if matches!(e, PublishError::Broker { .. } | PublishError::NotConfirmed) {
+                    // The publishing channel is dead (e.g. the exchange is
+                    // missing): only a new session can publish again.
+                    session.broken.cancel();
                 }
+                requeue(delivery).await;
+                false
             }
-        }
-    }
-
-    /// Publishes the event to the result exchange and, when asked, a copy to
-    /// `reply_to`, both `mandatory` and confirmed. The event is safe once at
-    /// least one queue holds it: an unroutable main event is tolerated only
-    /// when the requester's reply queue took the copy, and a vanished reply
-    /// queue is tolerated when the result exchange routed the event.
-    async fn publish_event(
-        &self,
-        envelope: &Envelope,
-        event: &ResultEvent,
-        publisher: &Publisher,
-    ) -> Result<(), PublishError> {
-        let body = serde_json::to_vec(event).unwrap_or_else(|_| b"{}".to_vec());
-        let properties = event_properties(envelope, event);
-        let main = publisher.publish(
-            &self.amqp.result_exchange,
-            event.routing_key(),
-            true,
-            &body,
-            properties.clone(),
-        );
-        let Some(reply_to) = envelope.reply_to.as_deref() else {
-            return main.await;
-        };
-        let reply = publisher.publish("", reply_to, true, &body, properties);
-        match tokio::join!(main, reply) {
-            (Ok(()), Ok(())) => Ok(()),
-            (Ok(()), Err(PublishError::Unroutable { .. })) => {
-                tracing::warn!(%reply_to, "reply_to queue no longer exists; result published to the exchange only");
-                Ok(())
-            }
-            (Err(e @ PublishError::Unroutable { .. }), Ok(())) => {
-                tracing::warn!(error = %e, "result reached only the reply_to queue; bind a queue to the result exchange");
-                Ok(())
-            }
-            (Err(e), _) | (Ok(()), Err(e)) => Err(e),
         }
     }
 }
 
-/// Reads the properties the worker honours.
-pub fn envelope_of(p: &BasicProperties) -> Envelope {
-    let s = |v: &Option<ShortString>| v.as_ref().map(|v| v.as_str().to_owned());
-    let traceparent = p.headers().as_ref().and_then(|h| {
-        h.inner().get("traceparent").and_then(|v| match v {
-            AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-            AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
-            _ => None,
-        })
-    });
-    Envelope {
-        message_id: s(p.message_id()),
-        correlation_id: s(p.correlation_id()),
-        reply_to: s(p.reply_to()),
-        traceparent,
+async fn requeue(delivery: &Delivery) {
+    tokio::time::sleep(REQUEUE_PAUSE).await;
+    let nack = BasicNackOptions {
+        requeue: true,
+        ..BasicNackOptions::default()
+    };
+    if let Err(e) = delivery.acker.nack(nack).await {
+        tracing::warn!(error = %e, "requeue failed; the broker redelivers the command when the channel closes");
     }
-}
-
-/// Contract §4 properties of a result event.
-pub fn event_properties(envelope: &Envelope, event: &ResultEvent) -> BasicProperties {
-    let correlation = envelope
-        .correlation_id
-        .clone()
-        .unwrap_or_else(|| event.command_id.clone());
-    let timestamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let mut props = BasicProperties::default()
-        .with_content_type("application/json".into())
-        .with_delivery_mode(2)
-        .with_message_id(uuid::Uuid::new_v4().to_string().into())
-        .with_type(event.routing_key().into())
-        .with_timestamp(timestamp);
-    if let Ok(c) = ShortString::try_new(correlation) {
-        props = props.with_correlation_id(c);
-    }
-    if let Some(tp) = &envelope.traceparent {
-        let mut headers = FieldTable::default();
-        headers.insert(
-            "traceparent".into(),
-            AMQPValue::LongString(tp.as_str().into()),
-        );
-        props = props.with_headers(headers);
-    }
-    props
 }

@@ -54,8 +54,10 @@ pub fn init(format: Option<LogFormat>, redactor: Redactor, default_filter: &str)
         LogFormat::Json => builder
             .json()
             .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
+            .with_current_span(false)
+            // Every enclosing span: lines inside `attempt` still carry the
+            // command's command_id and app_id.
+            .with_span_list(true)
             .try_init(),
         LogFormat::Pretty => builder.compact().try_init(),
     };

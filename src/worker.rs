@@ -21,28 +21,57 @@ use lapin::options::BasicCancelOptions;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
+    breaker::{self, Breaker},
     broker::{Session, SessionError},
     config::Settings,
-    processor::Processor,
+    processor::{Processor, SessionHandle},
 };
 
 /// First and largest pause between reconnection attempts.
 const RECONNECT_MIN: Duration = Duration::from_millis(200);
 const RECONNECT_MAX: Duration = Duration::from_secs(10);
+/// A session that lived this long resets the reconnect backoff; one that
+/// died sooner keeps it growing, so a flapping broker is not hammered.
+const HEALTHY_SESSION: Duration = Duration::from_secs(5);
+/// Bound on broker calls during shutdown, so a blocked broker cannot hold
+/// the process past its termination grace period.
+const BROKER_CALL_LIMIT: Duration = Duration::from_secs(5);
 
 /// Shared view of the worker's state, read by `/readyz`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Readiness {
     consuming: AtomicBool,
+    stopping: AtomicBool,
+    breaker: Arc<Breaker>,
 }
 
 impl Readiness {
-    /// True while a session is open and consuming.
-    pub fn is_consuming(&self) -> bool {
-        self.consuming.load(Ordering::Relaxed)
+    /// Readiness that also reflects `breaker`.
+    pub fn new(breaker: Arc<Breaker>) -> Self {
+        Self {
+            consuming: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            breaker,
+        }
     }
 
-    fn set(&self, consuming: bool) {
+    /// `None` when ready; otherwise a short reason.
+    pub fn not_ready_reason(&self) -> Option<&'static str> {
+        if self.stopping.load(Ordering::Relaxed) {
+            Some("shutting down")
+        } else if !self.consuming.load(Ordering::Relaxed) {
+            Some("not consuming: broker unavailable")
+        } else {
+            match self.breaker.state() {
+                breaker::State::Closed => None,
+                breaker::State::Open | breaker::State::HalfOpen => {
+                    Some("circuit breaker open: GeWe keeps failing")
+                }
+            }
+        }
+    }
+
+    fn set_consuming(&self, consuming: bool) {
         self.consuming.store(consuming, Ordering::Relaxed);
     }
 }
@@ -68,6 +97,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
     let consumer_tag = format!("gewe-friend-worker-{}", uuid::Uuid::new_v4());
+    // Tasks of every session, so shutdown waits for those of a lost session too.
+    let tasks = TaskTracker::new();
     let mut pause = RECONNECT_MIN;
     let mut started = false;
     while !shutdown.is_cancelled() {
@@ -81,28 +112,46 @@ pub async fn run(
                     metrics::counter!("broker_reconnects_total").increment(1);
                 }
                 started = true;
-                pause = RECONNECT_MIN;
                 tracing::info!(queue = %settings.amqp.command_queue, prefetch = settings.amqp.prefetch, "consuming commands");
-                readiness.set(true);
-                let end = consume(session, &processor, settings.shutdown.grace, &shutdown).await;
-                readiness.set(false);
+                readiness.set_consuming(true);
+                let opened_at = tokio::time::Instant::now();
+                let end = consume(
+                    session,
+                    &processor,
+                    &tasks,
+                    &readiness,
+                    settings.shutdown.grace,
+                    &shutdown,
+                )
+                .await;
+                readiness.set_consuming(false);
                 match end {
                     SessionEnd::Shutdown => break,
                     SessionEnd::Lost(reason) => {
-                        tracing::warn!(%reason, "broker session lost; reconnecting");
+                        if opened_at.elapsed() >= HEALTHY_SESSION {
+                            pause = RECONNECT_MIN;
+                        }
+                        tracing::warn!(%reason, retry_in_ms = pause.as_millis() as u64, "broker session lost; reconnecting");
                     }
                 }
             }
             Err(e) if !started && e.needs_operator() => return Err(WorkerError::Startup(e)),
             Err(e) => {
                 tracing::warn!(error = %e, retry_in_ms = pause.as_millis() as u64, "broker unavailable; retrying");
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    () = tokio::time::sleep(pause) => {}
-                }
-                pause = (pause * 2).min(RECONNECT_MAX);
             }
         }
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(RECONNECT_MAX);
+    }
+    readiness.stopping.store(true, Ordering::Relaxed);
+    tasks.close();
+    if !tasks.is_empty() {
+        // Tasks of lost sessions: their deliveries are already back in the
+        // queue; let them finish their GeWe calls so outcomes get stored.
+        let _ = tokio::time::timeout(settings.shutdown.grace, tasks.wait()).await;
     }
     tracing::info!("worker stopped");
     Ok(())
@@ -111,16 +160,24 @@ pub async fn run(
 async fn consume(
     mut session: Session,
     processor: &Arc<Processor>,
+    all_tasks: &TaskTracker,
+    readiness: &Readiness,
     grace: Duration,
     shutdown: &CancellationToken,
 ) -> SessionEnd {
     let tasks = TaskTracker::new();
+    let handle = SessionHandle {
+        publisher: session.publisher.clone(),
+        broken: CancellationToken::new(),
+    };
     let end = loop {
         tokio::select! {
             () = shutdown.cancelled() => break SessionEnd::Shutdown,
+            () = handle.broken.cancelled() => break SessionEnd::Lost("the publishing channel failed".to_owned()),
             next = session.consumer.next() => match next {
                 Some(Ok(delivery)) => {
-                    tasks.spawn(processor.clone().handle(delivery, session.publisher.clone()));
+                    let work = processor.clone().handle(delivery, handle.clone());
+                    all_tasks.spawn(tasks.track_future(work));
                 }
                 Some(Err(e)) => break SessionEnd::Lost(e.to_string()),
                 None => break SessionEnd::Lost("the broker cancelled the consumer".to_owned()),
@@ -129,18 +186,24 @@ async fn consume(
     };
     tasks.close();
     if let SessionEnd::Shutdown = end {
+        readiness.stopping.store(true, Ordering::Relaxed);
         tracing::info!(
             in_flight = tasks.len(),
             grace_ms = grace.as_millis() as u64,
             "shutting down: no new commands, finishing in-flight ones"
         );
-        if let Err(e) = session
+        let cancel = session
             .consume_channel
-            .basic_cancel(session.consumer.tag(), BasicCancelOptions::default())
-            .await
-        {
-            tracing::warn!(error = %e, "could not cancel the consumer");
+            .basic_cancel(session.consumer.tag(), BasicCancelOptions::default());
+        match tokio::time::timeout(BROKER_CALL_LIMIT, cancel).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not cancel the consumer"),
+            Err(_) => tracing::warn!("cancelling the consumer timed out"),
         }
+    }
+    if session.connection.status().connected() && !tasks.is_empty() {
+        // The connection still works (shutdown, or only the consumer or the
+        // publishing channel failed): let in-flight commands settle on it.
         if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
             tracing::warn!(
                 left = tasks.len(),
@@ -149,11 +212,10 @@ async fn consume(
         }
     }
     // Closing the connection returns every unacked delivery to the queue.
-    if let Err(e) = session
+    let close = session
         .connection
-        .close(200, "worker session closed".into())
-        .await
-    {
+        .close(200, "worker session closed".into());
+    if let Ok(Err(e)) = tokio::time::timeout(BROKER_CALL_LIMIT, close).await {
         tracing::debug!(error = %e, "connection close");
     }
     end

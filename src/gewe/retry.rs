@@ -26,7 +26,7 @@ pub struct Backoff {
 }
 
 /// The final result of all attempts for one command.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct CallOutcome {
     /// The `v3` ticket, or the error of the last attempt.
     pub result: Result<String, EventError>,
@@ -79,41 +79,36 @@ impl Backoff {
     }
 
     /// Runs `attempt(n)` for n = 1, 2, ... until success, a permanent
-    /// failure, or `max_attempts` transient failures.
-    pub async fn run<F, Fut>(&self, mut attempt: F) -> CallOutcome
+    /// failure, or `max_attempts` transient failures. An attempt that
+    /// returns `Err` (shutdown, pacing state unavailable) stops the loop
+    /// without an outcome: the command must be retried later, not reported.
+    pub async fn run<F, Fut, E>(&self, mut attempt: F) -> Result<CallOutcome, E>
     where
         F: FnMut(u32) -> Fut,
-        Fut: Future<Output = Verdict>,
+        Fut: Future<Output = Result<Verdict, E>>,
     {
         let mut n = 1;
         loop {
-            match attempt(n).await {
-                Verdict::Success { v3 } => {
-                    return CallOutcome {
-                        result: Ok(v3),
-                        attempts: n,
-                    };
-                }
-                Verdict::Permanent(error) => {
-                    return CallOutcome {
-                        result: Err(error),
-                        attempts: n,
-                    };
-                }
+            let result = match attempt(n).await? {
+                Verdict::Success { v3 } => Ok(v3),
+                Verdict::Permanent(error) => Err(error),
                 Verdict::Transient { error, retry_after } => {
                     if n >= self.max_attempts {
-                        return CallOutcome {
-                            result: Err(error),
-                            attempts: n,
-                        };
+                        Err(error)
+                    } else {
+                        let wait = self.delay(n, retry_after, &mut rand::rng());
+                        tracing::debug!(attempt = n, wait_ms = wait.as_millis() as u64, error = %error.message, "GeWe attempt failed transiently; backing off");
+                        metrics::counter!("gewe_retries_total").increment(1);
+                        tokio::time::sleep(wait).await;
+                        n += 1;
+                        continue;
                     }
-                    let wait = self.delay(n, retry_after, &mut rand::rng());
-                    tracing::debug!(attempt = n, wait_ms = wait.as_millis() as u64, error = %error.message, "GeWe attempt failed transiently; backing off");
-                    metrics::counter!("gewe_retries_total").increment(1);
-                    tokio::time::sleep(wait).await;
-                    n += 1;
                 }
-            }
+            };
+            return Ok(CallOutcome {
+                result,
+                attempts: n,
+            });
         }
     }
 }
@@ -188,14 +183,16 @@ mod tests {
                 let script = script.clone();
                 async move {
                     t.lock().expect("lock").push(start.elapsed());
-                    script
+                    let verdict = script
                         .lock()
                         .expect("lock")
                         .next()
-                        .expect("script long enough")
+                        .expect("script long enough");
+                    Ok::<_, ()>(verdict)
                 }
             })
-            .await;
+            .await
+            .expect("never interrupted");
         let times = times.lock().expect("lock").clone();
         (outcome, times)
     }

@@ -1,0 +1,237 @@
+//! Circuit breaker on systemic GeWe failures (`breaker.*`).
+//!
+//! After `failure_threshold` consecutive `upstream_unavailable` or
+//! `unauthorized` outcomes the breaker opens: commands wait before calling
+//! GeWe instead of turning into failed events, so with the prefetch window
+//! full the rest of the backlog stays in the queue. After `cooldown` one
+//! probe command is let through; its success closes the breaker, its
+//! systemic failure opens it for another cooldown.
+
+use std::{
+    sync::{Mutex, PoisonError},
+    time::Duration,
+};
+
+use tokio::{sync::Notify, time::Instant};
+
+use crate::{config::BreakerSettings, event::ErrorKind};
+
+/// Breaker state, as shown in logs, metrics and `/readyz`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Calls flow.
+    Closed,
+    /// Calls wait until the cooldown ends.
+    Open,
+    /// One probe call is in flight; the others wait for its outcome.
+    HalfOpen,
+}
+
+#[derive(Debug)]
+struct Inner {
+    state: State,
+    consecutive: u32,
+    open_until: Instant,
+}
+
+/// The breaker, shared by all command tasks.
+#[derive(Debug)]
+pub struct Breaker {
+    threshold: u32,
+    cooldown: Duration,
+    inner: Mutex<Inner>,
+    changed: Notify,
+}
+
+/// Permission to call GeWe; report the outcome with [`Breaker::record`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admission {
+    probe: bool,
+}
+
+fn is_systemic(kind: ErrorKind) -> bool {
+    match kind {
+        ErrorKind::UpstreamUnavailable | ErrorKind::Unauthorized => true,
+        ErrorKind::InvalidCommand
+        | ErrorKind::AppOffline
+        | ErrorKind::Rejected
+        | ErrorKind::UnexpectedResponse => false,
+    }
+}
+
+impl Breaker {
+    /// A closed breaker.
+    pub fn new(settings: &BreakerSettings) -> Self {
+        Self {
+            threshold: settings.failure_threshold.max(1),
+            cooldown: settings.cooldown,
+            inner: Mutex::new(Inner {
+                state: State::Closed,
+                consecutive: 0,
+                open_until: Instant::now(),
+            }),
+            changed: Notify::new(),
+        }
+    }
+
+    /// Current state.
+    pub fn state(&self) -> State {
+        self.lock().state
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits until a GeWe call is allowed.
+    pub async fn admit(&self) -> Admission {
+        loop {
+            // Register interest before checking, so a change between the
+            // check and the await is not missed.
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let wait_until = {
+                let mut inner = self.lock();
+                match inner.state {
+                    State::Closed => return Admission { probe: false },
+                    State::Open if Instant::now() >= inner.open_until => {
+                        inner.state = State::HalfOpen;
+                        set_gauge(State::HalfOpen);
+                        tracing::warn!(
+                            "circuit breaker half-open: letting one probe command through"
+                        );
+                        return Admission { probe: true };
+                    }
+                    State::Open => Some(inner.open_until),
+                    State::HalfOpen => None,
+                }
+            };
+            match wait_until {
+                Some(at) => {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(at) => {}
+                        () = &mut changed => {}
+                    }
+                }
+                None => changed.await,
+            }
+        }
+    }
+
+    /// Gives back an admission whose call produced no outcome (shutdown,
+    /// pacing state unavailable): a probe hands its turn to the next caller.
+    pub fn release(&self, admission: Admission) {
+        if !admission.probe {
+            return;
+        }
+        let mut inner = self.lock();
+        if inner.state == State::HalfOpen {
+            inner.state = State::Open;
+            inner.open_until = Instant::now();
+        }
+        drop(inner);
+        self.changed.notify_waiters();
+    }
+
+    /// Records the outcome of an admitted call (`None` = success).
+    pub fn record(&self, admission: Admission, failure: Option<ErrorKind>) {
+        let systemic = failure.is_some_and(is_systemic);
+        let mut inner = self.lock();
+        let before = inner.state;
+        if systemic {
+            inner.consecutive = inner.consecutive.saturating_add(1);
+            if admission.probe || inner.consecutive >= self.threshold {
+                inner.state = State::Open;
+                inner.open_until = Instant::now() + self.cooldown;
+            }
+        } else {
+            inner.consecutive = 0;
+            // A non-systemic answer proves GeWe is reachable and takes the token.
+            inner.state = State::Closed;
+        }
+        let after = inner.state;
+        drop(inner);
+        if before != after || admission.probe {
+            match after {
+                State::Open => tracing::error!(
+                    cooldown_ms = self.cooldown.as_millis() as u64,
+                    "circuit breaker open: GeWe keeps failing; commands wait in the queue"
+                ),
+                State::Closed => tracing::info!("circuit breaker closed: GeWe answers again"),
+                State::HalfOpen => {}
+            }
+            set_gauge(after);
+            self.changed.notify_waiters();
+        }
+    }
+}
+
+fn set_gauge(state: State) {
+    let v = match state {
+        State::Closed => 0.0,
+        State::HalfOpen => 1.0,
+        State::Open => 2.0,
+    };
+    metrics::gauge!("breaker_state").set(v);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn breaker(threshold: u32, cooldown_ms: u64) -> Arc<Breaker> {
+        Arc::new(Breaker::new(&BreakerSettings {
+            failure_threshold: threshold,
+            cooldown: Duration::from_millis(cooldown_ms),
+        }))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn opens_after_the_threshold_of_systemic_failures_only() {
+        let b = breaker(3, 1000);
+        for _ in 0..5 {
+            let a = b.admit().await;
+            b.record(a, Some(ErrorKind::Rejected));
+        }
+        assert_eq!(b.state(), State::Closed);
+        for _ in 0..2 {
+            let a = b.admit().await;
+            b.record(a, Some(ErrorKind::UpstreamUnavailable));
+        }
+        assert_eq!(b.state(), State::Closed);
+        let a = b.admit().await;
+        b.record(a, Some(ErrorKind::Unauthorized));
+        assert_eq!(b.state(), State::Open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_probe_after_cooldown_and_success_closes() {
+        let b = breaker(1, 1000);
+        let a = b.admit().await;
+        b.record(a, Some(ErrorKind::UpstreamUnavailable));
+        let start = Instant::now();
+        let probe = b.admit().await;
+        assert!(start.elapsed() >= Duration::from_millis(1000));
+        assert_eq!(b.state(), State::HalfOpen);
+        let b2 = b.clone();
+        let waiter = tokio::spawn(async move { b2.admit().await });
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(!waiter.is_finished(), "others wait for the probe");
+        b.record(probe, None);
+        assert_eq!(b.state(), State::Closed);
+        let admitted = waiter.await.expect("join");
+        assert_eq!(admitted, Admission { probe: false });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_probe_reopens() {
+        let b = breaker(1, 500);
+        let a = b.admit().await;
+        b.record(a, Some(ErrorKind::UpstreamUnavailable));
+        let probe = b.admit().await;
+        b.record(probe, Some(ErrorKind::UpstreamUnavailable));
+        assert_eq!(b.state(), State::Open);
+    }
+}

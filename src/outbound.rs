@@ -1,0 +1,99 @@
+//! Publication of result events (contract §4): properties, the result
+//! exchange and the `reply_to` copy, and when an event counts as delivered.
+
+use lapin::{
+    BasicProperties,
+    types::{AMQPValue, FieldTable, ShortString},
+};
+
+use crate::{
+    broker::{PublishError, Publisher},
+    command::Envelope,
+    event::ResultEvent,
+};
+
+/// Publishes the event to the result exchange and, when asked, a copy to
+/// `reply_to`, both `mandatory` and confirmed. The event is safe once at
+/// least one queue holds it: an unroutable main event is tolerated only
+/// when the requester's reply queue took the copy, and a vanished reply
+/// queue is tolerated when the result exchange routed the event.
+pub async fn publish_event(
+    result_exchange: &str,
+    envelope: &Envelope,
+    event: &ResultEvent,
+    publisher: &Publisher,
+) -> Result<(), PublishError> {
+    let body = serde_json::to_vec(event).unwrap_or_else(|_| b"{}".to_vec());
+    let properties = event_properties(envelope, event);
+    let main = publisher.publish(
+        result_exchange,
+        event.routing_key(),
+        true,
+        &body,
+        properties.clone(),
+    );
+    let Some(reply_to) = envelope.reply_to.as_deref() else {
+        return main.await;
+    };
+    let reply = publisher.publish("", reply_to, true, &body, properties);
+    match tokio::join!(main, reply) {
+        (Ok(()), Ok(())) => Ok(()),
+        (Ok(()), Err(PublishError::Unroutable { .. })) => {
+            tracing::warn!(%reply_to, "reply_to queue no longer exists; result published to the exchange only");
+            Ok(())
+        }
+        (Err(e @ PublishError::Unroutable { .. }), Ok(())) => {
+            tracing::warn!(error = %e, "result reached only the reply_to queue; bind a queue to the result exchange");
+            Ok(())
+        }
+        (Err(e), _) | (Ok(()), Err(e)) => Err(e),
+    }
+}
+
+/// Reads the properties the worker honours.
+pub fn envelope_of(p: &BasicProperties) -> Envelope {
+    let s = |v: &Option<ShortString>| v.as_ref().map(|v| v.as_str().to_owned());
+    let traceparent = p.headers().as_ref().and_then(|h| {
+        h.inner().get("traceparent").and_then(|v| match v {
+            AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+            AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+            _ => None,
+        })
+    });
+    Envelope {
+        message_id: s(p.message_id()),
+        correlation_id: s(p.correlation_id()),
+        reply_to: s(p.reply_to()),
+        traceparent,
+    }
+}
+
+/// Contract §4 properties of a result event.
+pub fn event_properties(envelope: &Envelope, event: &ResultEvent) -> BasicProperties {
+    let correlation = envelope
+        .correlation_id
+        .clone()
+        .unwrap_or_else(|| event.command_id.clone());
+    let timestamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_message_id(uuid::Uuid::new_v4().to_string().into())
+        .with_type(event.routing_key().into())
+        .with_timestamp(timestamp);
+    if let Ok(c) = ShortString::try_new(correlation) {
+        props = props.with_correlation_id(c);
+    }
+    if let Some(tp) = &envelope.traceparent {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "traceparent".into(),
+            AMQPValue::LongString(tp.as_str().into()),
+        );
+        props = props.with_headers(headers);
+    }
+    props
+}

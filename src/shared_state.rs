@@ -1,0 +1,186 @@
+//! State shared by all replicas through Redis (`redis.url`): known outcomes
+//! per commandId, in-flight claims, and per-account pacing reservations.
+//!
+//! Every operation is a single atomic Redis command or Lua script, so two
+//! replicas can never both believe they own a commandId or the same pacing
+//! slot. When Redis cannot be reached the caller gets a [`StateError`] and
+//! must not call GeWe: neither idempotency nor pacing could be guaranteed.
+
+use std::time::Duration;
+
+use redis::{AsyncCommands, Script, aio::ConnectionManager};
+use tokio::sync::OnceCell;
+
+use crate::{config::redact_url_password, dedupe::Known};
+
+/// Redis could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// Connecting or a command failed.
+    #[error("Redis at {url} is unavailable: {source}")]
+    Unavailable {
+        /// Redis URL, password redacted.
+        url: String,
+        /// The client error.
+        #[source]
+        source: redis::RedisError,
+    },
+    /// A stored value could not be decoded (written by an incompatible version).
+    #[error("Redis holds an unreadable outcome for commandId {command_id}: {reason}")]
+    Corrupt {
+        /// The command.
+        command_id: String,
+        /// Decoder error.
+        reason: String,
+    },
+}
+
+/// Reserves the next start for an account: returns how long to wait (ms).
+/// KEYS[1] = pacing key, ARGV[1] = interval ms. Uses the server clock so
+/// replicas with skewed clocks still agree.
+const RESERVE_START: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local interval = tonumber(ARGV[1])
+local nxt = tonumber(redis.call('GET', KEYS[1]) or '0')
+local start = math.max(now, nxt)
+redis.call('SET', KEYS[1], start + interval, 'PX', (start - now) + interval + 1000)
+return start - now
+"#;
+
+/// Deletes the claim only if it is still ours.
+const RELEASE_CLAIM: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#;
+
+/// Lazily connected, auto-reconnecting Redis client.
+pub struct SharedState {
+    url: String,
+    client: redis::Client,
+    connection: OnceCell<ConnectionManager>,
+    prefix: String,
+}
+
+impl SharedState {
+    /// A client for `url`; connects on first use so that a Redis outage at
+    /// start-up delays commands instead of crashing the worker.
+    pub fn new(url: &str, prefix: &str) -> Result<Self, StateError> {
+        let client = redis::Client::open(url).map_err(|source| StateError::Unavailable {
+            url: redact_url_password(url),
+            source,
+        })?;
+        Ok(Self {
+            url: redact_url_password(url),
+            client,
+            connection: OnceCell::new(),
+            prefix: prefix.to_owned(),
+        })
+    }
+
+    async fn conn(&self) -> Result<ConnectionManager, StateError> {
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Duration::from_secs(2))
+            .set_response_timeout(Duration::from_secs(2))
+            .set_number_of_retries(2)
+            .set_max_delay(500);
+        self.connection
+            .get_or_try_init(|| self.client.get_connection_manager_with_config(config))
+            .await
+            .cloned()
+            .map_err(|e| self.unavailable(e))
+    }
+
+    fn unavailable(&self, source: redis::RedisError) -> StateError {
+        StateError::Unavailable {
+            url: self.url.clone(),
+            source,
+        }
+    }
+
+    fn key(&self, kind: &str, id: &str) -> String {
+        format!("{}:{kind}:{id}", self.prefix)
+    }
+
+    /// The stored outcome of `command_id`, if any.
+    pub async fn outcome(&self, command_id: &str) -> Result<Option<Known>, StateError> {
+        let mut conn = self.conn().await?;
+        let raw: Option<String> = conn
+            .get(self.key("outcome", command_id))
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        raw.map(|s| {
+            serde_json::from_str(&s).map_err(|e| StateError::Corrupt {
+                command_id: command_id.to_owned(),
+                reason: e.to_string(),
+            })
+        })
+        .transpose()
+    }
+
+    /// Stores the outcome of `command_id` for `window`.
+    pub async fn store_outcome(
+        &self,
+        command_id: &str,
+        known: &Known,
+        window: Duration,
+    ) -> Result<(), StateError> {
+        let mut conn = self.conn().await?;
+        let value = serde_json::to_string(known).unwrap_or_default();
+        conn.pset_ex::<_, _, ()>(
+            self.key("outcome", command_id),
+            value,
+            window.as_millis().max(1) as u64,
+        )
+        .await
+        .map_err(|e| self.unavailable(e))
+    }
+
+    /// Claims `command_id` for `lease`; false when another replica holds it.
+    pub async fn claim(
+        &self,
+        command_id: &str,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<bool, StateError> {
+        let mut conn = self.conn().await?;
+        let set: Option<String> = redis::cmd("SET")
+            .arg(self.key("claim", command_id))
+            .arg(owner)
+            .arg("NX")
+            .arg("PX")
+            .arg(lease.as_millis().max(1) as u64)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        Ok(set.is_some())
+    }
+
+    /// Releases a claim taken by `owner`.
+    pub async fn release(&self, command_id: &str, owner: &str) -> Result<(), StateError> {
+        let mut conn = self.conn().await?;
+        Script::new(RELEASE_CLAIM)
+            .key(self.key("claim", command_id))
+            .arg(owner)
+            .invoke_async::<i64>(&mut conn)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.unavailable(e))
+    }
+
+    /// Reserves the next call start for `app_id`; returns the wait before it.
+    pub async fn reserve_start(
+        &self,
+        app_id: &str,
+        interval: Duration,
+    ) -> Result<Duration, StateError> {
+        let mut conn = self.conn().await?;
+        let wait_ms: i64 = Script::new(RESERVE_START)
+            .key(self.key("pace", app_id))
+            .arg(interval.as_millis() as u64)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        Ok(Duration::from_millis(wait_ms.max(0) as u64))
+    }
+}
