@@ -106,6 +106,13 @@ impl Processor {
                         }
                         Err(reason) => {
                             tracing::warn!(%reason, "no outcome for now; requeueing the command");
+                            let label = match &*reason {
+                                Interrupted::Shutdown => "shutdown",
+                                Interrupted::State(_) => "redis_unavailable",
+                                Interrupted::ClaimedElsewhere => "claimed_elsewhere",
+                            };
+                            metrics::counter!("commands_requeued_total", "reason" => label)
+                                .increment(1);
                             requeue(&delivery).await;
                         }
                     }

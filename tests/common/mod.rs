@@ -307,3 +307,59 @@ pub fn classic(mut s: Settings) -> Settings {
     s.amqp.queue_type = QueueType::Classic;
     s
 }
+
+/// Redis for tests: `GEWE_TEST_REDIS_URL` or the local default.
+pub fn redis_url() -> String {
+    std::env::var("GEWE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".to_owned())
+}
+
+/// Another worker process (in-process) on the same settings.
+pub async fn start_worker(
+    settings: &Settings,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+    SocketAddr,
+) {
+    let app = Application::build(settings.clone())
+        .await
+        .expect("application builds");
+    let addr = app.ops_addr();
+    let stop = CancellationToken::new();
+    (stop.clone(), tokio::spawn(app.run(stop)), addr)
+}
+
+/// Reads one counter or gauge value from a `/metrics` text, summing label sets
+/// whose line contains `filter`.
+pub async fn metric(ops: SocketAddr, name: &str, filter: &str) -> f64 {
+    let text = reqwest::get(format!("http://{ops}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("body");
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(filter))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Polls `/readyz` until its body contains `needle` (or [`WAIT`] passes).
+pub async fn wait_for_readyz(ops: SocketAddr, status: u16, needle: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let r = reqwest::get(format!("http://{ops}/readyz"))
+            .await
+            .expect("readyz");
+        let got = r.status().as_u16();
+        let body = r.text().await.unwrap_or_default();
+        if got == status && body.contains(needle) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/readyz stayed {got} {body:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}

@@ -1,0 +1,190 @@
+//! Nothing lost, nothing doubled: circuit breaker, shared state in Redis
+//! across replicas and restarts, and what happens when Redis is gone.
+
+mod common;
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use common::*;
+use gewe_friend_worker::gewe::ADD_MEMBER_PATH;
+use wiremock::{
+    Mock, MockServer, Request, Respond, ResponseTemplate,
+    matchers::{method, path},
+};
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+#[tokio::test]
+async fn the_breaker_keeps_the_backlog_in_the_queue_until_gewe_is_back() {
+    let gewe = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503))
+        .mount(&gewe)
+        .await;
+    let mut settings = test_settings(&gewe.uri());
+    settings.amqp.prefetch = 2;
+    settings.retry.max_attempts = 1;
+    settings.breaker.failure_threshold = 2;
+    settings.breaker.cooldown = Duration::from_secs(3);
+    let mut app = spawn_app(settings).await;
+    let total = 10;
+    for i in 0..total {
+        app.publish(&command(&format!("br-{i}"), &format!("app-{i}")))
+            .await;
+    }
+    let mut failed = 0;
+    for e in app.events(2).await {
+        assert_eq!(e.kind(), Some("upstream_unavailable"));
+        failed += 1;
+    }
+    // Open: readiness says so, and GeWe is back before the cooldown ends.
+    wait_for_readyz(app.ops_addr, 503, "circuit breaker").await;
+    gewe.reset().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(gewe_ok("v3_back")))
+        .mount(&gewe)
+        .await;
+    let mut succeeded = 0;
+    while failed + succeeded < total {
+        let e = app.next_event().await;
+        match e.status() {
+            "succeeded" => succeeded += 1,
+            _ => {
+                assert_eq!(e.kind(), Some("upstream_unavailable"));
+                failed += 1;
+            }
+        }
+    }
+    // At most threshold + (prefetch - 1) commands failed before it opened;
+    // the rest of the backlog waited and drained with successes.
+    assert!(failed <= 3, "{failed} failed events");
+    assert!(succeeded >= total - 3);
+    wait_for_readyz(app.ops_addr, 200, "ready").await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn with_redis_a_second_replica_and_a_restart_do_not_call_gewe_again() {
+    let gewe = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path(ADD_MEMBER_PATH))
+        .respond_with(ResponseTemplate::new(200).set_body_json(gewe_ok("v3_shared")))
+        .expect(1)
+        .mount(&gewe)
+        .await;
+    let mut settings = test_settings(&gewe.uri());
+    settings.redis.url = Some(redis_url());
+    let id = unique("redis-dup");
+    let mut app = spawn_app(settings.clone()).await;
+    app.publish(&command(&id, "app-r")).await;
+    let first = app.next_event().await;
+    assert_eq!(first.body["v3"], "v3_shared");
+    assert!(first.body.get("duplicate").is_none());
+
+    // The first worker stops (a restart); a fresh one with empty memory
+    // takes over the queue and sees the same commandId again.
+    let first_worker = app.worker.take().expect("worker");
+    app.stop.cancel();
+    first_worker.await.expect("join").expect("clean exit");
+    let (stop, second, _) = start_worker(&settings).await;
+    app.publish(&command(&id, "app-r")).await;
+    let again = app.next_event().await;
+    assert_eq!(again.body["v3"], "v3_shared");
+    assert_eq!(again.body["duplicate"], true);
+    stop.cancel();
+    second.await.expect("join").expect("clean exit");
+    app.stop().await;
+}
+
+/// Records when each request arrived.
+struct Times(Arc<Mutex<Vec<Instant>>>);
+
+impl Respond for Times {
+    fn respond(&self, _: &Request) -> ResponseTemplate {
+        self.0.lock().expect("lock").push(Instant::now());
+        ResponseTemplate::new(200).set_body_json(gewe_ok("v3_paced"))
+    }
+}
+
+#[tokio::test]
+async fn two_replicas_with_redis_keep_one_interval_per_account() {
+    let gewe = MockServer::start().await;
+    let times = Arc::new(Mutex::new(Vec::new()));
+    Mock::given(method("POST"))
+        .respond_with(Times(times.clone()))
+        .mount(&gewe)
+        .await;
+    let mut settings = test_settings(&gewe.uri());
+    settings.redis.url = Some(redis_url());
+    settings.pacing.per_app_min_interval = Duration::from_millis(300);
+    let account = unique("shared-account");
+    let mut app = spawn_app(settings.clone()).await;
+    let (stop, second, _) = start_worker(&settings).await;
+    let n = 6;
+    for i in 0..n {
+        app.publish(&command(&unique(&format!("p{i}")), &account))
+            .await;
+    }
+    app.events(n).await;
+    let mut t = times.lock().expect("lock").clone();
+    t.sort();
+    for pair in t.windows(2) {
+        let gap = pair[1] - pair[0];
+        // Reservations are 300 ms apart on Redis' clock; allow for the
+        // HTTP hop between reservation and arrival.
+        assert!(gap >= Duration::from_millis(270), "calls {gap:?} apart");
+    }
+    stop.cancel();
+    second.await.expect("join").expect("clean exit");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn without_redis_no_gewe_call_is_made_and_the_command_waits_in_the_queue() {
+    let gewe = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(gewe_ok("never")))
+        .expect(0)
+        .mount(&gewe)
+        .await;
+    let mut settings = test_settings(&gewe.uri());
+    settings.redis.url = Some("redis://127.0.0.1:1/0".to_owned());
+    let mut app = spawn_app(settings).await;
+    let id = unique("no-redis");
+    app.publish(&command(&id, "app-x")).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while metric(app.ops_addr, "commands_requeued_total", "redis_unavailable").await < 1.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the command is requeued"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let worker = app.worker.take().expect("worker");
+    app.stop.cancel();
+    worker.await.expect("join").expect("clean exit");
+    // Still in the queue, unacknowledged and unanswered.
+    let channel = app.connection.create_channel().await.expect("channel");
+    let mut queue = channel
+        .basic_consume(
+            app.settings.amqp.command_queue.as_str().into(),
+            "".into(),
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .expect("consume");
+    let back = tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut queue))
+        .await
+        .expect("the command is still there")
+        .expect("open")
+        .expect("delivery");
+    let body: serde_json::Value = serde_json::from_slice(&back.data).expect("json");
+    assert_eq!(body["commandId"], id.as_str());
+    app.stop().await;
+}
