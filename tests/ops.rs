@@ -135,7 +135,7 @@ async fn a_closed_connection_is_reopened_with_prefetch_and_nothing_is_lost() {
     let queue = app.settings.amqp.command_queue.clone();
     wait_for_status(app.ops_addr, "/readyz", 200).await;
 
-    let total = 60;
+    let total = 500;
     let mut seen = HashSet::new();
     for round in 0..2 {
         for i in 0..total / 2 {

@@ -1,0 +1,195 @@
+//! RabbitMQ stopped and started under a running worker.
+//!
+//! This disturbs the whole broker, so it is the only test in this binary:
+//! `cargo test` runs test binaries one after another, so no other test is
+//! talking to the broker meanwhile. The broker is always restarted, even
+//! when the test fails.
+
+mod common;
+
+use std::collections::HashSet;
+
+use common::*;
+use futures_util::StreamExt;
+use gewe_friend_worker::{broker::topology, gewe::ADD_MEMBER_PATH};
+use lapin::{
+    Connection, ConnectionProperties,
+    options::{
+        BasicAckOptions, BasicConsumeOptions, ConfirmSelectOptions, QueueBindOptions,
+        QueueDeclareOptions, QueueDeleteOptions,
+    },
+    types::FieldTable,
+};
+use wiremock::{
+    Mock, MockServer, ResponseTemplate,
+    matchers::{method, path},
+};
+
+fn rabbitmqctl(args: &[&str]) {
+    let status = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .status()
+        .expect("rabbitmqctl is needed for the broker restart test");
+    assert!(status.success(), "rabbitmqctl {args:?} failed");
+}
+
+/// Starts the broker app again if the test stops half-way.
+struct RestartOnDrop;
+
+impl Drop for RestartOnDrop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .arg("start_app")
+            .status();
+        let _ = std::process::Command::new("rabbitmqctl")
+            .arg("await_startup")
+            .status();
+    }
+}
+
+async fn observe(
+    settings: &gewe_friend_worker::config::Settings,
+    queue: &str,
+) -> (Connection, lapin::Consumer) {
+    let conn = Connection::connect(&settings.amqp.url, ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let consumer = ch
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    (conn, consumer)
+}
+
+#[tokio::test]
+async fn rabbitmq_stop_app_and_start_app_mid_run_loses_nothing() {
+    let gewe = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path(ADD_MEMBER_PATH))
+        .respond_with(ResponseTemplate::new(200).set_body_json(gewe_ok("v3_restart")))
+        .mount(&gewe)
+        .await;
+    let settings = test_settings(&gewe.uri());
+    let observed = format!("{}.observed", settings.amqp.command_queue);
+
+    // A durable queue bound to the results survives the restart, like a
+    // real downstream consumer's queue.
+    let conn = Connection::connect(&settings.amqp.url, ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    topology::declare(&ch, &settings.amqp)
+        .await
+        .expect("topology");
+    ch.queue_declare(
+        observed.as_str().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("observer queue");
+    ch.queue_bind(
+        observed.as_str().into(),
+        settings.amqp.result_exchange.as_str().into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("bind");
+    let (stop, worker, ops) = start_worker(&settings).await;
+    wait_for_readyz(ops, 200, "ready").await;
+
+    let total = 300;
+    for i in 0..total {
+        let body = command(&format!("rs-{i}"), &format!("app-{}", i % 7)).to_string();
+        ch.basic_publish(
+            "".into(),
+            settings.amqp.command_queue.as_str().into(),
+            Default::default(),
+            body.as_bytes(),
+            lapin::BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    }
+    let mut seen = HashSet::new();
+    let (_observer_conn, mut events) = observe(&settings, &observed).await;
+    while seen.len() < 30 {
+        let e = next_on(&mut events).await;
+        seen.insert(e.body["commandId"].as_str().unwrap_or("").to_owned());
+    }
+
+    let restart = RestartOnDrop;
+    rabbitmqctl(&["stop_app"]);
+    wait_for_readyz(ops, 503, "broker").await;
+    rabbitmqctl(&["start_app"]);
+    rabbitmqctl(&["await_startup"]);
+    drop(restart);
+    wait_for_readyz(ops, 200, "ready").await;
+
+    let (conn2, mut events) = observe(&settings, &observed).await;
+    while seen.len() < total {
+        let delivery = tokio::time::timeout(WAIT, events.next())
+            .await
+            .expect("results keep coming after the restart")
+            .expect("open")
+            .expect("delivery");
+        delivery
+            .acker
+            .ack(BasicAckOptions::default())
+            .await
+            .expect("ack");
+        let body: serde_json::Value = serde_json::from_slice(&delivery.data).expect("json");
+        assert_eq!(body["status"], "succeeded", "{body}");
+        seen.insert(body["commandId"].as_str().unwrap_or("").to_owned());
+    }
+    assert!(!worker.is_finished(), "the worker rode out the restart");
+    let consumers = std::process::Command::new("rabbitmqctl")
+        .args(["list_consumers", "-q", "queue_name", "prefetch_count"])
+        .output()
+        .expect("list_consumers");
+    let prefetch: Vec<String> = String::from_utf8_lossy(&consumers.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .filter(|(q, _)| *q == settings.amqp.command_queue)
+        .map(|(_, p)| p.trim().to_owned())
+        .collect();
+    assert_eq!(
+        prefetch,
+        vec!["16".to_owned()],
+        "prefetch re-applied after the restart"
+    );
+
+    stop.cancel();
+    worker.await.expect("join").expect("clean exit");
+    let ch = conn2.create_channel().await.expect("channel");
+    let a = &settings.amqp;
+    for q in [&observed, &a.command_queue, &a.dead_letter_queue] {
+        let _ = ch
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    for x in [&a.result_exchange, &a.dead_letter_exchange] {
+        let _ = ch
+            .exchange_delete(x.as_str().into(), Default::default())
+            .await;
+    }
+}
