@@ -33,10 +33,11 @@ use crate::{
 
 /// Bound on commandIds remembered in memory (≈200 bytes each: ≈40 MB).
 const MAX_ENTRIES: u64 = 200_000;
-/// How long another replica's claim on a commandId is honoured; longer than
-/// any realistic run of attempts, short enough that a crashed replica's
-/// claim does not block the command for long.
-const CLAIM_LEASE: Duration = Duration::from_secs(300);
+/// How long a claim on a commandId lives without renewal: a crashed
+/// replica's claim blocks the command at most this long. The owner renews
+/// it every [`CLAIM_RENEW`] while its call runs.
+const CLAIM_LEASE: Duration = Duration::from_secs(10);
+const CLAIM_RENEW: Duration = Duration::from_secs(3);
 /// How long a delivery waits for another replica's outcome before it is
 /// requeued instead.
 const CLAIM_WAIT: Duration = Duration::from_secs(10);
@@ -188,7 +189,21 @@ impl Dedupe {
             tokio::time::sleep(CLAIM_POLL).await;
         }
         ran.store(true, Ordering::Relaxed);
-        let result = call.await;
+        let result = {
+            tokio::pin!(call);
+            let mut renew = tokio::time::interval(CLAIM_RENEW);
+            renew.tick().await;
+            loop {
+                tokio::select! {
+                    result = &mut call => break result,
+                    _ = renew.tick() => {
+                        if let Err(e) = shared.renew(command_id, &self.owner, CLAIM_LEASE).await {
+                            tracing::warn!(error = %e, "could not renew the claim on this commandId");
+                        }
+                    }
+                }
+            }
+        };
         if let Ok(known) = &result
             && is_definitive(&known.outcome)
             && let Err(e) = shared.store_outcome(command_id, known, self.window).await

@@ -48,6 +48,12 @@ redis.call('SET', KEYS[1], start + interval, 'PX', (start - now) + interval + 10
 return start - now
 "#;
 
+/// Extends the claim only if it is still ours.
+const RENEW_CLAIM: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"#;
+
 /// Deletes the claim only if it is still ours.
 const RELEASE_CLAIM: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -162,6 +168,24 @@ impl SharedState {
         Script::new(RELEASE_CLAIM)
             .key(self.key("claim", command_id))
             .arg(owner)
+            .invoke_async::<i64>(&mut conn)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.unavailable(e))
+    }
+
+    /// Extends a claim held by `owner` to `lease` from now.
+    pub async fn renew(
+        &self,
+        command_id: &str,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<(), StateError> {
+        let mut conn = self.conn().await?;
+        Script::new(RENEW_CLAIM)
+            .key(self.key("claim", command_id))
+            .arg(owner)
+            .arg(lease.as_millis().max(1) as u64)
             .invoke_async::<i64>(&mut conn)
             .await
             .map(|_| ())

@@ -282,3 +282,93 @@ async fn the_token_never_leaves_the_process_and_sigterm_exits_zero() {
     assert!(!logs.contains(TOKEN), "logs leak the token");
     listener.stop().await;
 }
+
+/// Counts GeWe calls per memberWxid.
+struct CountCalls(std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>);
+
+impl wiremock::Respond for CountCalls {
+    fn respond(&self, request: &wiremock::Request) -> ResponseTemplate {
+        let body: Value = serde_json::from_slice(&request.body).unwrap_or_default();
+        let member = body["memberWxid"].as_str().unwrap_or("").to_owned();
+        *self.0.lock().expect("lock").entry(member).or_default() += 1;
+        ResponseTemplate::new(200)
+            .set_body_json(gewe_ok("v3_kill"))
+            .set_delay(Duration::from_millis(20))
+    }
+}
+
+fn worker_process(
+    settings: &gewe_friend_worker::config::Settings,
+    gewe: &str,
+) -> tokio::process::Child {
+    let mut cmd = program();
+    settings_env(&mut cmd, settings);
+    cmd.arg("run")
+        .env("GEWE_WORKER__GEWE__BASE_URL", gewe)
+        .env("GEWE_WORKER__GEWE__TOKEN", TOKEN)
+        .env("GEWE_WORKER__REDIS__URL", redis_url())
+        .env("GEWE_WORKER__HTTP__LISTEN", "127.0.0.1:0")
+        .env("GEWE_WORKER__PACING__PER_APP_MIN_INTERVAL", "0s")
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::null());
+    cmd.spawn().expect("worker starts")
+}
+
+#[tokio::test]
+async fn a_sigkilled_worker_loses_nothing_and_with_redis_repeats_no_stored_call() {
+    let gewe = MockServer::start().await;
+    let calls = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+    Mock::given(method("POST"))
+        .and(path(ADD_MEMBER_PATH))
+        .respond_with(CountCalls(calls.clone()))
+        .mount(&gewe)
+        .await;
+    let settings = test_settings(&gewe.uri());
+    let mut listener = spawn_listener(&settings).await;
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let total = 200;
+    let mut first = worker_process(&settings, &gewe.uri());
+    for i in 0..total {
+        listener
+            .publish(&command(
+                &format!("kill-{run}-{i}"),
+                &format!("app-{}", i % 10),
+            ))
+            .await;
+    }
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < 20 {
+        let e = listener.next_event().await;
+        seen.insert(e.body["commandId"].as_str().unwrap_or("").to_owned());
+    }
+    first.start_kill().expect("SIGKILL");
+    first.wait().await.expect("reaped");
+    let stored_before_kill = seen.clone();
+
+    let mut second = worker_process(&settings, &gewe.uri());
+    while seen.len() < total {
+        let e = listener.next_event().await;
+        assert_eq!(e.status(), "succeeded", "{}", e.body);
+        seen.insert(e.body["commandId"].as_str().unwrap_or("").to_owned());
+    }
+    let pid = second.id().expect("pid").to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    let status = tokio::time::timeout(WAIT, second.wait())
+        .await
+        .expect("exits")
+        .expect("wait");
+    assert!(status.success());
+
+    let counts = calls.lock().expect("lock").clone();
+    for id in &stored_before_kill {
+        assert_eq!(
+            counts.get(&format!("wxid_{id}")),
+            Some(&1),
+            "{id} reached GeWe once"
+        );
+    }
+    listener.stop().await;
+}
