@@ -24,4 +24,5 @@ pub mod redact;
 pub mod shared_state;
 pub mod simulator;
 pub mod telemetry;
+pub mod trace_context;
 pub mod worker;

@@ -27,6 +27,7 @@ use crate::{
     outbound::{envelope_of, publish_event},
     pacing::Pacer,
     redact::Redactor,
+    trace_context::TraceParent,
 };
 
 /// Pause before requeueing a command that got no confirmed event, so a
@@ -76,14 +77,28 @@ impl Processor {
         metrics::counter!("commands_received_total").increment(1);
         metrics::gauge!("commands_in_flight").increment(1.0);
         let received_at = now_rfc3339();
-        let envelope = envelope_of(&delivery.properties);
+        let mut envelope = envelope_of(&delivery.properties);
         // ERROR level so the span (and its ids) exists whatever RUST_LOG says.
         let span = tracing::error_span!(
             "command",
             command_id = field::Empty,
             app_id = field::Empty,
             redelivered = delivery.redelivered,
+            trace_id = field::Empty,
+            span_id = field::Empty,
+            parent_span_id = field::Empty,
         );
+        // The caller's trace context: this span becomes its child, and the
+        // result event carries this span as the parent.
+        if let Some(parent) = envelope.traceparent.as_deref().and_then(TraceParent::parse) {
+            let (span_id, header) = parent.child();
+            span.record("trace_id", parent.trace_id.as_str());
+            span.record("span_id", span_id.as_str());
+            span.record("parent_span_id", parent.parent_id.as_str());
+            envelope.traceparent = Some(header);
+        } else {
+            envelope.traceparent = None;
+        }
         let work = async {
             match command::decode(&delivery.data, &envelope) {
                 Ok(cmd) => {

@@ -279,3 +279,65 @@ async fn shutdown_finishes_or_returns_every_in_flight_command() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn traceparent_is_continued_on_the_result_event() {
+    let gewe = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(gewe_ok("v3_t")))
+        .mount(&gewe)
+        .await;
+    let mut app = spawn_app(test_settings(&gewe.uri())).await;
+    let header = |value: &str| {
+        let mut h = lapin::types::FieldTable::default();
+        h.insert(
+            "traceparent".into(),
+            lapin::types::AMQPValue::LongString(value.into()),
+        );
+        lapin::BasicProperties::default().with_headers(h)
+    };
+    let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    app.publish_raw(
+        command("traced", "app-t").to_string().as_bytes(),
+        header(incoming),
+    )
+    .await;
+    let e = app.next_event().await;
+    let carried = e
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("traceparent").cloned())
+        .and_then(|v| match v {
+            lapin::types::AMQPValue::LongString(s) => {
+                Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+            }
+            _ => None,
+        })
+        .expect("the event carries traceparent");
+    let parts: Vec<&str> = carried.split('-').collect();
+    assert_eq!(parts.len(), 4, "{carried}");
+    assert_eq!(parts[0], "00");
+    assert_eq!(parts[1], "4bf92f3577b34da6a3ce929d0e0e4736", "same trace");
+    assert_ne!(
+        parts[2], "00f067aa0ba902b7",
+        "the worker's span is the new parent"
+    );
+    assert_eq!(parts[2].len(), 16);
+    assert_eq!(parts[3], "01");
+
+    app.publish_raw(
+        command("untraced", "app-t").to_string().as_bytes(),
+        header("garbage"),
+    )
+    .await;
+    let e = app.next_event().await;
+    assert!(
+        e.properties
+            .headers()
+            .as_ref()
+            .is_none_or(|h| !h.inner().contains_key("traceparent")),
+        "a malformed traceparent is dropped, not propagated"
+    );
+    app.stop().await;
+}
