@@ -178,9 +178,12 @@ impl Processor {
         cmd: &Command,
         received_at: String,
     ) -> Result<(ResultEvent, Arc<Known>), Arc<Interrupted>> {
+        // Boxed: the nested async state machines (dedupe, breaker, retries,
+        // pacing, HTTP) are otherwise deep enough to exceed rustc's default
+        // query depth in release builds; one allocation per command.
         let resolved = self
             .dedupe
-            .resolve(&cmd.command_id, async {
+            .resolve(&cmd.command_id, Box::pin(async {
                 let admission = tokio::select! {
                     a = self.breaker.admit() => a,
                     () = self.shutdown.cancelled() => return Err(Interrupted::Shutdown),
@@ -197,7 +200,7 @@ impl Processor {
                     completed_at: now_rfc3339(),
                     published: false,
                 })
-            })
+            }))
             .await;
         let (known, duplicate) = match resolved {
             Resolved::Outcome { known, duplicate } => (known, duplicate),
@@ -263,7 +266,9 @@ impl Processor {
             })
             .await?;
         match &outcome.result {
-            Ok(_) => tracing::info!(
+            // Debug, not info: one line per success would put JSON logging
+            // on the hot path; the result event is the record.
+            Ok(_) => tracing::debug!(
                 attempts = outcome.attempts,
                 "GeWe accepted the friend request"
             ),

@@ -1,0 +1,410 @@
+//! Benchmark: the worker against the broker's own ceiling, in one run.
+//!
+//! `cargo run --release --bin bench` (RabbitMQ at `GEWE_WORKER__AMQP__URL`
+//! or the local default). Phases, each on its own uniquely named topology:
+//!
+//! 1. ceiling: a bare loop with the same queue type and prefetch that
+//!    consumes, publishes a small confirmed event and acks (no HTTP);
+//! 2. worker: the real worker (this binary re-executed as a child process)
+//!    against the in-process GeWe simulator with no latency, pacing off;
+//! 3. worker against a simulator with `--latency`: achieved vs ideal
+//!    prefetch / latency.
+//!
+//! The load generator's publish rate and the result counter's drain rate
+//! are measured too, to show they are not the bottleneck. Rates are taken
+//! between the first and the last result, so start-up is not counted.
+
+use std::{
+    net::SocketAddr,
+    process::Stdio,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use futures_util::{StreamExt, future::join_all};
+use gewe_friend_worker::{
+    app::{self, Application},
+    broker::topology,
+    config::Settings,
+    simulator,
+};
+use lapin::{
+    BasicProperties, Channel, Connection, ConnectionProperties,
+    options::{
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+        ConfirmSelectOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+        QueueDeleteOptions,
+    },
+    types::FieldTable,
+};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// Commands per throughput phase (ceiling and worker).
+    #[arg(long, default_value_t = 20_000)]
+    n: usize,
+    /// Commands in the slow-GeWe phase.
+    #[arg(long, default_value_t = 3_000)]
+    slow_n: usize,
+    /// GeWe latency in the slow phase.
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    latency: Duration,
+    /// Run as the worker child process (internal).
+    #[arg(long, hide = true)]
+    as_worker: bool,
+}
+
+const TOKEN: &str = "bench-token";
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    if args.as_worker {
+        return rt.block_on(async {
+            let settings = Settings::load(None)?;
+            Application::build(settings)
+                .await?
+                .run(app::shutdown_on_signals())
+                .await
+        });
+    }
+    rt.block_on(bench(args))
+}
+
+fn settings(tag: &str) -> anyhow::Result<Settings> {
+    let mut s = Settings::load(None)?;
+    let id = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    s.amqp.command_queue = format!("bench.{tag}.{id}.commands");
+    s.amqp.result_exchange = format!("bench.{tag}.{id}.results");
+    s.amqp.dead_letter_exchange = format!("bench.{tag}.{id}.dlx");
+    s.amqp.dead_letter_queue = format!("bench.{tag}.{id}.dead");
+    Ok(s)
+}
+
+fn command_body(i: usize) -> Vec<u8> {
+    format!(
+        r#"{{"commandId":"bench-{i}","appId":"app-{}","chatroomId":"34757816141@chatroom","memberWxid":"wxid_{i}","content":"hello"}}"#,
+        i % 4096
+    )
+    .into_bytes()
+}
+
+/// Publishes `n` bodies with confirms, pipelined in windows of 1,000.
+async fn preload(
+    ch: &Channel,
+    queue: &str,
+    n: usize,
+    body: impl Fn(usize) -> Vec<u8>,
+) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into());
+    for window in (0..n).collect::<Vec<_>>().chunks(1000) {
+        let mut confirms = Vec::with_capacity(window.len());
+        for &i in window {
+            confirms.push(
+                ch.basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions::default(),
+                    &body(i),
+                    props.clone(),
+                )
+                .await?,
+            );
+        }
+        for c in join_all(confirms).await {
+            if !c?.is_ack() {
+                bail!("preload nacked");
+            }
+        }
+    }
+    Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+/// A queue bound to `exchange` receiving every result.
+async fn results_queue(ch: &Channel, exchange: &str) -> anyhow::Result<String> {
+    let q = ch
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    ch.queue_bind(
+        q.name().clone(),
+        exchange.into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    Ok(q.name().to_string())
+}
+
+/// Consumes `n` messages; returns the rate between the first and the last.
+async fn count(conn: &Connection, queue: &str, n: usize) -> anyhow::Result<f64> {
+    let ch = conn.create_channel().await?;
+    ch.basic_qos(1000, BasicQosOptions::default()).await?;
+    let mut consumer = ch
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut first = None;
+    for _ in 0..n {
+        let d = tokio::time::timeout(Duration::from_secs(60), consumer.next())
+            .await
+            .context("results stopped arriving")?
+            .context("consumer closed")??;
+        first.get_or_insert_with(Instant::now);
+        d.acker.ack(BasicAckOptions::default()).await?;
+    }
+    let elapsed = first.map(|f| f.elapsed()).unwrap_or_default();
+    Ok((n.saturating_sub(1)) as f64 / elapsed.as_secs_f64().max(1e-9))
+}
+
+/// The bare loop: consume, publish a small confirmed event, ack.
+async fn bare_loop(url: &str, s: &Settings, n: usize) -> anyhow::Result<()> {
+    let conn = Connection::connect(url, ConnectionProperties::default()).await?;
+    let consume = conn.create_channel().await?;
+    consume
+        .basic_qos(s.amqp.prefetch, BasicQosOptions::default())
+        .await?;
+    let publish = conn.create_channel().await?;
+    publish
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let mut consumer = consume
+        .basic_consume(
+            s.amqp.command_queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let exchange: Arc<str> = Arc::from(s.amqp.result_exchange.as_str());
+    let mut tasks = Vec::with_capacity(n);
+    for _ in 0..n {
+        let d = consumer.next().await.context("bare consumer closed")??;
+        let (publish, exchange) = (publish.clone(), exchange.clone());
+        tasks.push(tokio::spawn(async move {
+            let body = br#"{"commandId":"x","status":"succeeded","v3":"v3_x","attempts":1}"#;
+            let confirm = publish
+                .basic_publish(
+                    (*exchange).into(),
+                    "add_friend.succeeded".into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    body,
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await?
+                .await?;
+            if confirm.take_message().is_some() {
+                bail!("unroutable");
+            }
+            d.acker.ack(BasicAckOptions::default()).await?;
+            Ok(())
+        }));
+    }
+    for t in join_all(tasks).await {
+        t??;
+    }
+    let _ = conn.close(200, "done".into()).await;
+    Ok(())
+}
+
+struct Usage {
+    peak_rss_kib: u64,
+    cpu_secs: f64,
+}
+
+fn usage(pid: u32) -> anyhow::Result<Usage> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let peak_rss_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("VmHWM")?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .context("stat")?
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    let hz = std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()?;
+    let hz: f64 = String::from_utf8_lossy(&hz.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(100.0);
+    Ok(Usage {
+        peak_rss_kib,
+        cpu_secs: ticks as f64 / hz,
+    })
+}
+
+/// Runs the worker as a child process on `s`, against `gewe`, until `n`
+/// results arrived; returns (rate, usage).
+async fn worker_phase(
+    conn: &Connection,
+    s: &Settings,
+    gewe: SocketAddr,
+    n: usize,
+) -> anyhow::Result<(f64, Usage, f64)> {
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    topology::declare(&ch, &s.amqp).await?;
+    let results = results_queue(&ch, &s.amqp.result_exchange).await?;
+    let generator = preload(&ch, &s.amqp.command_queue, n, command_body).await?;
+    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        .arg("--as-worker")
+        .env("GEWE_WORKER__AMQP__URL", &s.amqp.url)
+        .env("GEWE_WORKER__AMQP__COMMAND_QUEUE", &s.amqp.command_queue)
+        .env(
+            "GEWE_WORKER__AMQP__RESULT_EXCHANGE",
+            &s.amqp.result_exchange,
+        )
+        .env(
+            "GEWE_WORKER__AMQP__DEAD_LETTER_EXCHANGE",
+            &s.amqp.dead_letter_exchange,
+        )
+        .env(
+            "GEWE_WORKER__AMQP__DEAD_LETTER_QUEUE",
+            &s.amqp.dead_letter_queue,
+        )
+        .env("GEWE_WORKER__GEWE__BASE_URL", format!("http://{gewe}"))
+        .env("GEWE_WORKER__GEWE__TOKEN", TOKEN)
+        .env("GEWE_WORKER__PACING__PER_APP_MIN_INTERVAL", "0s")
+        .env("GEWE_WORKER__HTTP__LISTEN", "127.0.0.1:0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = child.id().context("worker pid")?;
+    let rate = count(conn, &results, n).await?;
+    let used = usage(pid)?;
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let _ = tokio::time::timeout(Duration::from_secs(40), child.wait()).await;
+    cleanup(&ch, s).await;
+    Ok((rate, used, generator))
+}
+
+async fn cleanup(ch: &Channel, s: &Settings) {
+    for q in [&s.amqp.command_queue, &s.amqp.dead_letter_queue] {
+        let _ = ch
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    for x in [&s.amqp.result_exchange, &s.amqp.dead_letter_exchange] {
+        let _ = ch
+            .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+            .await;
+    }
+}
+
+async fn bench(args: Args) -> anyhow::Result<()> {
+    let base = settings("probe")?;
+    let url = base.amqp.url.clone();
+    let conn = Arc::new(
+        Connection::connect(&url, ConnectionProperties::default())
+            .await
+            .context("the benchmark needs RabbitMQ (GEWE_WORKER__AMQP__URL)")?,
+    );
+    let stop = CancellationToken::new();
+    let local = SocketAddr::from(([127, 0, 0, 1], 0));
+    let sim = |latency| simulator::Options {
+        token: Some(TOKEN.into()),
+        latency,
+        ..Default::default()
+    };
+    let (fast_gewe, _) = simulator::spawn(local, sim(Duration::ZERO), stop.clone()).await?;
+    let (slow_gewe, _) = simulator::spawn(local, sim(args.latency), stop.clone()).await?;
+    println!(
+        "gewe-friend-worker benchmark: n={} prefetch={} queue_type={:?}",
+        args.n, base.amqp.prefetch, base.amqp.queue_type
+    );
+
+    // 1. ceiling
+    let s = settings("ceiling")?;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    topology::declare(&ch, &s.amqp).await?;
+    let results = results_queue(&ch, &s.amqp.result_exchange).await?;
+    preload(&ch, &s.amqp.command_queue, args.n, command_body).await?;
+    let counter = {
+        let (conn, results, n) = (conn.clone(), results.clone(), args.n);
+        tokio::spawn(async move { count(&conn, &results, n).await })
+    };
+    bare_loop(&url, &s, args.n).await?;
+    let ceiling = counter.await??;
+    cleanup(&ch, &s).await;
+
+    // 2. worker, fast GeWe
+    let (worker, used, generator) =
+        worker_phase(&conn, &settings("worker")?, fast_gewe, args.n).await?;
+
+    // 3. worker, slow GeWe
+    let (slow, _, _) = worker_phase(&conn, &settings("slow")?, slow_gewe, args.slow_n).await?;
+    let ideal = f64::from(base.amqp.prefetch) / args.latency.as_secs_f64();
+
+    // Counter check: drain a pre-filled queue as fast as the counter can.
+    let s = settings("counter")?;
+    let q = ch
+        .queue_declare(
+            s.amqp.command_queue.as_str().into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    preload(&ch, q.name().as_str(), args.n, |_| b"{}".to_vec()).await?;
+    let counter_rate = count(&conn, q.name().as_str(), args.n).await?;
+    let _ = ch
+        .queue_delete(q.name().clone(), QueueDeleteOptions::default())
+        .await;
+    stop.cancel();
+
+    println!();
+    println!("| measurement | value |");
+    println!("| --- | --- |");
+    println!("| broker ceiling (bare consume → confirmed publish → ack) | {ceiling:.0} msg/s |");
+    println!("| worker, GeWe simulator without latency | {worker:.0} msg/s |");
+    println!("| worker / ceiling | {:.2} |", worker / ceiling);
+    println!(
+        "| worker, GeWe latency {:?} | {slow:.0} msg/s (ideal prefetch/latency {ideal:.0}) |",
+        args.latency
+    );
+    println!("| slow / ideal | {:.2} |", slow / ideal);
+    println!(
+        "| worker peak RSS | {:.1} MiB |",
+        used.peak_rss_kib as f64 / 1024.0
+    );
+    println!(
+        "| worker CPU per 1,000 commands | {:.3} s |",
+        used.cpu_secs / (args.n as f64 / 1000.0)
+    );
+    println!("| load generator publish rate (confirmed) | {generator:.0} msg/s |");
+    println!("| result counter drain rate | {counter_rate:.0} msg/s |");
+    let _ = conn.close(200, "bench done".into()).await;
+    Ok(())
+}
