@@ -183,24 +183,27 @@ impl Processor {
         // query depth in release builds; one allocation per command.
         let resolved = self
             .dedupe
-            .resolve(&cmd.command_id, Box::pin(async {
-                let admission = tokio::select! {
-                    a = self.breaker.admit() => a,
-                    () = self.shutdown.cancelled() => return Err(Interrupted::Shutdown),
-                };
-                let outcome = self.call_gewe(cmd).await;
-                match &outcome {
-                    Ok(o) => self
-                        .breaker
-                        .record(admission, o.result.as_ref().err().map(|e| e.kind)),
-                    Err(_) => self.breaker.release(admission),
-                }
-                Ok(Known {
-                    outcome: outcome?,
-                    completed_at: now_rfc3339(),
-                    published: false,
-                })
-            }))
+            .resolve(
+                &cmd.command_id,
+                Box::pin(async {
+                    let admission = tokio::select! {
+                        a = self.breaker.admit() => a,
+                        () = self.shutdown.cancelled() => return Err(Interrupted::Shutdown),
+                    };
+                    let outcome = self.call_gewe(cmd).await;
+                    match &outcome {
+                        Ok(o) => self
+                            .breaker
+                            .record(admission, o.result.as_ref().err().map(|e| e.kind)),
+                        Err(_) => self.breaker.release(admission),
+                    }
+                    Ok(Known {
+                        outcome: outcome?,
+                        completed_at: now_rfc3339(),
+                        published: false,
+                    })
+                }),
+            )
             .await;
         let (known, duplicate) = match resolved {
             Resolved::Outcome { known, duplicate } => (known, duplicate),

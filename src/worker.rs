@@ -177,7 +177,8 @@ async fn consume(
             next = session.consumer.next() => match next {
                 Some(Ok(delivery)) => {
                     let work = processor.clone().handle(delivery, handle.clone());
-                    all_tasks.spawn(tasks.track_future(work));
+                    // Boxed so spawning moves a pointer, not the whole state machine.
+                    all_tasks.spawn(tasks.track_future(Box::pin(work)));
                 }
                 Some(Err(e)) => break SessionEnd::Lost(e.to_string()),
                 None => break SessionEnd::Lost("the broker cancelled the consumer".to_owned()),
