@@ -43,15 +43,17 @@ impl Application {
             None => None,
         };
         let breaker = Arc::new(Breaker::new(&settings.breaker));
+        // Cancelled when shutdown begins: no GeWe call starts after it.
+        let stop_calls = CancellationToken::new();
         let processor = Arc::new(Processor {
             result_exchange: settings.amqp.result_exchange.clone(),
             gewe,
             backoff: Backoff::from(&settings.retry),
             pacer: Pacer::new(&settings.pacing, shared.clone()),
-            dedupe: Dedupe::new(settings.dedupe.window, shared),
+            dedupe: Dedupe::new(settings.dedupe.window, shared, stop_calls.clone()),
             breaker: breaker.clone(),
             redactor,
-            shutdown: CancellationToken::new(),
+            shutdown: stop_calls,
         });
         let ops_listener = TcpListener::bind(settings.http.listen)
             .await

@@ -43,10 +43,36 @@ pub struct Breaker {
     changed: Notify,
 }
 
-/// Permission to call GeWe; report the outcome with [`Breaker::record`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Admission {
+/// Permission to call GeWe; report the outcome with [`Admission::record`].
+/// Dropped without a record (the call produced no outcome, or its task was
+/// dropped), it is given back, so a half-open breaker never waits forever
+/// for a probe that will not report.
+#[derive(Debug)]
+pub struct Admission<'a> {
+    breaker: &'a Breaker,
     probe: bool,
+    recorded: bool,
+}
+
+impl Admission<'_> {
+    /// Whether this call is the half-open probe.
+    pub fn is_probe(&self) -> bool {
+        self.probe
+    }
+
+    /// Records the call's outcome (`None` = success).
+    pub fn record(mut self, failure: Option<ErrorKind>) {
+        self.recorded = true;
+        self.breaker.record(self.probe, failure);
+    }
+}
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        if !self.recorded {
+            self.breaker.release(self.probe);
+        }
+    }
 }
 
 fn is_systemic(kind: ErrorKind) -> bool {
@@ -84,7 +110,17 @@ impl Breaker {
     }
 
     /// Waits until a GeWe call is allowed.
-    pub async fn admit(&self) -> Admission {
+    pub async fn admit(&self) -> Admission<'_> {
+        let probe = self.wait_for_turn().await;
+        Admission {
+            breaker: self,
+            probe,
+            recorded: false,
+        }
+    }
+
+    /// Returns whether the caller is the probe.
+    async fn wait_for_turn(&self) -> bool {
         loop {
             // Register interest before checking, so a change between the
             // check and the await is not missed.
@@ -94,14 +130,14 @@ impl Breaker {
             let wait_until = {
                 let mut inner = self.lock();
                 match inner.state {
-                    State::Closed => return Admission { probe: false },
+                    State::Closed => return false,
                     State::Open if Instant::now() >= inner.open_until => {
                         inner.state = State::HalfOpen;
                         set_gauge(State::HalfOpen);
                         tracing::warn!(
                             "circuit breaker half-open: letting one probe command through"
                         );
-                        return Admission { probe: true };
+                        return true;
                     }
                     State::Open => Some(inner.open_until),
                     State::HalfOpen => None,
@@ -119,10 +155,9 @@ impl Breaker {
         }
     }
 
-    /// Gives back an admission whose call produced no outcome (shutdown,
-    /// pacing state unavailable): a probe hands its turn to the next caller.
-    pub fn release(&self, admission: Admission) {
-        if !admission.probe {
+    /// A probe that produced no outcome hands its turn to the next caller.
+    fn release(&self, probe: bool) {
+        if !probe {
             return;
         }
         let mut inner = self.lock();
@@ -134,14 +169,13 @@ impl Breaker {
         self.changed.notify_waiters();
     }
 
-    /// Records the outcome of an admitted call (`None` = success).
-    pub fn record(&self, admission: Admission, failure: Option<ErrorKind>) {
+    fn record(&self, probe: bool, failure: Option<ErrorKind>) {
         let systemic = failure.is_some_and(is_systemic);
         let mut inner = self.lock();
         let before = inner.state;
         if systemic {
             inner.consecutive = inner.consecutive.saturating_add(1);
-            if admission.probe || inner.consecutive >= self.threshold {
+            if probe || inner.consecutive >= self.threshold {
                 inner.state = State::Open;
                 inner.open_until = Instant::now() + self.cooldown;
             }
@@ -152,7 +186,7 @@ impl Breaker {
         }
         let after = inner.state;
         drop(inner);
-        if before != after || admission.probe {
+        if before != after || probe {
             match after {
                 State::Open => tracing::error!(
                     cooldown_ms = self.cooldown.as_millis() as u64,
@@ -192,46 +226,60 @@ mod tests {
     async fn opens_after_the_threshold_of_systemic_failures_only() {
         let b = breaker(3, 1000);
         for _ in 0..5 {
-            let a = b.admit().await;
-            b.record(a, Some(ErrorKind::Rejected));
+            b.admit().await.record(Some(ErrorKind::Rejected));
         }
         assert_eq!(b.state(), State::Closed);
         for _ in 0..2 {
-            let a = b.admit().await;
-            b.record(a, Some(ErrorKind::UpstreamUnavailable));
+            b.admit().await.record(Some(ErrorKind::UpstreamUnavailable));
         }
         assert_eq!(b.state(), State::Closed);
-        let a = b.admit().await;
-        b.record(a, Some(ErrorKind::Unauthorized));
+        b.admit().await.record(Some(ErrorKind::Unauthorized));
         assert_eq!(b.state(), State::Open);
     }
 
     #[tokio::test(start_paused = true)]
     async fn one_probe_after_cooldown_and_success_closes() {
         let b = breaker(1, 1000);
-        let a = b.admit().await;
-        b.record(a, Some(ErrorKind::UpstreamUnavailable));
+        b.admit().await.record(Some(ErrorKind::UpstreamUnavailable));
         let start = Instant::now();
         let probe = b.admit().await;
         assert!(start.elapsed() >= Duration::from_millis(1000));
         assert_eq!(b.state(), State::HalfOpen);
+        assert!(probe.is_probe());
         let b2 = b.clone();
-        let waiter = tokio::spawn(async move { b2.admit().await });
+        let waiter = tokio::spawn(async move { b2.admit().await.is_probe() });
         tokio::time::sleep(Duration::from_secs(10)).await;
         assert!(!waiter.is_finished(), "others wait for the probe");
-        b.record(probe, None);
+        probe.record(None);
         assert_eq!(b.state(), State::Closed);
-        let admitted = waiter.await.expect("join");
-        assert_eq!(admitted, Admission { probe: false });
+        assert!(
+            !waiter.await.expect("join"),
+            "after the probe, calls flow normally"
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_failed_probe_reopens() {
         let b = breaker(1, 500);
-        let a = b.admit().await;
-        b.record(a, Some(ErrorKind::UpstreamUnavailable));
-        let probe = b.admit().await;
-        b.record(probe, Some(ErrorKind::UpstreamUnavailable));
+        b.admit().await.record(Some(ErrorKind::UpstreamUnavailable));
+        b.admit().await.record(Some(ErrorKind::UpstreamUnavailable));
         assert_eq!(b.state(), State::Open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_dropped_without_outcome_hands_over_its_turn() {
+        let b = breaker(1, 500);
+        b.admit().await.record(Some(ErrorKind::UpstreamUnavailable));
+        let probe = b.admit().await;
+        assert!(probe.is_probe());
+        let b2 = b.clone();
+        let next = tokio::spawn(async move { b2.admit().await.is_probe() });
+        tokio::task::yield_now().await;
+        drop(probe);
+        let took_over = tokio::time::timeout(Duration::from_secs(1), next)
+            .await
+            .expect("the next caller is not stuck")
+            .expect("join");
+        assert!(took_over, "the next caller becomes the probe");
     }
 }

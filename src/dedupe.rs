@@ -24,6 +24,7 @@ use std::{
 
 use moka::future::Cache;
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     event::ErrorKind,
@@ -41,10 +42,27 @@ const MAX_ENTRIES: u64 = 20_000;
 /// it every [`CLAIM_RENEW`] while its call runs.
 const CLAIM_LEASE: Duration = Duration::from_secs(10);
 const CLAIM_RENEW: Duration = Duration::from_secs(3);
-/// How long a delivery waits for another replica's outcome before it is
-/// requeued instead.
-const CLAIM_WAIT: Duration = Duration::from_secs(10);
+/// How often a delivery checks whether another replica's claim produced
+/// an outcome (or expired).
 const CLAIM_POLL: Duration = Duration::from_millis(100);
+/// Backoff while Redis is unavailable.
+const REDIS_RETRY_MIN: Duration = Duration::from_millis(200);
+const REDIS_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Why one claim step did not produce an outcome.
+enum StepError {
+    /// The claim is ours: call GeWe.
+    Claimed,
+    /// Redis failed.
+    State(StateError),
+}
+use StepError::Claimed;
+
+impl From<StateError> for StepError {
+    fn from(e: StateError) -> Self {
+        StepError::State(e)
+    }
+}
 
 /// A GeWe call outcome plus when it was known.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -64,12 +82,6 @@ pub enum Interrupted {
     /// The worker is shutting down.
     #[error("the worker is shutting down")]
     Shutdown,
-    /// Shared state (Redis) is unavailable.
-    #[error(transparent)]
-    State(#[from] StateError),
-    /// Another replica is working on this commandId.
-    #[error("another replica is processing this commandId")]
-    ClaimedElsewhere,
 }
 
 /// What [`Dedupe::resolve`] found.
@@ -97,11 +109,17 @@ pub struct Dedupe {
     shared: Option<Arc<SharedState>>,
     window: Duration,
     owner: String,
+    shutdown: CancellationToken,
 }
 
 impl Dedupe {
-    /// A store remembering outcomes for `window`, shared through `shared`.
-    pub fn new(window: Duration, shared: Option<Arc<SharedState>>) -> Self {
+    /// A store remembering outcomes for `window`, shared through `shared`;
+    /// waits on Redis end when `shutdown` is cancelled.
+    pub fn new(
+        window: Duration,
+        shared: Option<Arc<SharedState>>,
+        shutdown: CancellationToken,
+    ) -> Self {
         Self {
             cache: Cache::builder()
                 .max_capacity(MAX_ENTRIES)
@@ -110,6 +128,7 @@ impl Dedupe {
             shared,
             window,
             owner: uuid::Uuid::new_v4().to_string(),
+            shutdown,
         }
     }
 
@@ -161,7 +180,7 @@ impl Dedupe {
 
     async fn resolve_shared<F>(
         &self,
-        shared: &SharedState,
+        shared: &Arc<SharedState>,
         command_id: &str,
         call: F,
         ran: &AtomicBool,
@@ -170,55 +189,110 @@ impl Dedupe {
         F: Future<Output = Result<Known, Interrupted>>,
     {
         let interrupted = |e: Interrupted| NotCached::Interrupted(Arc::new(e));
-        let deadline = tokio::time::Instant::now() + CLAIM_WAIT;
+        // Redis trouble or another replica's claim: wait here (the delivery
+        // stays unacked) rather than requeue, because every requeue counts
+        // towards the quorum delivery limit and would end in the dead-letter
+        // queue without an event.
+        let mut pause = REDIS_RETRY_MIN;
         loop {
-            if let Some(known) = shared
-                .outcome(command_id)
-                .await
-                .map_err(|e| interrupted(e.into()))?
-            {
-                return Ok(Arc::new(known));
+            if self.shutdown.is_cancelled() {
+                return Err(interrupted(Interrupted::Shutdown));
             }
-            if shared
-                .claim(command_id, &self.owner, CLAIM_LEASE)
-                .await
-                .map_err(|e| interrupted(e.into()))?
-            {
-                break;
+            let step = async {
+                if let Some(known) = self.stored(shared, command_id).await? {
+                    return Ok(Some(known));
+                }
+                if !shared.claim(command_id, &self.owner, CLAIM_LEASE).await? {
+                    return Ok(None);
+                }
+                // Re-read under the claim: the previous owner may have stored
+                // its outcome and released between our read and our claim.
+                match self.stored(shared, command_id).await {
+                    Ok(Some(known)) => {
+                        let _ = shared.release(command_id, &self.owner).await;
+                        Ok(Some(known))
+                    }
+                    Ok(None) => Err(Claimed),
+                    Err(e) => {
+                        let _ = shared.release(command_id, &self.owner).await;
+                        Err(e.into())
+                    }
+                }
+            };
+            let wait = match step.await {
+                Ok(Some(known)) => return Ok(Arc::new(known)),
+                Err(StepError::Claimed) => break,
+                Ok(None) => CLAIM_POLL,
+                Err(StepError::State(e)) => {
+                    metrics::counter!("redis_errors_total").increment(1);
+                    tracing::warn!(error = %e, retry_in_ms = pause.as_millis() as u64, "Redis unavailable: holding the command, GeWe is not called");
+                    let wait = pause;
+                    pause = (pause * 2).min(REDIS_RETRY_MAX);
+                    wait
+                }
+            };
+            tokio::select! {
+                () = self.shutdown.cancelled() => return Err(interrupted(Interrupted::Shutdown)),
+                () = tokio::time::sleep(wait) => {}
             }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(interrupted(Interrupted::ClaimedElsewhere));
-            }
-            tokio::time::sleep(CLAIM_POLL).await;
         }
         ran.store(true, Ordering::Relaxed);
-        let result = {
-            tokio::pin!(call);
-            let mut renew = tokio::time::interval(CLAIM_RENEW);
-            renew.tick().await;
-            loop {
-                tokio::select! {
-                    result = &mut call => break result,
-                    _ = renew.tick() => {
-                        if let Err(e) = shared.renew(command_id, &self.owner, CLAIM_LEASE).await {
-                            tracing::warn!(error = %e, "could not renew the claim on this commandId");
+        // Renew the claim concurrently, so the call is never starved while a
+        // renewal waits on Redis.
+        let renewer = tokio::spawn({
+            let (shared, id, owner) = (shared.clone(), command_id.to_owned(), self.owner.clone());
+            async move {
+                let mut every = tokio::time::interval(CLAIM_RENEW);
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                every.tick().await;
+                loop {
+                    every.tick().await;
+                    match shared.renew(&id, &owner, CLAIM_LEASE).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::warn!(command_id = %id, "lost the claim on this commandId; another replica may call GeWe too")
+                        }
+                        Err(e) => {
+                            tracing::warn!(command_id = %id, error = %e, "could not renew the claim on this commandId")
                         }
                     }
                 }
             }
-        };
+        });
+        let result = call.await;
+        renewer.abort();
+        let mut release = true;
         if let Ok(known) = &result
             && is_definitive(&known.outcome)
             && let Err(e) = shared.store_outcome(command_id, known, self.window).await
         {
             // The call happened; failing the command now would only make
-            // things worse. A redelivery may call GeWe again: say so.
+            // things worse. Keep the claim so other replicas wait for its
+            // lease to run out instead of calling at once.
             tracing::error!(error = %e, "could not store the outcome in Redis; a redelivery could call GeWe again");
+            release = false;
         }
-        if let Err(e) = shared.release(command_id, &self.owner).await {
+        if release && let Err(e) = shared.release(command_id, &self.owner).await {
             tracing::warn!(error = %e, "could not release the claim; it expires by itself");
         }
         result.map(Arc::new).map_err(interrupted)
+    }
+
+    /// The stored outcome; an undecodable one (written by an incompatible
+    /// version) is reported and treated as absent rather than blocking the
+    /// command forever.
+    async fn stored(
+        &self,
+        shared: &SharedState,
+        command_id: &str,
+    ) -> Result<Option<Known>, StateError> {
+        match shared.outcome(command_id).await {
+            Err(StateError::Corrupt { command_id, reason }) => {
+                tracing::error!(%command_id, %reason, "ignoring an unreadable stored outcome");
+                Ok(None)
+            }
+            other => other,
+        }
     }
 
     /// Records that an event for `known` was confirmed, so later deliveries
@@ -283,7 +357,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_published_outcome_is_republished_as_duplicate_without_a_call() {
-        let d = Dedupe::new(Duration::from_secs(60), None);
+        let d = Dedupe::new(Duration::from_secs(60), None, CancellationToken::new());
         let calls = AtomicU32::new(0);
         let (first, dup) = outcome(
             d.resolve("c1", async {
@@ -311,7 +385,7 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_deliveries_make_one_call() {
-        let d = Dedupe::new(Duration::from_secs(60), None);
+        let d = Dedupe::new(Duration::from_secs(60), None, CancellationToken::new());
         let calls = Arc::new(AtomicU32::new(0));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let c1 = calls.clone();
@@ -349,7 +423,7 @@ mod tests {
 
     #[tokio::test]
     async fn transient_outcomes_and_interruptions_are_not_stored() {
-        let d = Dedupe::new(Duration::from_secs(60), None);
+        let d = Dedupe::new(Duration::from_secs(60), None, CancellationToken::new());
         let unavailable = || {
             known(Err(EventError::new(
                 ErrorKind::UpstreamUnavailable,

@@ -8,8 +8,8 @@
 //!
 //! With Redis configured the interval is reserved atomically in Redis
 //! (server clock), so all replicas together keep one interval per account;
-//! the concurrency limit stays per process. If Redis is unreachable the
-//! turn fails and the caller must not call GeWe.
+//! the concurrency limit stays per process. While Redis is unreachable the
+//! turn waits (with backoff) instead of letting an unpaced call through.
 
 use std::{
     collections::HashMap,
@@ -62,13 +62,14 @@ impl Pacer {
     }
 
     /// Waits until `app_id` may start a call, then reserves the start.
-    pub async fn turn(&self, app_id: &str) -> Result<Turn, StateError> {
+    /// Cancel-safe: dropping the future gives the slot back.
+    pub async fn turn(&self, app_id: &str) -> Turn {
         let began = Instant::now();
         let account = self.account(app_id);
         // The semaphore is never closed, so this is always `Some`.
         let permit = account.slots.clone().acquire_owned().await.ok();
         if let (Some(shared), false) = (&self.shared, self.interval.is_zero()) {
-            let wait = shared.reserve_start(app_id, self.interval).await?;
+            let wait = reserve_shared(shared, app_id, self.interval).await;
             tokio::time::sleep(wait).await;
         } else if !self.interval.is_zero() {
             let start_at = {
@@ -84,10 +85,10 @@ impl Pacer {
         }
         let waited = began.elapsed();
         metrics::histogram!("pacing_wait_seconds").record(waited.as_secs_f64());
-        Ok(Turn {
+        Turn {
             _permit: permit,
             waited,
-        })
+        }
     }
 
     /// Accounts currently tracked (for tests and metrics).
@@ -121,6 +122,27 @@ impl Pacer {
     }
 }
 
+/// Reserves a start in Redis, retrying with backoff while it is unavailable:
+/// an account is never called unpaced.
+async fn reserve_shared(shared: &SharedState, app_id: &str, interval: Duration) -> Duration {
+    let mut pause = Duration::from_millis(200);
+    loop {
+        match shared.reserve_start(app_id, interval).await {
+            Ok(wait) => return wait,
+            Err(e) => {
+                report(&e, pause);
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+fn report(e: &StateError, retry_in: Duration) {
+    metrics::counter!("redis_errors_total").increment(1);
+    tracing::warn!(error = %e, retry_in_ms = retry_in.as_millis() as u64, "Redis unavailable: pacing waits, GeWe is not called");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,7 +163,7 @@ mod tests {
         let t0 = Instant::now();
         let mut starts = Vec::new();
         for _ in 0..4 {
-            let _turn = p.turn("a").await.expect("in memory");
+            let _turn = p.turn("a").await;
             starts.push(t0.elapsed());
         }
         for w in starts.windows(2) {
@@ -152,18 +174,18 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn other_accounts_are_not_delayed() {
         let p = pacer(1, 1000);
-        let _a1 = p.turn("a").await.expect("in memory");
+        let _a1 = p.turn("a").await;
         let t0 = Instant::now();
-        let _b = p.turn("b").await.expect("in memory");
+        let _b = p.turn("b").await;
         assert_eq!(t0.elapsed(), Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]
     async fn concurrency_limits_calls_in_flight() {
         let p = pacer(1, 0);
-        let first = p.turn("a").await.expect("in memory");
+        let first = p.turn("a").await;
         let p2 = p.clone();
-        let waiter = tokio::spawn(async move { p2.turn("a").await.expect("in memory").waited });
+        let waiter = tokio::spawn(async move { p2.turn("a").await.waited });
         tokio::time::sleep(Duration::from_secs(5)).await;
         assert!(!waiter.is_finished());
         drop(first);
@@ -175,13 +197,13 @@ mod tests {
     async fn idle_accounts_are_forgotten() {
         let p = pacer(1, 10);
         for i in 0..10_000 {
-            drop(p.turn(&format!("app-{i}")).await.expect("in memory"));
+            drop(p.turn(&format!("app-{i}")).await);
             if i % 100 == 0 {
                 tokio::time::advance(Duration::from_millis(20)).await;
             }
         }
         tokio::time::advance(Duration::from_millis(20)).await;
-        drop(p.turn("last").await.expect("in memory"));
+        drop(p.turn("last").await);
         assert!(
             p.tracked_accounts() <= SWEEP_THRESHOLD + 1,
             "{}",

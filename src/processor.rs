@@ -123,8 +123,6 @@ impl Processor {
                             tracing::warn!(%reason, "no outcome for now; requeueing the command");
                             let label = match &*reason {
                                 Interrupted::Shutdown => "shutdown",
-                                Interrupted::State(_) => "redis_unavailable",
-                                Interrupted::ClaimedElsewhere => "claimed_elsewhere",
                             };
                             metrics::counter!("commands_requeued_total", "reason" => label)
                                 .increment(1);
@@ -191,11 +189,10 @@ impl Processor {
                         () = self.shutdown.cancelled() => return Err(Interrupted::Shutdown),
                     };
                     let outcome = self.call_gewe(cmd).await;
-                    match &outcome {
-                        Ok(o) => self
-                            .breaker
-                            .record(admission, o.result.as_ref().err().map(|e| e.kind)),
-                        Err(_) => self.breaker.release(admission),
+                    // Without an outcome the admission is dropped, which
+                    // hands a probe's turn on.
+                    if let Ok(o) = &outcome {
+                        admission.record(o.result.as_ref().err().map(|e| e.kind));
                     }
                     Ok(Known {
                         outcome: outcome?,
@@ -243,7 +240,7 @@ impl Processor {
                     // No new call once shutdown began: the command goes back
                     // to the queue instead of racing the grace period.
                     let turn = tokio::select! {
-                        turn = self.pacer.turn(&cmd.app_id) => turn?,
+                        turn = self.pacer.turn(&cmd.app_id) => turn,
                         () = self.shutdown.cancelled() => return Err(Interrupted::Shutdown),
                     };
                     if self.shutdown.is_cancelled() {

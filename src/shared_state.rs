@@ -174,13 +174,14 @@ impl SharedState {
             .map_err(|e| self.unavailable(e))
     }
 
-    /// Extends a claim held by `owner` to `lease` from now.
+    /// Extends a claim held by `owner` to `lease` from now; false when the
+    /// claim is no longer ours (it expired and another replica took it).
     pub async fn renew(
         &self,
         command_id: &str,
         owner: &str,
         lease: Duration,
-    ) -> Result<(), StateError> {
+    ) -> Result<bool, StateError> {
         let mut conn = self.conn().await?;
         Script::new(RENEW_CLAIM)
             .key(self.key("claim", command_id))
@@ -188,7 +189,7 @@ impl SharedState {
             .arg(lease.as_millis().max(1) as u64)
             .invoke_async::<i64>(&mut conn)
             .await
-            .map(|_| ())
+            .map(|renewed| renewed == 1)
             .map_err(|e| self.unavailable(e))
     }
 

@@ -10,7 +10,7 @@
 
 use std::{
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicBool, Ordering},
     },
     time::Duration,
@@ -18,6 +18,7 @@ use std::{
 
 use futures_util::StreamExt;
 use lapin::options::BasicCancelOptions;
+use tokio::time::Instant;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
@@ -99,6 +100,8 @@ pub async fn run(
     let consumer_tag = format!("gewe-friend-worker-{}", uuid::Uuid::new_v4());
     // Tasks of every session, so shutdown waits for those of a lost session too.
     let tasks = TaskTracker::new();
+    // One grace period for the whole shutdown, set when it begins.
+    let stop_deadline = OnceLock::new();
     let mut pause = RECONNECT_MIN;
     let mut started = false;
     while !shutdown.is_cancelled() {
@@ -122,9 +125,9 @@ pub async fn run(
                     &readiness,
                     settings.shutdown.grace,
                     &shutdown,
+                    &stop_deadline,
                 )
                 .await;
-                readiness.set_consuming(false);
                 match end {
                     SessionEnd::Shutdown => break,
                     SessionEnd::Lost(reason) => {
@@ -147,11 +150,14 @@ pub async fn run(
         pause = (pause * 2).min(RECONNECT_MAX);
     }
     readiness.stopping.store(true, Ordering::Relaxed);
+    readiness.set_consuming(false);
     tasks.close();
     if !tasks.is_empty() {
         // Tasks of lost sessions: their deliveries are already back in the
-        // queue; let them finish their GeWe calls so outcomes get stored.
-        let _ = tokio::time::timeout(settings.shutdown.grace, tasks.wait()).await;
+        // queue; let them finish their GeWe calls (so outcomes get stored)
+        // within what is left of the grace period.
+        let deadline = *stop_deadline.get_or_init(|| Instant::now() + settings.shutdown.grace);
+        let _ = tokio::time::timeout_at(deadline, tasks.wait()).await;
     }
     tracing::info!("worker stopped");
     Ok(())
@@ -164,6 +170,7 @@ async fn consume(
     readiness: &Readiness,
     grace: Duration,
     shutdown: &CancellationToken,
+    stop_deadline: &OnceLock<Instant>,
 ) -> SessionEnd {
     let tasks = TaskTracker::new();
     let handle = SessionHandle {
@@ -186,7 +193,9 @@ async fn consume(
         }
     };
     tasks.close();
+    readiness.set_consuming(false);
     if let SessionEnd::Shutdown = end {
+        stop_deadline.get_or_init(|| Instant::now() + grace);
         readiness.stopping.store(true, Ordering::Relaxed);
         tracing::info!(
             in_flight = tasks.len(),
@@ -205,7 +214,14 @@ async fn consume(
     if session.connection.status().connected() && !tasks.is_empty() {
         // The connection still works (shutdown, or only the consumer or the
         // publishing channel failed): let in-flight commands settle on it.
-        if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+        let deadline = match end {
+            SessionEnd::Shutdown => *stop_deadline.get_or_init(|| Instant::now() + grace),
+            SessionEnd::Lost(_) => Instant::now() + grace,
+        };
+        if tokio::time::timeout_at(deadline, tasks.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 left = tasks.len(),
                 "grace period over; unfinished commands go back to the queue"
