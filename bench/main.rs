@@ -34,8 +34,7 @@ use lapin::{
     BasicProperties, Channel, Connection, ConnectionProperties,
     options::{
         BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-        ConfirmSelectOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
-        QueueDeleteOptions,
+        ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
     },
     types::FieldTable,
 };
@@ -315,16 +314,7 @@ async fn worker_phase(
 }
 
 async fn cleanup(ch: &Channel, s: &Settings) {
-    for q in [&s.amqp.command_queue, &s.amqp.dead_letter_queue] {
-        let _ = ch
-            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-            .await;
-    }
-    for x in [&s.amqp.result_exchange, &s.amqp.dead_letter_exchange] {
-        let _ = ch
-            .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
-            .await;
-    }
+    topology::remove(ch, &s.amqp).await;
 }
 
 async fn bench(args: Args) -> anyhow::Result<()> {

@@ -8,10 +8,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context, bail};
-use lapin::{
-    Connection, ConnectionProperties,
-    options::{ExchangeDeleteOptions, QueueDeleteOptions},
-};
+use lapin::{Connection, ConnectionProperties};
 use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 
@@ -123,14 +120,7 @@ pub async fn run(mut settings: Settings, timeout: Duration) -> anyhow::Result<()
         Err(e) => eprintln!("worker task failed: {e}"),
     }
     client.close().await;
-    let dead = setup_channel
-        .queue_delete(
-            settings.amqp.dead_letter_queue.as_str().into(),
-            QueueDeleteOptions::default(),
-        )
-        .await
-        .unwrap_or(0);
-    cleanup(&setup_channel, &settings).await;
+    let dead = topology::remove(&setup_channel, &settings.amqp).await;
     let _ = setup.close(200, "demo done".into()).await;
 
     outcome?;
@@ -160,19 +150,4 @@ fn demo_commands(run_id: &str) -> Vec<NewCommand> {
         cmd(4, "demo_app_beta", "wxid_demo_reject_dave"),
         cmd(5, "demo_app_offline", "wxid_demo_erin"),
     ]
-}
-
-async fn cleanup(channel: &lapin::Channel, settings: &Settings) {
-    let a = &settings.amqp;
-    let _ = channel
-        .queue_delete(
-            a.command_queue.as_str().into(),
-            QueueDeleteOptions::default(),
-        )
-        .await;
-    for exchange in [&a.result_exchange, &a.dead_letter_exchange] {
-        let _ = channel
-            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-            .await;
-    }
 }

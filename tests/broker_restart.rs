@@ -181,15 +181,8 @@ async fn rabbitmq_stop_app_and_start_app_mid_run_loses_nothing() {
     stop.cancel();
     worker.await.expect("join").expect("clean exit");
     let ch = conn2.create_channel().await.expect("channel");
-    let a = &settings.amqp;
-    for q in [&observed, &a.command_queue, &a.dead_letter_queue] {
-        let _ = ch
-            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-            .await;
-    }
-    for x in [&a.result_exchange, &a.dead_letter_exchange] {
-        let _ = ch
-            .exchange_delete(x.as_str().into(), Default::default())
-            .await;
-    }
+    let _ = ch
+        .queue_delete(observed.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    topology::remove(&ch, &settings.amqp).await;
 }

@@ -610,14 +610,6 @@ async fn a_queue_declared_with_other_arguments_is_named_in_the_error() {
     let text = format!("{err:#}");
     assert!(text.contains(&settings.amqp.command_queue), "{text}");
     assert!(text.contains("argument 'x-"), "{text}");
-    let a = &settings.amqp;
-    for q in [&a.command_queue, &a.dead_letter_queue] {
-        let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
-    }
-    for x in [&a.result_exchange, &a.dead_letter_exchange] {
-        let _ = ch
-            .exchange_delete(x.as_str().into(), Default::default())
-            .await;
-    }
+    gewe_friend_worker::broker::topology::remove(&ch, &settings.amqp).await;
     let _ = conn.close(200, "done".into()).await;
 }

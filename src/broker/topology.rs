@@ -7,7 +7,10 @@
 
 use lapin::{
     Channel, ExchangeKind,
-    options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
+    options::{
+        ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+        QueueDeleteOptions,
+    },
     protocol::{AMQPErrorKind, AMQPSoftError},
     types::{AMQPValue, FieldTable, LongString, ShortString},
 };
@@ -164,4 +167,23 @@ pub async fn declare(channel: &Channel, a: &AmqpSettings) -> Result<(), Topology
         .await
         .map_err(|e| TopologyError::from_lapin(queue(&a.command_queue), e))?;
     Ok(())
+}
+
+/// Deletes everything [`declare`] creates (best effort: objects already gone
+/// are skipped). For the demo, the benchmark and tests, which run on private
+/// topologies; returns how many messages the dead-letter queue held.
+pub async fn remove(channel: &Channel, a: &AmqpSettings) -> u32 {
+    let delete_queue =
+        |name: &str| channel.queue_delete(ShortString::from(name), QueueDeleteOptions::default());
+    let _ = delete_queue(&a.command_queue).await;
+    let dead = delete_queue(&a.dead_letter_queue).await.unwrap_or(0);
+    for exchange in [&a.result_exchange, &a.dead_letter_exchange] {
+        let _ = channel
+            .exchange_delete(
+                ShortString::from(exchange.as_str()),
+                ExchangeDeleteOptions::default(),
+            )
+            .await;
+    }
+    dead
 }

@@ -15,7 +15,7 @@ use lapin::{
     BasicProperties, Channel, Connection, ConnectionProperties, Consumer,
     options::{
         BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
-        ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+        QueueBindOptions, QueueDeclareOptions,
     },
     types::FieldTable,
 };
@@ -266,19 +266,7 @@ impl TestApp {
                 .expect("worker stops in time");
             result.expect("worker task").expect("worker exits cleanly");
         }
-        let a = &self.settings.amqp;
-        for q in [&a.command_queue, &a.dead_letter_queue] {
-            let _ = self
-                .channel
-                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                .await;
-        }
-        for x in [&a.result_exchange, &a.dead_letter_exchange] {
-            let _ = self
-                .channel
-                .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
-                .await;
-        }
+        topology::remove(&self.channel, &self.settings.amqp).await;
         let _ = self.connection.close(200, "test done".into()).await;
     }
 }
