@@ -235,7 +235,7 @@ impl Processor {
     async fn call_gewe(&self, cmd: &Command) -> Result<CallOutcome, Interrupted> {
         let outcome = self
             .backoff
-            .run(|attempt| {
+            .run(&self.shutdown, |attempt| {
                 async move {
                     // No new call once shutdown began: the command goes back
                     // to the queue instead of racing the grace period.

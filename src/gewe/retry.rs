@@ -8,6 +8,7 @@
 use std::{future::Future, time::Duration};
 
 use rand::Rng;
+use tokio_util::sync::CancellationToken;
 
 use super::classify::Verdict;
 use crate::{config::RetrySettings, event::EventError};
@@ -80,9 +81,15 @@ impl Backoff {
 
     /// Runs `attempt(n)` for n = 1, 2, ... until success, a permanent
     /// failure, or `max_attempts` transient failures. An attempt that
-    /// returns `Err` (shutdown, pacing state unavailable) stops the loop
-    /// without an outcome: the command must be retried later, not reported.
-    pub async fn run<F, Fut, E>(&self, mut attempt: F) -> Result<CallOutcome, E>
+    /// returns `Err` (e.g. shutdown) stops the loop without an outcome: the
+    /// command must be retried later, not reported. A backoff wait ends
+    /// early when `stop` is cancelled, so the next attempt can say so at
+    /// once instead of after up to `max_delay`.
+    pub async fn run<F, Fut, E>(
+        &self,
+        stop: &CancellationToken,
+        mut attempt: F,
+    ) -> Result<CallOutcome, E>
     where
         F: FnMut(u32) -> Fut,
         Fut: Future<Output = Result<Verdict, E>>,
@@ -99,7 +106,10 @@ impl Backoff {
                         let wait = self.delay(n, retry_after, &mut rand::rng());
                         tracing::debug!(attempt = n, wait_ms = wait.as_millis() as u64, error = %error.message, "GeWe attempt failed transiently; backing off");
                         metrics::counter!("gewe_retries_total").increment(1);
-                        tokio::time::sleep(wait).await;
+                        tokio::select! {
+                            () = tokio::time::sleep(wait) => {}
+                            () = stop.cancelled() => {}
+                        }
                         n += 1;
                         continue;
                     }
@@ -178,7 +188,7 @@ mod tests {
         let script = Arc::new(Mutex::new(script.into_iter()));
         let t = times.clone();
         let outcome = p
-            .run(move |_| {
+            .run(&CancellationToken::new(), move |_| {
                 let t = t.clone();
                 let script = script.clone();
                 async move {
@@ -226,6 +236,35 @@ mod tests {
         )
         .await;
         assert_eq!(times[1] - times[0], Duration::from_secs(4));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_cuts_the_backoff_short() {
+        let stop = CancellationToken::new();
+        let p = policy(5);
+        let start = Instant::now();
+        let calls = Arc::new(Mutex::new(0u32));
+        let (stop2, calls2) = (stop.clone(), calls.clone());
+        let result: Result<CallOutcome, &str> = p
+            .run(&stop, move |n| {
+                let (stop, calls) = (stop2.clone(), calls2.clone());
+                async move {
+                    *calls.lock().expect("lock") += 1;
+                    if n == 1 {
+                        stop.cancel();
+                        Ok(transient(Some(Duration::from_secs(30))))
+                    } else {
+                        Err("stopped")
+                    }
+                }
+            })
+            .await;
+        assert_eq!(result, Err("stopped"));
+        assert_eq!(*calls.lock().expect("lock"), 2);
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "did not wait out the 30 s backoff"
+        );
     }
 
     #[tokio::test(start_paused = true)]
