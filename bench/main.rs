@@ -280,20 +280,7 @@ async fn worker_phase(
     let generator = preload(&ch, &s.amqp.command_queue, n, command_body).await?;
     let mut child = tokio::process::Command::new(std::env::current_exe()?)
         .arg("--as-worker")
-        .env("GEWE_WORKER__AMQP__URL", &s.amqp.url)
-        .env("GEWE_WORKER__AMQP__COMMAND_QUEUE", &s.amqp.command_queue)
-        .env(
-            "GEWE_WORKER__AMQP__RESULT_EXCHANGE",
-            &s.amqp.result_exchange,
-        )
-        .env(
-            "GEWE_WORKER__AMQP__DEAD_LETTER_EXCHANGE",
-            &s.amqp.dead_letter_exchange,
-        )
-        .env(
-            "GEWE_WORKER__AMQP__DEAD_LETTER_QUEUE",
-            &s.amqp.dead_letter_queue,
-        )
+        .envs(gewe_friend_worker::config::amqp_env(&s.amqp))
         .env("GEWE_WORKER__GEWE__BASE_URL", format!("http://{gewe}"))
         .env("GEWE_WORKER__GEWE__TOKEN", TOKEN)
         .env("GEWE_WORKER__PACING__PER_APP_MIN_INTERVAL", "0s")

@@ -434,6 +434,28 @@ fn serialize_opt_url_redacted<S: Serializer>(v: &Option<String>, s: S) -> Result
     }
 }
 
+/// The environment variables that point another process at the same broker
+/// and topology as `a` (used to start worker processes in tests and the
+/// benchmark).
+pub fn amqp_env(a: &AmqpSettings) -> [(&'static str, String); 5] {
+    [
+        ("GEWE_WORKER__AMQP__URL", a.url.clone()),
+        ("GEWE_WORKER__AMQP__COMMAND_QUEUE", a.command_queue.clone()),
+        (
+            "GEWE_WORKER__AMQP__RESULT_EXCHANGE",
+            a.result_exchange.clone(),
+        ),
+        (
+            "GEWE_WORKER__AMQP__DEAD_LETTER_EXCHANGE",
+            a.dead_letter_exchange.clone(),
+        ),
+        (
+            "GEWE_WORKER__AMQP__DEAD_LETTER_QUEUE",
+            a.dead_letter_queue.clone(),
+        ),
+    ]
+}
+
 /// Replaces the password of `scheme://user:password@host` with `***`.
 pub fn redact_url_password(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {

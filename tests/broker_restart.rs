@@ -10,13 +10,12 @@ mod common;
 use std::collections::HashSet;
 
 use common::*;
-use futures_util::StreamExt;
 use gewe_friend_worker::{broker::topology, gewe::ADD_MEMBER_PATH};
 use lapin::{
     Connection, ConnectionProperties,
     options::{
-        BasicAckOptions, BasicConsumeOptions, ConfirmSelectOptions, QueueBindOptions,
-        QueueDeclareOptions, QueueDeleteOptions,
+        BasicConsumeOptions, ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
+        QueueDeleteOptions,
     },
     types::FieldTable,
 };
@@ -147,19 +146,9 @@ async fn rabbitmq_stop_app_and_start_app_mid_run_loses_nothing() {
 
     let (conn2, mut events) = observe(&settings, &observed).await;
     while seen.len() < total {
-        let delivery = tokio::time::timeout(WAIT, events.next())
-            .await
-            .expect("results keep coming after the restart")
-            .expect("open")
-            .expect("delivery");
-        delivery
-            .acker
-            .ack(BasicAckOptions::default())
-            .await
-            .expect("ack");
-        let body: serde_json::Value = serde_json::from_slice(&delivery.data).expect("json");
-        assert_eq!(body["status"], "succeeded", "{body}");
-        seen.insert(body["commandId"].as_str().unwrap_or("").to_owned());
+        let e = next_on(&mut events).await;
+        assert_eq!(e.status(), "succeeded", "{}", e.body);
+        seen.insert(e.body["commandId"].as_str().unwrap_or("").to_owned());
     }
     assert!(!worker.is_finished(), "the worker rode out the restart");
     let consumers = std::process::Command::new("rabbitmqctl")

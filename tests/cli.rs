@@ -43,20 +43,7 @@ fn text(bytes: &[u8]) -> String {
 
 /// Env vars that point a child process at `settings`' broker and names.
 fn settings_env(cmd: &mut Command, s: &gewe_friend_worker::config::Settings) {
-    cmd.env("GEWE_WORKER__AMQP__URL", &s.amqp.url)
-        .env("GEWE_WORKER__AMQP__COMMAND_QUEUE", &s.amqp.command_queue)
-        .env(
-            "GEWE_WORKER__AMQP__RESULT_EXCHANGE",
-            &s.amqp.result_exchange,
-        )
-        .env(
-            "GEWE_WORKER__AMQP__DEAD_LETTER_EXCHANGE",
-            &s.amqp.dead_letter_exchange,
-        )
-        .env(
-            "GEWE_WORKER__AMQP__DEAD_LETTER_QUEUE",
-            &s.amqp.dead_letter_queue,
-        );
+    cmd.envs(gewe_friend_worker::config::amqp_env(&s.amqp));
 }
 
 #[tokio::test]

@@ -65,11 +65,6 @@ impl Publisher {
         Ok(Self { channel })
     }
 
-    /// Whether the underlying channel is still usable.
-    pub fn is_connected(&self) -> bool {
-        self.channel.status().connected()
-    }
-
     /// Publishes `body` and waits for the broker's confirm.
     pub async fn publish(
         &self,

@@ -6,11 +6,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use futures_util::StreamExt;
-use gewe_friend_worker::{
-    app::Application,
-    broker::topology,
-    config::{QueueType, Settings},
-};
+use gewe_friend_worker::{app::Application, broker::topology, config::Settings};
 use lapin::{
     BasicProperties, Channel, Connection, ConnectionProperties, Consumer,
     options::{
@@ -288,12 +284,6 @@ pub async fn next_on(consumer: &mut Consumer) -> Received {
         properties: delivery.properties,
         routing_key: delivery.routing_key.to_string(),
     }
-}
-
-/// Queue type helper for tests that need classic queues.
-pub fn classic(mut s: Settings) -> Settings {
-    s.amqp.queue_type = QueueType::Classic;
-    s
 }
 
 /// Redis for tests: `GEWE_TEST_REDIS_URL` or the local default.
