@@ -40,6 +40,9 @@ use lapin::{
 };
 use tokio_util::sync::CancellationToken;
 
+mod cpu;
+use cpu::{PhaseCpu, Snapshot};
+
 #[derive(Parser, Debug)]
 struct Args {
     /// Commands per throughput phase (ceiling and worker).
@@ -232,47 +235,22 @@ async fn bare_loop(url: &str, s: &Settings, n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-struct Usage {
+/// What one worker phase measured.
+struct WorkerRun {
+    rate: f64,
     peak_rss_kib: u64,
-    cpu_secs: f64,
-}
-
-fn usage(pid: u32) -> anyhow::Result<Usage> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let peak_rss_kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("VmHWM")?;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let fields: Vec<&str> = stat
-        .rsplit_once(") ")
-        .context("stat")?
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
-    let hz = std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()?;
-    let hz: f64 = String::from_utf8_lossy(&hz.stdout)
-        .trim()
-        .parse()
-        .unwrap_or(100.0);
-    Ok(Usage {
-        peak_rss_kib,
-        cpu_secs: ticks as f64 / hz,
-    })
+    cpu: PhaseCpu,
+    generator: f64,
 }
 
 /// Runs the worker as a child process on `s`, against `gewe`, until `n`
-/// results arrived; returns (rate, usage).
+/// results arrived.
 async fn worker_phase(
     conn: &Connection,
     s: &Settings,
     gewe: SocketAddr,
     n: usize,
-) -> anyhow::Result<(f64, Usage, f64)> {
+) -> anyhow::Result<WorkerRun> {
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     topology::declare(&ch, &s.amqp).await?;
@@ -285,19 +263,28 @@ async fn worker_phase(
         .env("GEWE_WORKER__GEWE__TOKEN", TOKEN)
         .env("GEWE_WORKER__PACING__PER_APP_MIN_INTERVAL", "0s")
         .env("GEWE_WORKER__HTTP__LISTEN", "127.0.0.1:0")
+        .envs(std::env::var("BENCH_WORKER_THREADS").map(|v| ("TOKIO_WORKER_THREADS", v)))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()?;
     let pid = child.id().context("worker pid")?;
+    let broker = cpu::broker_pid();
+    let before = Snapshot::take(broker, Some(pid));
     let rate = count(conn, &results, n).await?;
-    let used = usage(pid)?;
+    let cpu = PhaseCpu::between(&before, &Snapshot::take(broker, Some(pid)), n);
+    let peak_rss_kib = cpu::peak_rss_kib(pid)?;
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status();
     let _ = tokio::time::timeout(Duration::from_secs(40), child.wait()).await;
     cleanup(&ch, s).await;
-    Ok((rate, used, generator))
+    Ok(WorkerRun {
+        rate,
+        peak_rss_kib,
+        cpu,
+        generator,
+    })
 }
 
 async fn cleanup(ch: &Channel, s: &Settings) {
@@ -337,16 +324,21 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         let (conn, results, n) = (conn.clone(), results.clone(), args.n);
         tokio::spawn(async move { count(&conn, &results, n).await })
     };
+    let broker = cpu::broker_pid();
+    let before = Snapshot::take(broker, None);
     bare_loop(&url, &s, args.n).await?;
     let ceiling = counter.await??;
+    let ceiling_cpu = PhaseCpu::between(&before, &Snapshot::take(broker, None), args.n);
     cleanup(&ch, &s).await;
 
     // 2. worker, fast GeWe
-    let (worker, used, generator) =
-        worker_phase(&conn, &settings("worker")?, fast_gewe, args.n).await?;
+    let fast = worker_phase(&conn, &settings("worker")?, fast_gewe, args.n).await?;
+    let worker = fast.rate;
 
     // 3. worker, slow GeWe
-    let (slow, _, _) = worker_phase(&conn, &settings("slow")?, slow_gewe, args.slow_n).await?;
+    let slow = worker_phase(&conn, &settings("slow")?, slow_gewe, args.slow_n)
+        .await?
+        .rate;
     let ideal = f64::from(base.amqp.prefetch) / args.latency.as_secs_f64();
 
     // Counter check: drain a pre-filled queue as fast as the counter can.
@@ -378,14 +370,36 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     println!("| slow / ideal | {:.2} |", slow / ideal);
     println!(
         "| worker peak RSS | {:.1} MiB |",
-        used.peak_rss_kib as f64 / 1024.0
+        fast.peak_rss_kib as f64 / 1024.0
     );
     println!(
         "| worker CPU per 1,000 commands | {:.3} s |",
-        used.cpu_secs / (args.n as f64 / 1000.0)
+        fast.cpu.worker_us.unwrap_or(0.0) / 1000.0
     );
-    println!("| load generator publish rate (confirmed) | {generator:.0} msg/s |");
+    println!(
+        "| load generator publish rate (confirmed) | {:.0} msg/s |",
+        fast.generator
+    );
     println!("| result counter drain rate | {counter_rate:.0} msg/s |");
+    println!();
+    println!(
+        "CPU time per message, in µs, by process (from /proc; the counter runs in the bench process):"
+    );
+    println!();
+    println!("| phase | RabbitMQ | bench process | worker | machine busy |");
+    println!("| --- | --- | --- | --- | --- |");
+    for (phase, c) in [
+        ("ceiling (bare loop + counter in bench)", &ceiling_cpu),
+        ("worker (simulator + counter in bench)", &fast.cpu),
+    ] {
+        println!(
+            "| {phase} | {} | {:.1} | {} | {}% |",
+            cpu::opt(c.broker_us, 1),
+            c.bench_us,
+            cpu::opt(c.worker_us, 1),
+            cpu::opt(c.busy.map(|b| b * 100.0), 0),
+        );
+    }
     let _ = conn.close(200, "bench done".into()).await;
     Ok(())
 }

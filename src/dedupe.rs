@@ -3,9 +3,10 @@
 //! A commandId whose outcome is known is not sent to GeWe again; the stored
 //! outcome is republished, with `duplicate: true` once an event for it has
 //! been confirmed. Concurrent deliveries of one commandId in this process
-//! are coalesced by moka (one initialiser, every waiter gets its result);
-//! across replicas and restarts, [`SharedState`] (Redis) holds the outcomes
-//! and a claim per in-flight commandId.
+//! are coalesced by quick_cache's placeholders (one caller runs the call,
+//! the others wait for its stored outcome, and take over if none was
+//! stored); across replicas and restarts, [`SharedState`] (Redis) holds the
+//! outcomes and a claim per in-flight commandId.
 //!
 //! Only *definitive* outcomes are stored (success, `rejected`,
 //! `unexpected_response`): GeWe may have acted on them. Outcomes that say the
@@ -13,17 +14,11 @@
 //! `app_offline`) are not stored, so a redelivery or a republished command
 //! tries again once the cause is fixed.
 
-use std::{
-    future::Future,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Duration,
-};
+use std::{future::Future, sync::Arc, time::Duration};
 
-use moka::future::Cache;
+use quick_cache::sync::Cache;
 use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -32,11 +27,12 @@ use crate::{
     shared_state::{SharedState, StateError},
 };
 
-/// Bound on commandIds remembered in memory. Measured (BENCHMARKS.md) at
-/// about 0.9 KiB of resident memory per entry, so this caps the store near
-/// 18 MiB; older entries are evicted first. Deployments that need the whole
-/// `dedupe.window` covered at high volume set `redis.url`.
-const MAX_ENTRIES: u64 = 20_000;
+/// Bound on commandIds remembered in memory (quick_cache evicts the least
+/// useful entries beyond it). Each entry costs a few hundred bytes (the
+/// commandId, the v3 and timestamps; BENCHMARKS.md), so this caps the store
+/// at a few MiB. Deployments that need the whole `dedupe.window` covered at
+/// high volume set `redis.url`.
+const MAX_ENTRIES: usize = 20_000;
 /// How long a claim on a commandId lives without renewal: a crashed
 /// replica's claim blocks the command at most this long. The owner renews
 /// it every [`CLAIM_RENEW`] while its call runs.
@@ -97,15 +93,13 @@ pub enum Resolved {
     Retry(Arc<Interrupted>),
 }
 
-enum NotCached {
-    Transient(Arc<Known>),
-    Interrupted(Arc<Interrupted>),
-}
+/// An outcome in memory and when it was stored, for the window.
+type Entry = (Instant, Arc<Known>);
 
 /// Store of known outcomes: in memory, and in Redis when configured.
 #[derive(Clone)]
 pub struct Dedupe {
-    cache: Cache<String, Arc<Known>>,
+    cache: Arc<Cache<String, Entry>>,
     shared: Option<Arc<SharedState>>,
     window: Duration,
     owner: String,
@@ -121,10 +115,7 @@ impl Dedupe {
         shutdown: CancellationToken,
     ) -> Self {
         Self {
-            cache: Cache::builder()
-                .max_capacity(MAX_ENTRIES)
-                .time_to_live(window.max(Duration::from_millis(1)))
-                .build(),
+            cache: Arc::new(Cache::new(MAX_ENTRIES)),
             shared,
             window,
             owner: uuid::Uuid::new_v4().to_string(),
@@ -139,56 +130,57 @@ impl Dedupe {
     where
         F: Future<Output = Result<Known, Interrupted>>,
     {
-        let ran = Arc::new(AtomicBool::new(false));
-        let ran_here = ran.clone();
-        let result = self
-            .cache
-            .try_get_with_by_ref(command_id, async move {
-                let outcome = match &self.shared {
-                    Some(shared) => {
-                        self.resolve_shared(shared, command_id, call, &ran_here)
-                            .await
-                    }
-                    None => {
-                        ran_here.store(true, Ordering::Relaxed);
-                        call.await
-                            .map(Arc::new)
-                            .map_err(|e| NotCached::Interrupted(Arc::new(e)))
-                    }
-                };
-                match outcome {
-                    Ok(known) if !is_definitive(&known.outcome) => Err(NotCached::Transient(known)),
-                    other => other,
+        let guard = loop {
+            match self.cache.get_value_or_guard_async(command_id).await {
+                Ok((stored, known)) if stored.elapsed() < self.window => {
+                    return Resolved::Outcome {
+                        duplicate: known.published,
+                        known,
+                    };
                 }
-            })
-            .await;
-        let ran = ran.load(Ordering::Relaxed);
-        match result {
-            Ok(known) => Resolved::Outcome {
-                duplicate: !ran && known.published,
-                known,
-            },
-            Err(not_cached) => match &*not_cached {
-                NotCached::Transient(known) => Resolved::Outcome {
-                    known: known.clone(),
-                    duplicate: false,
-                },
-                NotCached::Interrupted(e) => Resolved::Retry(e.clone()),
-            },
+                // Past the window: forget it (unless someone replaced it
+                // meanwhile) and look again.
+                Ok((stored, _)) => {
+                    self.cache.remove_if(command_id, |(s, _)| *s == stored);
+                }
+                Err(guard) => break guard,
+            }
+        };
+        let outcome = match &self.shared {
+            Some(shared) => self.resolve_shared(shared, command_id, call).await,
+            None => call
+                .await
+                .map(|known| (Arc::new(known), true))
+                .map_err(Arc::new),
+        };
+        match outcome {
+            Ok((known, ran)) => {
+                if is_definitive(&known.outcome) {
+                    let _ = guard.insert((Instant::now(), known.clone()));
+                }
+                // Otherwise the guard is dropped: a waiting delivery of the
+                // same commandId makes its own attempt.
+                Resolved::Outcome {
+                    duplicate: !ran && known.published,
+                    known,
+                }
+            }
+            Err(interrupted) => Resolved::Retry(interrupted),
         }
     }
 
+    /// Like the in-memory path, through Redis: a stored outcome, else our
+    /// claim and the call. Returns the outcome and whether the call ran here.
     async fn resolve_shared<F>(
         &self,
         shared: &Arc<SharedState>,
         command_id: &str,
         call: F,
-        ran: &AtomicBool,
-    ) -> Result<Arc<Known>, NotCached>
+    ) -> Result<(Arc<Known>, bool), Arc<Interrupted>>
     where
         F: Future<Output = Result<Known, Interrupted>>,
     {
-        let interrupted = |e: Interrupted| NotCached::Interrupted(Arc::new(e));
+        let interrupted = |e: Interrupted| Arc::new(e);
         // Redis trouble or another replica's claim: wait here (the delivery
         // stays unacked) rather than requeue, because every requeue counts
         // towards the quorum delivery limit and would end in the dead-letter
@@ -220,7 +212,7 @@ impl Dedupe {
                 }
             };
             let wait = match step.await {
-                Ok(Some(known)) => return Ok(Arc::new(known)),
+                Ok(Some(known)) => return Ok((Arc::new(known), false)),
                 Err(StepError::Claimed) => break,
                 Ok(None) => CLAIM_POLL,
                 Err(StepError::State(e)) => {
@@ -236,7 +228,6 @@ impl Dedupe {
                 () = tokio::time::sleep(wait) => {}
             }
         }
-        ran.store(true, Ordering::Relaxed);
         // Renew the claim concurrently, so the call is never starved while a
         // renewal waits on Redis.
         let renewer = tokio::spawn({
@@ -275,7 +266,7 @@ impl Dedupe {
         if release && let Err(e) = shared.release(command_id, &self.owner).await {
             tracing::warn!(error = %e, "could not release the claim; it expires by itself");
         }
-        result.map(Arc::new).map_err(interrupted)
+        result.map(|k| (Arc::new(k), true)).map_err(interrupted)
     }
 
     /// The stored outcome; an undecodable one (written by an incompatible
@@ -313,8 +304,7 @@ impl Dedupe {
             tracing::warn!(error = %e, "could not mark the outcome as published in Redis");
         }
         self.cache
-            .insert(command_id.to_owned(), Arc::new(published))
-            .await;
+            .insert(command_id.to_owned(), (Instant::now(), Arc::new(published)));
     }
 }
 
@@ -335,12 +325,12 @@ fn is_definitive(outcome: &CallOutcome) -> bool {
 mod tests {
     use super::*;
     use crate::event::EventError;
-    use std::sync::atomic::AtomicU32;
+    use std::sync::atomic::{AtomicU32, Ordering};
 
     fn known(result: Result<String, EventError>) -> Result<Known, Interrupted> {
         Ok(Known {
             outcome: CallOutcome {
-                result,
+                result: result.map_err(Box::new),
                 attempts: 1,
             },
             completed_at: "t".into(),
@@ -419,6 +409,33 @@ mod tests {
         let (a, b) = (first.await.expect("join"), second.await.expect("join"));
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         assert_eq!(a.outcome.result, b.outcome.result);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_outcome_is_forgotten_after_the_window() {
+        let d = Dedupe::new(Duration::from_secs(60), None, CancellationToken::new());
+        let (first, _) = outcome(d.resolve("c", async { known(Ok("v3".into())) }).await);
+        d.mark_published("c", &first).await;
+        tokio::time::advance(Duration::from_secs(59)).await;
+        let (kept, dup) = outcome(d.resolve("c", async { known(Ok("new".into())) }).await);
+        assert!(dup);
+        assert_eq!(kept.outcome.result, Ok("v3".into()));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let (fresh, dup) = outcome(d.resolve("c", async { known(Ok("new".into())) }).await);
+        assert!(!dup);
+        assert_eq!(fresh.outcome.result, Ok("new".into()));
+    }
+
+    #[tokio::test]
+    async fn the_store_stays_bounded() {
+        let d = Dedupe::new(Duration::from_secs(60), None, CancellationToken::new());
+        for i in 0..(MAX_ENTRIES * 2) {
+            d.resolve(&format!("c{i}"), async { known(Ok("v3".into())) })
+                .await;
+        }
+        let len = d.cache.len();
+        assert!(len <= MAX_ENTRIES, "{len} entries kept");
+        assert!(len >= MAX_ENTRIES / 2, "only {len} entries kept");
     }
 
     #[tokio::test]

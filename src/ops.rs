@@ -1,6 +1,9 @@
 //! Ops HTTP endpoint (contract §5): `/healthz`, `/readyz`, `/metrics`.
 
-use std::sync::{Arc, OnceLock};
+use std::{
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use axum::{Router, extract::State, http::StatusCode, routing::get};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -64,8 +67,29 @@ async fn metrics(State(ops): State<Ops>) -> String {
         .unwrap_or_default()
 }
 
-/// Serves the ops endpoint on `listener` until `shutdown`.
+/// How often recorded histogram samples are folded into their buckets.
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// Folds histogram samples into buckets until `shutdown`. The recorder keeps
+/// every raw sample until upkeep or a scrape drains them, so without this a
+/// worker nobody scrapes would grow by every GeWe call's duration.
+async fn upkeep(handle: PrometheusHandle, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(UPKEEP_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = every.tick() => handle.run_upkeep(),
+        }
+    }
+}
+
+/// Serves the ops endpoint on `listener` until `shutdown`, keeping the
+/// metrics recorder's memory bounded meanwhile.
 pub async fn serve(listener: TcpListener, readiness: Arc<Readiness>, shutdown: CancellationToken) {
+    if let Some(handle) = prometheus() {
+        tokio::spawn(upkeep(handle, shutdown.clone()));
+    }
     let app = router(readiness);
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })

@@ -213,7 +213,7 @@ impl Processor {
         let CallOutcome { result, attempts } = known.outcome.clone();
         let (status, v3, error) = match result {
             Ok(v3) => (Status::Succeeded, Some(v3), None),
-            Err(e) => (Status::Failed, None, Some(e)),
+            Err(e) => (Status::Failed, None, Some(*e)),
         };
         let event = ResultEvent {
             command_id: cmd.command_id.clone(),

@@ -29,8 +29,9 @@ pub struct Backoff {
 /// The final result of all attempts for one command.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct CallOutcome {
-    /// The `v3` ticket, or the error of the last attempt.
-    pub result: Result<String, EventError>,
+    /// The `v3` ticket, or the error of the last attempt (boxed: outcomes
+    /// are kept in the dedupe store, and most of them are successes).
+    pub result: Result<String, Box<EventError>>,
     /// Attempts actually made.
     pub attempts: u32,
 }
@@ -98,10 +99,10 @@ impl Backoff {
         loop {
             let result = match attempt(n).await? {
                 Verdict::Success { v3 } => Ok(v3),
-                Verdict::Permanent(error) => Err(error),
+                Verdict::Permanent(error) => Err(Box::new(error)),
                 Verdict::Transient { error, retry_after } => {
                     if n >= self.max_attempts {
-                        Err(error)
+                        Err(Box::new(error))
                     } else {
                         let wait = self.delay(n, retry_after, &mut rand::rng());
                         tracing::debug!(attempt = n, wait_ms = wait.as_millis() as u64, error = %error.message, "GeWe attempt failed transiently; backing off");
