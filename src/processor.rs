@@ -15,7 +15,7 @@ use lapin::{
     options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions},
 };
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, field};
+use tracing::Instrument;
 
 use crate::{
     breaker::Breaker,
@@ -78,58 +78,52 @@ impl Processor {
         metrics::gauge!("commands_in_flight").increment(1.0);
         let received_at = now_rfc3339();
         let mut envelope = envelope_of(&delivery.properties);
-        // ERROR level so the span (and its ids) exists whatever RUST_LOG says.
-        let span = tracing::error_span!(
-            "command",
-            command_id = field::Empty,
-            app_id = field::Empty,
-            redelivered = delivery.redelivered,
-            trace_id = field::Empty,
-            span_id = field::Empty,
-            parent_span_id = field::Empty,
-        );
+        let decoded = command::decode(&delivery.data, &envelope);
         // The caller's trace context: this span becomes its child, and the
         // result event carries this span as the parent.
-        if let Some(parent) = envelope.traceparent.as_deref().and_then(TraceParent::parse) {
-            let (span_id, header) = parent.child();
-            span.record("trace_id", parent.trace_id.as_str());
-            span.record("span_id", span_id.as_str());
-            span.record("parent_span_id", parent.parent_id.as_str());
-            envelope.traceparent = Some(header);
-        } else {
-            envelope.traceparent = None;
-        }
+        let parent = envelope.traceparent.as_deref().and_then(TraceParent::parse);
+        let child = parent.as_ref().map(TraceParent::child);
+        let (command_id, app_id) = match &decoded {
+            Ok(cmd) => (cmd.command_id.as_str(), Some(cmd.app_id.as_str())),
+            Err(rejected) => (
+                rejected.partial.command_id.as_str(),
+                rejected.partial.app_id.as_deref(),
+            ),
+        };
+        // ERROR level so the span (and its ids) exists whatever RUST_LOG says.
+        // Every field is set here, at creation: the JSON log format re-parses
+        // a span's fields on each later `record`.
+        let span = tracing::error_span!(
+            "command",
+            command_id,
+            app_id,
+            redelivered = delivery.redelivered,
+            trace_id = parent.as_ref().map(|p| p.trace_id.as_str()),
+            span_id = child.as_ref().map(|(id, _)| id.as_str()),
+            parent_span_id = parent.as_ref().map(|p| p.parent_id.as_str()),
+        );
+        envelope.traceparent = child.map(|(_, header)| header);
         let work = async {
-            match command::decode(&delivery.data, &envelope) {
-                Ok(cmd) => {
-                    span.record("command_id", cmd.command_id.as_str());
-                    span.record("app_id", cmd.app_id.as_str());
-                    match self.execute(&cmd, received_at).await {
-                        Ok((event, known)) => {
-                            let confirmed = self
-                                .publish_and_settle(
-                                    &delivery,
-                                    &envelope,
-                                    &event,
-                                    Settle::Ack,
-                                    &session,
-                                )
-                                .await;
-                            if confirmed {
-                                self.dedupe.mark_published(&cmd.command_id, &known).await;
-                            }
-                        }
-                        Err(reason) => {
-                            tracing::warn!(%reason, "no outcome for now; requeueing the command");
-                            let label = match &*reason {
-                                Interrupted::Shutdown => "shutdown",
-                            };
-                            metrics::counter!("commands_requeued_total", "reason" => label)
-                                .increment(1);
-                            requeue(&delivery).await;
+            match decoded {
+                Ok(cmd) => match self.execute(&cmd, received_at).await {
+                    Ok((event, known)) => {
+                        let confirmed = self
+                            .publish_and_settle(&delivery, &envelope, &event, Settle::Ack, &session)
+                            .await;
+                        if confirmed {
+                            self.dedupe.mark_published(&cmd.command_id, &known).await;
                         }
                     }
-                }
+                    Err(reason) => {
+                        tracing::warn!(%reason, "no outcome for now; requeueing the command");
+                        let label = match &*reason {
+                            Interrupted::Shutdown => "shutdown",
+                        };
+                        metrics::counter!("commands_requeued_total", "reason" => label)
+                            .increment(1);
+                        requeue(&delivery).await;
+                    }
+                },
                 Err(rejected) => {
                     let event = self.invalid_event(*rejected, received_at);
                     self.publish_and_settle(
@@ -149,10 +143,6 @@ impl Processor {
 
     fn invalid_event(&self, rejected: command::Rejected, received_at: String) -> ResultEvent {
         let command::Rejected { reason, partial } = rejected;
-        tracing::Span::current().record("command_id", partial.command_id.as_str());
-        if let Some(app) = &partial.app_id {
-            tracing::Span::current().record("app_id", app.as_str());
-        }
         let message = self.redactor.redact(&reason.to_string()).into_owned();
         tracing::warn!(reason = %message, "invalid command; dead-lettering it");
         ResultEvent {

@@ -240,6 +240,10 @@ async fn the_token_never_leaves_the_process_and_sigterm_exits_zero() {
         let mut logs = String::new();
         stderr.read_to_string(&mut logs).await.map(|_| logs)
     });
+    listener
+        .publish(&json!({"commandId": "bad-1", "appId": "app-b"}))
+        .await;
+    assert_eq!(listener.next_event().await.kind(), Some("invalid_command"));
     listener.publish(&command("secret-1", "app-s")).await;
     let event = listener.next_event().await;
     let raw = event.body.to_string();
@@ -264,7 +268,23 @@ async fn the_token_never_leaves_the_process_and_sigterm_exits_zero() {
         .expect("wait");
     let logs = logs.await.expect("join").expect("read logs");
     assert!(status.success(), "SIGTERM exits 0; logs:\n{logs}");
-    assert!(logs.contains("secret-1"), "logs carry the commandId");
+    // Each command's log lines carry its ids from the command span.
+    let line = |needle: &str| -> Value {
+        logs.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|l| l["message"].as_str().is_some_and(|m| m.contains(needle)))
+            .unwrap_or_else(|| panic!("no log line with {needle:?}:\n{logs}"))
+    };
+    for (needle, id, app) in [
+        ("GeWe call failed", "secret-1", "app-s"),
+        ("invalid command", "bad-1", "app-b"),
+    ] {
+        let l = line(needle);
+        let command_span = &l["spans"][0];
+        assert_eq!(command_span["name"], "command", "{l}");
+        assert_eq!(command_span["command_id"], id, "{l}");
+        assert_eq!(command_span["app_id"], app, "{l}");
+    }
     assert!(logs.contains("***"), "the redacted GeWe message is logged");
     assert!(!logs.contains(TOKEN), "logs leak the token");
     listener.stop().await;

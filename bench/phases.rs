@@ -1,0 +1,269 @@
+//! The benchmark's phases: load generation, the result counter, the bare
+//! broker loop (the ceiling) and the worker as a child process.
+
+use std::{
+    net::SocketAddr,
+    process::Stdio,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use futures_util::{StreamExt, future::join_all};
+use gewe_friend_worker::{broker::topology, config::Settings};
+use lapin::{
+    BasicProperties, Channel, Connection, ConnectionProperties,
+    options::{
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+        ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
+    },
+    types::FieldTable,
+};
+
+use crate::cpu::{self, PhaseCpu, Snapshot};
+
+/// The token the worker sends and the simulator expects.
+pub const TOKEN: &str = "bench-token";
+
+/// Settings with uniquely named queues and exchanges tagged `tag`.
+pub fn settings(tag: &str) -> anyhow::Result<Settings> {
+    let mut s = Settings::load(None)?;
+    let id = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    s.amqp.command_queue = format!("bench.{tag}.{id}.commands");
+    s.amqp.result_exchange = format!("bench.{tag}.{id}.results");
+    s.amqp.dead_letter_exchange = format!("bench.{tag}.{id}.dlx");
+    s.amqp.dead_letter_queue = format!("bench.{tag}.{id}.dead");
+    Ok(s)
+}
+
+fn command_body(i: usize) -> Vec<u8> {
+    format!(
+        r#"{{"commandId":"bench-{i}","appId":"app-{}","chatroomId":"34757816141@chatroom","memberWxid":"wxid_{i}","content":"hello"}}"#,
+        i % 4096
+    )
+    .into_bytes()
+}
+
+/// Publishes `n` bodies with confirms, pipelined in windows of 1,000.
+pub async fn preload(
+    ch: &Channel,
+    queue: &str,
+    n: usize,
+    body: impl Fn(usize) -> Vec<u8>,
+) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into());
+    for window in (0..n).collect::<Vec<_>>().chunks(1000) {
+        let mut confirms = Vec::with_capacity(window.len());
+        for &i in window {
+            confirms.push(
+                ch.basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions::default(),
+                    &body(i),
+                    props.clone(),
+                )
+                .await?,
+            );
+        }
+        for c in join_all(confirms).await {
+            if !c?.is_ack() {
+                bail!("a preloaded command was not confirmed");
+            }
+        }
+    }
+    Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+/// A queue bound to `exchange` receiving every result.
+async fn results_queue(ch: &Channel, exchange: &str) -> anyhow::Result<String> {
+    let q = ch
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    ch.queue_bind(
+        q.name().clone(),
+        exchange.into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    Ok(q.name().to_string())
+}
+
+/// Consumes `n` messages; returns the rate between the first and the last.
+pub async fn count(conn: &Connection, queue: &str, n: usize) -> anyhow::Result<f64> {
+    let ch = conn.create_channel().await?;
+    ch.basic_qos(1000, BasicQosOptions::default()).await?;
+    let mut consumer = ch
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut first = None;
+    for i in 0..n {
+        let d = tokio::time::timeout(Duration::from_secs(60), consumer.next())
+            .await
+            .context("results stopped arriving")?
+            .context("consumer closed")??;
+        first.get_or_insert_with(Instant::now);
+        // One ack per 100 (multiple) keeps the counter cheap next to the
+        // pipeline it measures.
+        if i % 100 == 99 || i + 1 == n {
+            d.acker.ack(BasicAckOptions { multiple: true }).await?;
+        }
+    }
+    let elapsed = first.map(|f| f.elapsed()).unwrap_or_default();
+    Ok((n.saturating_sub(1)) as f64 / elapsed.as_secs_f64().max(1e-9))
+}
+
+/// The bare loop: consume, publish a small confirmed event, ack.
+async fn bare_loop(s: &Settings, n: usize) -> anyhow::Result<()> {
+    let conn = Connection::connect(&s.amqp.url, ConnectionProperties::default()).await?;
+    let consume = conn.create_channel().await?;
+    consume
+        .basic_qos(s.amqp.prefetch, BasicQosOptions::default())
+        .await?;
+    let publish = conn.create_channel().await?;
+    publish
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let mut consumer = consume
+        .basic_consume(
+            s.amqp.command_queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let exchange: Arc<str> = Arc::from(s.amqp.result_exchange.as_str());
+    let mut tasks = Vec::with_capacity(n);
+    for _ in 0..n {
+        let d = consumer.next().await.context("bare consumer closed")??;
+        let (publish, exchange) = (publish.clone(), exchange.clone());
+        tasks.push(tokio::spawn(async move {
+            let body = br#"{"commandId":"x","status":"succeeded","v3":"v3_x","attempts":1}"#;
+            let confirm = publish
+                .basic_publish(
+                    (*exchange).into(),
+                    "add_friend.succeeded".into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    body,
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await?
+                .await?;
+            if confirm.take_message().is_some() {
+                bail!("unroutable");
+            }
+            d.acker.ack(BasicAckOptions::default()).await?;
+            Ok(())
+        }));
+    }
+    for t in join_all(tasks).await {
+        t??;
+    }
+    let _ = conn.close(200, "done".into()).await;
+    Ok(())
+}
+
+/// What one worker phase measured.
+pub struct WorkerRun {
+    /// Results per second, first to last.
+    pub rate: f64,
+    /// The worker's peak RSS.
+    pub peak_rss_kib: u64,
+    /// CPU per message, by party.
+    pub cpu: PhaseCpu,
+    /// The load generator's confirmed publish rate while preloading.
+    pub generator: f64,
+}
+
+/// What one ceiling phase measured.
+pub struct CeilingRun {
+    /// Results per second, first to last.
+    pub rate: f64,
+    /// CPU per message, by party.
+    pub cpu: PhaseCpu,
+}
+
+/// The ceiling: `n` preloaded commands through the bare loop, counted on
+/// the result exchange like the worker's events.
+pub async fn ceiling_phase(conn: &Arc<Connection>, n: usize) -> anyhow::Result<CeilingRun> {
+    let s = settings("ceiling")?;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    topology::declare(&ch, &s.amqp).await?;
+    let results = results_queue(&ch, &s.amqp.result_exchange).await?;
+    preload(&ch, &s.amqp.command_queue, n, command_body).await?;
+    let counter = {
+        let (conn, results) = (conn.clone(), results.clone());
+        tokio::spawn(async move { count(&conn, &results, n).await })
+    };
+    let broker = cpu::broker_pid();
+    let before = Snapshot::take(broker, None);
+    bare_loop(&s, n).await?;
+    let rate = counter.await??;
+    let cpu = PhaseCpu::between(&before, &Snapshot::take(broker, None), n);
+    topology::remove(&ch, &s.amqp).await;
+    Ok(CeilingRun { rate, cpu })
+}
+
+/// Runs the worker as a child process on `s`, against `gewe`, until `n`
+/// results arrived.
+pub async fn worker_phase(
+    conn: &Connection,
+    s: &Settings,
+    gewe: SocketAddr,
+    n: usize,
+) -> anyhow::Result<WorkerRun> {
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    topology::declare(&ch, &s.amqp).await?;
+    let results = results_queue(&ch, &s.amqp.result_exchange).await?;
+    let generator = preload(&ch, &s.amqp.command_queue, n, command_body).await?;
+    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        .arg("--as-worker")
+        .envs(gewe_friend_worker::config::amqp_env(&s.amqp))
+        .env("GEWE_WORKER__GEWE__BASE_URL", format!("http://{gewe}"))
+        .env("GEWE_WORKER__GEWE__TOKEN", TOKEN)
+        .env("GEWE_WORKER__PACING__PER_APP_MIN_INTERVAL", "0s")
+        .env("GEWE_WORKER__HTTP__LISTEN", "127.0.0.1:0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = child.id().context("worker pid")?;
+    let broker = cpu::broker_pid();
+    let before = Snapshot::take(broker, Some(pid));
+    let rate = count(conn, &results, n).await?;
+    let cpu = PhaseCpu::between(&before, &Snapshot::take(broker, Some(pid)), n);
+    let peak_rss_kib = cpu::peak_rss_kib(pid)?;
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let _ = tokio::time::timeout(Duration::from_secs(40), child.wait()).await;
+    topology::remove(&ch, &s.amqp).await;
+    Ok(WorkerRun {
+        rate,
+        peak_rss_kib,
+        cpu,
+        generator,
+    })
+}
