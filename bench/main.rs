@@ -50,6 +50,10 @@ struct Args {
     /// Commands in the slow-GeWe phase.
     #[arg(long, default_value_t = 3_000)]
     slow_n: usize,
+    /// Also measure the worker with Redis at this URL (shared dedupe), e.g.
+    /// `redis://127.0.0.1:6379`.
+    #[arg(long)]
+    redis: Option<String>,
     /// GeWe latency in the slow phase.
     #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
     latency: Duration,
@@ -127,8 +131,8 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     let mut workers: Vec<WorkerRun> = Vec::new();
     for round in 1..=rounds {
         let c = phases::ceiling_phase(&conn, args.n).await?;
-        let w =
-            phases::worker_phase(&conn, &phases::settings("worker")?, fast_gewe, args.n).await?;
+        let w = phases::worker_phase(&conn, &phases::settings("worker")?, fast_gewe, None, args.n)
+            .await?;
         println!(
             "round {round}: ceiling {:.0} msg/s, worker {:.0} msg/s, ratio {:.2}",
             c.rate,
@@ -138,9 +142,28 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         ceilings.push(c);
         workers.push(w);
     }
-    let slow = phases::worker_phase(&conn, &phases::settings("slow")?, slow_gewe, args.slow_n)
-        .await?
-        .rate;
+    let with_redis = match &args.redis {
+        Some(url) => Some(
+            phases::worker_phase(
+                &conn,
+                &phases::settings("redis")?,
+                fast_gewe,
+                Some(url),
+                args.n,
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    let slow = phases::worker_phase(
+        &conn,
+        &phases::settings("slow")?,
+        slow_gewe,
+        None,
+        args.slow_n,
+    )
+    .await?
+    .rate;
     let ideal = f64::from(base.amqp.prefetch) / args.latency.as_secs_f64();
 
     // Counter check: drain a pre-filled queue as fast as the counter can.
@@ -195,6 +218,14 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         "| worker / ceiling (per round) | {} |",
         spread(&ratios, |v| format!("{v:.2}"))
     );
+    if let Some(r) = &with_redis {
+        println!(
+            "| worker with Redis (shared dedupe), simulator without latency, one round | {:.0} msg/s ({:.2}× the in-memory median; worker CPU {} µs per message) |",
+            r.rate,
+            r.rate / median(worker_rates.clone()),
+            cpu::opt(r.cpu.worker_us, 1),
+        );
+    }
     println!(
         "| worker, GeWe latency {:?} | {slow:.0} msg/s (ideal prefetch/latency {ideal:.0}) |",
         args.latency

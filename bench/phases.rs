@@ -36,12 +36,17 @@ pub fn settings(tag: &str) -> anyhow::Result<Settings> {
     Ok(s)
 }
 
-fn command_body(i: usize) -> Vec<u8> {
-    format!(
-        r#"{{"commandId":"bench-{i}","appId":"app-{}","chatroomId":"34757816141@chatroom","memberWxid":"wxid_{i}","content":"hello"}}"#,
-        i % 4096
-    )
-    .into_bytes()
+/// Command bodies whose commandIds are unique to this phase, so outcomes
+/// stored by an earlier run (in Redis) are never found.
+fn command_bodies() -> impl Fn(usize) -> Vec<u8> {
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    move |i| {
+        format!(
+            r#"{{"commandId":"bench-{run}-{i}","appId":"app-{}","chatroomId":"34757816141@chatroom","memberWxid":"wxid_{i}","content":"hello"}}"#,
+            i % 4096
+        )
+        .into_bytes()
+    }
 }
 
 /// Publishes `n` bodies with confirms, pipelined in windows of 1,000.
@@ -211,7 +216,7 @@ pub async fn ceiling_phase(conn: &Arc<Connection>, n: usize) -> anyhow::Result<C
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     topology::declare(&ch, &s.amqp).await?;
     let results = results_queue(&ch, &s.amqp.result_exchange).await?;
-    preload(&ch, &s.amqp.command_queue, n, command_body).await?;
+    preload(&ch, &s.amqp.command_queue, n, command_bodies()).await?;
     let counter = {
         let (conn, results) = (conn.clone(), results.clone());
         tokio::spawn(async move { count(&conn, &results, n).await })
@@ -225,19 +230,20 @@ pub async fn ceiling_phase(conn: &Arc<Connection>, n: usize) -> anyhow::Result<C
     Ok(CeilingRun { rate, cpu })
 }
 
-/// Runs the worker as a child process on `s`, against `gewe`, until `n`
-/// results arrived.
+/// Runs the worker as a child process on `s`, against `gewe` (and Redis at
+/// `redis`, if given), until `n` results arrived.
 pub async fn worker_phase(
     conn: &Connection,
     s: &Settings,
     gewe: SocketAddr,
+    redis: Option<&str>,
     n: usize,
 ) -> anyhow::Result<WorkerRun> {
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     topology::declare(&ch, &s.amqp).await?;
     let results = results_queue(&ch, &s.amqp.result_exchange).await?;
-    let generator = preload(&ch, &s.amqp.command_queue, n, command_body).await?;
+    let generator = preload(&ch, &s.amqp.command_queue, n, command_bodies()).await?;
     let mut child = tokio::process::Command::new(std::env::current_exe()?)
         .arg("--as-worker")
         .envs(gewe_friend_worker::config::amqp_env(&s.amqp))
@@ -245,6 +251,13 @@ pub async fn worker_phase(
         .env("GEWE_WORKER__GEWE__TOKEN", TOKEN)
         .env("GEWE_WORKER__PACING__PER_APP_MIN_INTERVAL", "0s")
         .env("GEWE_WORKER__HTTP__LISTEN", "127.0.0.1:0")
+        // The stored outcomes expire soon after the run.
+        .envs(redis.into_iter().flat_map(|url| {
+            [
+                ("GEWE_WORKER__REDIS__URL", url),
+                ("GEWE_WORKER__DEDUPE__WINDOW", "10m"),
+            ]
+        }))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)

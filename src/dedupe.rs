@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     event::ErrorKind,
     gewe::CallOutcome,
-    shared_state::{SharedState, StateError},
+    shared_state::{Claim, SharedState, StateError},
 };
 
 /// Bound on commandIds remembered in memory (quick_cache evicts the least
@@ -44,21 +44,6 @@ const CLAIM_POLL: Duration = Duration::from_millis(100);
 /// Backoff while Redis is unavailable.
 const REDIS_RETRY_MIN: Duration = Duration::from_millis(200);
 const REDIS_RETRY_MAX: Duration = Duration::from_secs(5);
-
-/// Why one claim step did not produce an outcome.
-enum StepError {
-    /// The claim is ours: call GeWe.
-    Claimed,
-    /// Redis failed.
-    State(StateError),
-}
-use StepError::Claimed;
-
-impl From<StateError> for StepError {
-    fn from(e: StateError) -> Self {
-        StepError::State(e)
-    }
-}
 
 /// A GeWe call outcome plus when it was known.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -190,38 +175,24 @@ impl Dedupe {
             if self.shutdown.is_cancelled() {
                 return Err(interrupted(Interrupted::Shutdown));
             }
-            let step = async {
-                if let Some(known) = self.stored(shared, command_id).await? {
-                    return Ok(Some(known));
-                }
-                if !shared.claim(command_id, &self.owner, CLAIM_LEASE).await? {
-                    return Ok(None);
-                }
-                // Re-read under the claim: the previous owner may have stored
-                // its outcome and released between our read and our claim.
-                match self.stored(shared, command_id).await {
-                    Ok(Some(known)) => {
-                        let _ = shared.release(command_id, &self.owner).await;
-                        Ok(Some(known))
-                    }
-                    Ok(None) => Err(Claimed),
-                    Err(e) => {
-                        let _ = shared.release(command_id, &self.owner).await;
-                        Err(e.into())
+            let wait = match shared
+                .claim_or_outcome(command_id, &self.owner, CLAIM_LEASE)
+                .await
+            {
+                Ok(Claim::Outcome(known)) => return Ok((Arc::new(*known), false)),
+                Ok(Claim::Claimed) => break,
+                Ok(Claim::Held) => CLAIM_POLL,
+                // Written by an incompatible version: reported, then
+                // treated as absent rather than blocking the command forever.
+                Err(StateError::Corrupt { command_id, reason }) => {
+                    tracing::error!(%command_id, %reason, "ignoring an unreadable stored outcome");
+                    match shared.claim(&command_id, &self.owner, CLAIM_LEASE).await {
+                        Ok(true) => break,
+                        Ok(false) => CLAIM_POLL,
+                        Err(e) => self.redis_failed(&e, &mut pause),
                     }
                 }
-            };
-            let wait = match step.await {
-                Ok(Some(known)) => return Ok((Arc::new(known), false)),
-                Err(StepError::Claimed) => break,
-                Ok(None) => CLAIM_POLL,
-                Err(StepError::State(e)) => {
-                    metrics::counter!("redis_errors_total").increment(1);
-                    tracing::warn!(error = %e, retry_in_ms = pause.as_millis() as u64, "Redis unavailable: holding the command, GeWe is not called");
-                    let wait = pause;
-                    pause = (pause * 2).min(REDIS_RETRY_MAX);
-                    wait
-                }
+                Err(e) => self.redis_failed(&e, &mut pause),
             };
             tokio::select! {
                 () = self.shutdown.cancelled() => return Err(interrupted(Interrupted::Shutdown)),
@@ -252,38 +223,35 @@ impl Dedupe {
         });
         let result = call.await;
         renewer.abort();
-        let mut release = true;
-        if let Ok(known) = &result
-            && is_definitive(&known.outcome)
-            && let Err(e) = shared.store_outcome(command_id, known, self.window).await
-        {
-            // The call happened; failing the command now would only make
-            // things worse. Keep the claim so other replicas wait for its
-            // lease to run out instead of calling at once.
-            tracing::error!(error = %e, "could not store the outcome in Redis; a redelivery could call GeWe again");
-            release = false;
-        }
-        if release && let Err(e) = shared.release(command_id, &self.owner).await {
-            tracing::warn!(error = %e, "could not release the claim; it expires by itself");
+        match &result {
+            Ok(known) if is_definitive(&known.outcome) => {
+                if let Err(e) = shared
+                    .store_and_release(command_id, known, self.window, &self.owner)
+                    .await
+                {
+                    // The call happened; failing the command now would only
+                    // make things worse. The claim stays, so other replicas
+                    // wait for its lease to run out instead of calling at once.
+                    tracing::error!(error = %e, "could not store the outcome in Redis; a redelivery could call GeWe again");
+                }
+            }
+            _ => {
+                if let Err(e) = shared.release(command_id, &self.owner).await {
+                    tracing::warn!(error = %e, "could not release the claim; it expires by itself");
+                }
+            }
         }
         result.map(|k| (Arc::new(k), true)).map_err(interrupted)
     }
 
-    /// The stored outcome; an undecodable one (written by an incompatible
-    /// version) is reported and treated as absent rather than blocking the
-    /// command forever.
-    async fn stored(
-        &self,
-        shared: &SharedState,
-        command_id: &str,
-    ) -> Result<Option<Known>, StateError> {
-        match shared.outcome(command_id).await {
-            Err(StateError::Corrupt { command_id, reason }) => {
-                tracing::error!(%command_id, %reason, "ignoring an unreadable stored outcome");
-                Ok(None)
-            }
-            other => other,
-        }
+    /// Counts and reports a Redis failure; returns how long to wait before
+    /// the next try, doubling `pause` up to its ceiling.
+    fn redis_failed(&self, error: &StateError, pause: &mut Duration) -> Duration {
+        metrics::counter!("redis_errors_total").increment(1);
+        tracing::warn!(%error, retry_in_ms = pause.as_millis() as u64, "Redis unavailable: holding the command, GeWe is not called");
+        let wait = *pause;
+        *pause = (*pause * 2).min(REDIS_RETRY_MAX);
+        wait
     }
 
     /// Records that an event for `known` was confirmed, so later deliveries

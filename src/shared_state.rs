@@ -6,9 +6,9 @@
 //! slot. When Redis cannot be reached the caller gets a [`StateError`] and
 //! must not call GeWe: neither idempotency nor pacing could be guaranteed.
 
-use std::time::Duration;
+use std::{sync::LazyLock, time::Duration};
 
-use redis::{AsyncCommands, Script, aio::ConnectionManager};
+use redis::{AsyncCommands, Script, Value, aio::ConnectionManager};
 use tokio::sync::OnceCell;
 
 use crate::{config::redact_url_password, dedupe::Known};
@@ -38,7 +38,9 @@ pub enum StateError {
 /// Reserves the next start for an account: returns how long to wait (ms).
 /// KEYS[1] = pacing key, ARGV[1] = interval ms. Uses the server clock so
 /// replicas with skewed clocks still agree.
-const RESERVE_START: &str = r#"
+static RESERVE_START: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local interval = tonumber(ARGV[1])
@@ -46,19 +48,68 @@ local nxt = tonumber(redis.call('GET', KEYS[1]) or '0')
 local start = math.max(now, nxt)
 redis.call('SET', KEYS[1], start + interval, 'PX', (start - now) + interval + 1000)
 return start - now
-"#;
+"#,
+    )
+});
+
+/// The stored outcome if there is one, else the claim if nobody holds it:
+/// one atomic step, so an outcome stored and released by another replica
+/// between our read and our claim cannot be missed. KEYS[1] = outcome,
+/// KEYS[2] = claim, ARGV[1] = owner, ARGV[2] = lease ms. Returns the
+/// outcome, 1 (claimed) or 0 (held by another replica).
+static CLAIM_OR_OUTCOME: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local stored = redis.call('GET', KEYS[1])
+if stored then return stored end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
+"#,
+    )
+});
+
+/// Stores an outcome and releases our claim in one step. KEYS[1] = outcome,
+/// KEYS[2] = claim, ARGV[1] = outcome, ARGV[2] = window ms, ARGV[3] = owner.
+static STORE_AND_RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
+return 1
+"#,
+    )
+});
 
 /// Extends the claim only if it is still ours.
-const RENEW_CLAIM: &str = r#"
+static RENEW_CLAIM: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
-"#;
+"#,
+    )
+});
 
 /// Deletes the claim only if it is still ours.
-const RELEASE_CLAIM: &str = r#"
+static RELEASE_CLAIM: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
-"#;
+"#,
+    )
+});
+
+/// What [`SharedState::claim_or_outcome`] found.
+pub enum Claim {
+    /// An outcome is stored (undecodable ones are reported as
+    /// [`StateError::Corrupt`]).
+    Outcome(Box<Known>),
+    /// The claim is ours: call GeWe.
+    Claimed,
+    /// Another replica holds the claim.
+    Held,
+}
 
 /// Lazily connected, auto-reconnecting Redis client.
 pub struct SharedState {
@@ -108,20 +159,56 @@ impl SharedState {
         format!("{}:{kind}:{id}", self.prefix)
     }
 
-    /// The stored outcome of `command_id`, if any.
-    pub async fn outcome(&self, command_id: &str) -> Result<Option<Known>, StateError> {
+    /// The stored outcome of `command_id`, or else a claim on it for `lease`.
+    pub async fn claim_or_outcome(
+        &self,
+        command_id: &str,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<Claim, StateError> {
         let mut conn = self.conn().await?;
-        let raw: Option<String> = conn
-            .get(self.key("outcome", command_id))
+        let found: Value = CLAIM_OR_OUTCOME
+            .key(self.key("outcome", command_id))
+            .key(self.key("claim", command_id))
+            .arg(owner)
+            .arg(lease.as_millis().max(1) as u64)
+            .invoke_async(&mut conn)
             .await
             .map_err(|e| self.unavailable(e))?;
-        raw.map(|s| {
-            serde_json::from_str(&s).map_err(|e| StateError::Corrupt {
-                command_id: command_id.to_owned(),
-                reason: e.to_string(),
-            })
-        })
-        .transpose()
+        let corrupt = |reason: String| StateError::Corrupt {
+            command_id: command_id.to_owned(),
+            reason,
+        };
+        match found {
+            Value::BulkString(raw) => serde_json::from_slice(&raw)
+                .map(|known| Claim::Outcome(Box::new(known)))
+                .map_err(|e| corrupt(e.to_string())),
+            Value::Int(1) => Ok(Claim::Claimed),
+            Value::Int(0) => Ok(Claim::Held),
+            other => Err(corrupt(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Stores the outcome of `command_id` for `window` and releases the
+    /// claim `owner` holds on it.
+    pub async fn store_and_release(
+        &self,
+        command_id: &str,
+        known: &Known,
+        window: Duration,
+        owner: &str,
+    ) -> Result<(), StateError> {
+        let mut conn = self.conn().await?;
+        STORE_AND_RELEASE
+            .key(self.key("outcome", command_id))
+            .key(self.key("claim", command_id))
+            .arg(serde_json::to_string(known).unwrap_or_default())
+            .arg(window.as_millis().max(1) as u64)
+            .arg(owner)
+            .invoke_async::<i64>(&mut conn)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.unavailable(e))
     }
 
     /// Stores the outcome of `command_id` for `window`.
@@ -165,7 +252,7 @@ impl SharedState {
     /// Releases a claim taken by `owner`.
     pub async fn release(&self, command_id: &str, owner: &str) -> Result<(), StateError> {
         let mut conn = self.conn().await?;
-        Script::new(RELEASE_CLAIM)
+        RELEASE_CLAIM
             .key(self.key("claim", command_id))
             .arg(owner)
             .invoke_async::<i64>(&mut conn)
@@ -183,7 +270,7 @@ impl SharedState {
         lease: Duration,
     ) -> Result<bool, StateError> {
         let mut conn = self.conn().await?;
-        Script::new(RENEW_CLAIM)
+        RENEW_CLAIM
             .key(self.key("claim", command_id))
             .arg(owner)
             .arg(lease.as_millis().max(1) as u64)
@@ -200,7 +287,7 @@ impl SharedState {
         interval: Duration,
     ) -> Result<Duration, StateError> {
         let mut conn = self.conn().await?;
-        let wait_ms: i64 = Script::new(RESERVE_START)
+        let wait_ms: i64 = RESERVE_START
             .key(self.key("pace", app_id))
             .arg(interval.as_millis() as u64)
             .invoke_async(&mut conn)
