@@ -63,6 +63,59 @@ pub enum Interrupted {
     /// The worker is shutting down.
     #[error("the worker is shutting down")]
     Shutdown,
+    /// Our Redis claim on the commandId ran out or was taken over while the
+    /// command waited: another replica may be calling GeWe for it.
+    #[error("the claim on this commandId was lost; another replica may be handling it")]
+    ClaimLost,
+}
+
+tokio::task_local! {
+    /// Cancelled when the current task's Redis claim on its commandId is
+    /// lost; absent outside a claimed call.
+    static CLAIM_LOST: CancellationToken;
+}
+
+/// Whether the current task holds a Redis claim that it has lost (it ran
+/// out unrenewed, or another replica took it over). Callers check it right
+/// before each GeWe request: a claim taken before long pacing or breaker
+/// waits must still be ours when the request goes out.
+pub fn claim_lost() -> bool {
+    CLAIM_LOST
+        .try_with(CancellationToken::is_cancelled)
+        .unwrap_or(false)
+}
+
+/// Renews `owner`'s claim on `command_id` every [`CLAIM_RENEW`] until
+/// aborted; cancels `lost` when the claim is someone else's, or when Redis
+/// failures could let the lease run out before the next renewal.
+async fn renew_claim(
+    shared: Arc<SharedState>,
+    command_id: String,
+    owner: String,
+    lost: CancellationToken,
+) {
+    let mut every = tokio::time::interval(CLAIM_RENEW);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every.tick().await;
+    let mut renewed = Instant::now();
+    loop {
+        every.tick().await;
+        match shared.renew(&command_id, &owner, CLAIM_LEASE).await {
+            Ok(true) => renewed = Instant::now(),
+            Ok(false) => {
+                tracing::warn!(%command_id, "lost the claim on this commandId; no further GeWe request is made for it here");
+                lost.cancel();
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(%command_id, error = %e, "could not renew the claim on this commandId");
+                if renewed.elapsed() + CLAIM_RENEW >= CLAIM_LEASE {
+                    lost.cancel();
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// What [`Dedupe::resolve`] found.
@@ -200,28 +253,16 @@ impl Dedupe {
             }
         }
         // Renew the claim concurrently, so the call is never starved while a
-        // renewal waits on Redis.
-        let renewer = tokio::spawn({
-            let (shared, id, owner) = (shared.clone(), command_id.to_owned(), self.owner.clone());
-            async move {
-                let mut every = tokio::time::interval(CLAIM_RENEW);
-                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                every.tick().await;
-                loop {
-                    every.tick().await;
-                    match shared.renew(&id, &owner, CLAIM_LEASE).await {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            tracing::warn!(command_id = %id, "lost the claim on this commandId; another replica may call GeWe too")
-                        }
-                        Err(e) => {
-                            tracing::warn!(command_id = %id, error = %e, "could not renew the claim on this commandId")
-                        }
-                    }
-                }
-            }
-        });
-        let result = call.await;
+        // renewal waits on Redis; the call sees a lost claim through
+        // `claim_lost()` before each GeWe request.
+        let lost = CancellationToken::new();
+        let renewer = tokio::spawn(renew_claim(
+            shared.clone(),
+            command_id.to_owned(),
+            self.owner.clone(),
+            lost.clone(),
+        ));
+        let result = CLAIM_LOST.scope(lost, call).await;
         renewer.abort();
         match &result {
             Ok(known) if is_definitive(&known.outcome) => {

@@ -21,7 +21,7 @@ use crate::{
     breaker::Breaker,
     broker::{PublishError, Publisher},
     command::{self, Command, Envelope},
-    dedupe::{Dedupe, Interrupted, Known, Resolved},
+    dedupe::{self, Dedupe, Interrupted, Known, Resolved},
     event::{ErrorKind, EventError, ResultEvent, Status, now_rfc3339},
     gewe::{Backoff, CallOutcome, GeweClient, Verdict, classify},
     outbound::{envelope_of, publish_event},
@@ -118,6 +118,7 @@ impl Processor {
                         tracing::warn!(%reason, "no outcome for now; requeueing the command");
                         let label = match &*reason {
                             Interrupted::Shutdown => "shutdown",
+                            Interrupted::ClaimLost => "claim_lost",
                         };
                         metrics::counter!("commands_requeued_total", "reason" => label)
                             .increment(1);
@@ -235,6 +236,11 @@ impl Processor {
                     };
                     if self.shutdown.is_cancelled() {
                         return Err(Interrupted::Shutdown);
+                    }
+                    // The waits above can outlast a Redis outage; a claim
+                    // lost meanwhile means another replica may call.
+                    if dedupe::claim_lost() {
+                        return Err(Interrupted::ClaimLost);
                     }
                     tracing::debug!(waited_ms = turn.waited.as_millis() as u64, "calling GeWe");
                     let started = tokio::time::Instant::now();

@@ -14,7 +14,7 @@ use std::{
 
 use common::redis_url;
 use gewe_friend_worker::{
-    dedupe::{Dedupe, Interrupted, Known, Resolved},
+    dedupe::{self, Dedupe, Interrupted, Known, Resolved},
     gewe::CallOutcome,
     shared_state::SharedState,
 };
@@ -51,12 +51,17 @@ fn v3_of(resolved: Resolved) -> String {
     }
 }
 
-async fn delete_keys(prefix: &str) {
-    let client = redis::Client::open(redis_url()).expect("redis url");
-    let mut conn = client
+/// A direct connection, to look at and tamper with the stored state.
+async fn redis() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(redis_url())
+        .expect("redis url")
         .get_multiplexed_async_connection()
         .await
-        .expect("redis");
+        .expect("redis")
+}
+
+async fn delete_keys(prefix: &str) {
+    let mut conn = redis().await;
     let keys: Vec<String> = conn.keys(format!("{prefix}:*")).await.expect("keys");
     if !keys.is_empty() {
         let _: () = conn.del(keys).await.expect("del");
@@ -77,6 +82,7 @@ async fn a_replica_waits_for_the_claim_holder_and_publishes_its_outcome() {
                 calls.fetch_add(1, Ordering::SeqCst);
                 let _ = started.send(());
                 let _ = released.await;
+                assert!(!dedupe::claim_lost(), "a held claim is not lost");
                 success("v3_from_a")
             })
             .await
@@ -121,11 +127,7 @@ async fn a_replica_waits_for_the_claim_holder_and_publishes_its_outcome() {
 #[tokio::test]
 async fn an_unreadable_stored_outcome_is_replaced_by_a_new_call() {
     let prefix = prefix();
-    let client = redis::Client::open(redis_url()).expect("redis url");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis");
+    let mut conn = redis().await;
     let key = format!("{prefix}:outcome:cmd");
     let _: () = conn
         .set_ex(&key, "written by another version", 60)
@@ -142,5 +144,59 @@ async fn an_unreadable_stored_outcome_is_replaced_by_a_new_call() {
     assert!(stored.contains("v3_new"), "outcome replaced: {stored}");
     let claim: Option<String> = conn.get(format!("{prefix}:claim:cmd")).await.expect("get");
     assert_eq!(claim, None, "the claim is released");
+    delete_keys(&prefix).await;
+}
+
+#[tokio::test]
+async fn a_claim_taken_over_while_waiting_is_seen_before_the_request() {
+    let prefix = prefix();
+    let mut conn = redis().await;
+    let claim_key = format!("{prefix}:claim:cmd");
+    let (claimed, taken) = tokio::sync::oneshot::channel::<()>();
+    let d = replica(&prefix);
+    let waiting = tokio::spawn(async move {
+        d.resolve("cmd", async move {
+            let _ = claimed.send(());
+            // Waiting for the account's turn, as under pacing: the renewal
+            // finds the claim gone and the wait ends without a request.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while !dedupe::claim_lost() {
+                if tokio::time::Instant::now() > deadline {
+                    return success("requested despite the lost claim");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(Interrupted::ClaimLost)
+        })
+        .await
+    });
+    tokio::time::timeout(Duration::from_secs(5), taken)
+        .await
+        .expect("the command is claimed")
+        .expect("the call started");
+    // Another replica holds it now, as after our lease ran out.
+    let _: () = conn.set(&claim_key, "other-replica").await.expect("set");
+    let resolved = tokio::time::timeout(Duration::from_secs(15), waiting)
+        .await
+        .expect("the loss is noticed within a renewal period")
+        .expect("join");
+    match resolved {
+        Resolved::Retry(e) => assert!(matches!(*e, Interrupted::ClaimLost), "{e}"),
+        Resolved::Outcome { known, .. } => panic!("no retry: {:?}", known.outcome),
+    }
+    let holder: Option<String> = conn.get(&claim_key).await.expect("get");
+    assert_eq!(
+        holder.as_deref(),
+        Some("other-replica"),
+        "their claim stays"
+    );
+    let outcome: Option<String> = conn
+        .get(format!("{prefix}:outcome:cmd"))
+        .await
+        .expect("get");
+    assert_eq!(
+        outcome, None,
+        "nothing stored for a call that did not happen"
+    );
     delete_keys(&prefix).await;
 }
