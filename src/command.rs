@@ -4,6 +4,9 @@
 //! [`InvalidCommand`] whose text ends up in the `invalid_command` event, and
 //! whatever could be read (ids, fields) is kept so the event can carry it.
 
+use std::borrow::Cow;
+
+use serde::Deserialize;
 use serde_json::{Map, Value};
 
 /// Bodies above this size are refused before parsing: no real greeting comes
@@ -126,6 +129,20 @@ pub fn decode(body: &[u8], envelope: &Envelope) -> Result<Command, Box<Rejected>
     }
     let text =
         std::str::from_utf8(body).map_err(|_| reject(InvalidCommand::NotUtf8, fallback()))?;
+    match decode_valid(text, envelope) {
+        Some(command) => Ok(command),
+        None => decode_slow(text, envelope),
+    }
+}
+
+/// The slow path: a JSON tree, inspected field by field so the rejection
+/// names exactly what is wrong and keeps what could be read.
+fn decode_slow(text: &str, envelope: &Envelope) -> Result<Command, Box<Rejected>> {
+    let reject = |reason, partial| Box::new(Rejected { reason, partial });
+    let fallback = || Partial {
+        command_id: resolve_command_id(None, envelope),
+        ..Partial::default()
+    };
     let value: Value = serde_json::from_str(text)
         .map_err(|e| reject(InvalidCommand::NotJson(e.to_string()), fallback()))?;
     let Value::Object(obj) = value else {
@@ -171,6 +188,52 @@ pub fn decode(body: &[u8], envelope: &Envelope) -> Result<Command, Box<Rejected>
         })
     };
     checked().map_err(|e| reject(e, partial))
+}
+
+/// A well-formed command, borrowed from the body.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Wire<'a> {
+    #[serde(default)]
+    command_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    app_id: Cow<'a, str>,
+    #[serde(borrow)]
+    chatroom_id: Cow<'a, str>,
+    #[serde(borrow)]
+    member_wxid: Cow<'a, str>,
+    #[serde(borrow)]
+    content: Cow<'a, str>,
+}
+
+/// The fast path for the common case: one pass over the body and one
+/// allocation per field, no JSON tree. `None` for anything that is not a
+/// valid command; the slow path then decides and says exactly what is
+/// wrong, so the fast path must never accept what the slow path would
+/// reject, nor read a field differently (tested below).
+fn decode_valid(text: &str, envelope: &Envelope) -> Option<Command> {
+    let wire: Wire = serde_json::from_str(text).ok()?;
+    let fields = [
+        &wire.app_id,
+        &wire.chatroom_id,
+        &wire.member_wxid,
+        &wire.content,
+    ];
+    if fields.iter().any(|f| f.trim().is_empty()) {
+        return None;
+    }
+    let command_id = match wire.command_id {
+        None => resolve_command_id(None, envelope),
+        Some(id) if valid_command_id(&id) => id.into_owned(),
+        Some(_) => return None,
+    };
+    Some(Command {
+        command_id,
+        app_id: wire.app_id.into_owned(),
+        chatroom_id: wire.chatroom_id.into_owned(),
+        member_wxid: wire.member_wxid.into_owned(),
+        content: wire.content.into_owned(),
+    })
 }
 
 /// `commandId` from the body, else `message_id`, else `correlation_id`, else
@@ -223,6 +286,58 @@ mod tests {
     use super::*;
 
     const GOOD: &str = r#"{"commandId":"c-1","appId":"wx_app","chatroomId":"1@chatroom","memberWxid":"wxid_a","content":"hi","extra":1}"#;
+
+    #[test]
+    fn the_fast_path_never_accepts_what_the_slow_path_would_not() {
+        let env = Envelope {
+            message_id: Some("mid".into()),
+            ..Envelope::default()
+        };
+        let long_id = "x".repeat(MAX_COMMAND_ID_BYTES + 1);
+        let bodies = [
+            GOOD.to_owned(),
+            r#"{"appId":"a","chatroomId":"c","memberWxid":"m","content":"x"}"#.to_owned(),
+            r#"{"commandId":null,"appId":"a","chatroomId":"c","memberWxid":"m","content":"x"}"#
+                .to_owned(),
+            r#"{"commandId":"c","appId":"a\u00e9\n","chatroomId":"c","memberWxid":"m","content":"你好"}"#
+                .to_owned(),
+            r#"{"commandId":"c","appId":"a","appId":"b","chatroomId":"c","memberWxid":"m","content":"x"}"#
+                .to_owned(),
+            r#"{"commandId":"","appId":"a","chatroomId":"c","memberWxid":"m","content":"x"}"#
+                .to_owned(),
+            r#"{"commandId":" ","appId":"a","chatroomId":"c","memberWxid":"m","content":"x"}"#
+                .to_owned(),
+            format!(
+                r#"{{"commandId":"{long_id}","appId":"a","chatroomId":"c","memberWxid":"m","content":"x"}}"#
+            ),
+            r#"{"commandId":7,"appId":"a","chatroomId":"c","memberWxid":"m","content":"x"}"#
+                .to_owned(),
+            r#"{"commandId":"c","appId":" ","chatroomId":"c","memberWxid":"m","content":"x"}"#
+                .to_owned(),
+            r#"{"commandId":"c","appId":null,"chatroomId":"c","memberWxid":"m","content":"x"}"#
+                .to_owned(),
+            r#"{"commandId":"c","chatroomId":"c","memberWxid":"m","content":"x"}"#.to_owned(),
+            r#"{"commandId":"c","appId":"a","chatroomId":"c","memberWxid":"m","content":""}"#
+                .to_owned(),
+            r#"{"commandId":"c","appId":["a"],"chatroomId":"c","memberWxid":"m","content":"x"}"#
+                .to_owned(),
+            r#"["c"]"#.to_owned(),
+            r#"{"commandId":"c"} trailing"#.to_owned(),
+        ];
+        for (i, body) in bodies.iter().enumerate() {
+            let fast = decode_valid(body, &env);
+            let slow = decode_slow(body, &env).ok();
+            // The first four are ordinary commands: the fast path takes them.
+            if i < 4 {
+                assert!(fast.is_some(), "fast path missed {body}");
+            }
+            // Whatever the fast path accepts, the slow path accepts alike;
+            // what it declines (a duplicate key, say) the slow path decides.
+            if fast.is_some() {
+                assert_eq!(fast, slow, "paths disagree on {body}");
+            }
+        }
+    }
 
     #[test]
     fn decodes_a_good_command_and_ignores_unknown_fields() {
