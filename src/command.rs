@@ -190,9 +190,11 @@ fn decode_slow(text: &str, envelope: &Envelope) -> Result<Command, Box<Rejected>
     checked().map_err(|e| reject(e, partial))
 }
 
-/// A well-formed command, borrowed from the body.
+/// A well-formed command, borrowed from the body. Other fields send the body
+/// to the slow path: serde skips unknown values without the checks (number
+/// range, surrogates, nesting depth) that make the slow path reject a body.
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct Wire<'a> {
     #[serde(default)]
     command_id: Option<Cow<'a, str>>,
@@ -294,8 +296,10 @@ mod tests {
             ..Envelope::default()
         };
         let long_id = "x".repeat(MAX_COMMAND_ID_BYTES + 1);
+        let deep = format!(r#"{}1{}"#, "[".repeat(200), "]".repeat(200));
         let bodies = [
-            GOOD.to_owned(),
+            r#"{"commandId":"c-1","appId":"a","chatroomId":"c","memberWxid":"m","content":"x"}"#
+                .to_owned(),
             r#"{"appId":"a","chatroomId":"c","memberWxid":"m","content":"x"}"#.to_owned(),
             r#"{"commandId":null,"appId":"a","chatroomId":"c","memberWxid":"m","content":"x"}"#
                 .to_owned(),
@@ -322,6 +326,16 @@ mod tests {
             r#"{"commandId":"c","appId":["a"],"chatroomId":"c","memberWxid":"m","content":"x"}"#
                 .to_owned(),
             r#"["c"]"#.to_owned(),
+            GOOD.to_owned(),
+            r#"{"commandId":"c","appId":"a","chatroomId":"c","memberWxid":"m","content":"x","n":1e400}"#
+                .to_owned(),
+            r#"{"commandId":"c","appId":"a","chatroomId":"c","memberWxid":"m","content":"x","s":"\ud800"}"#
+                .to_owned(),
+            r#"{"commandId":"c","appId":"\ud800","chatroomId":"c","memberWxid":"m","content":"x"}"#
+                .to_owned(),
+            format!(
+                r#"{{"commandId":"c","appId":"a","chatroomId":"c","memberWxid":"m","content":"x","d":{deep}}}"#
+            ),
             r#"{"commandId":"c"} trailing"#.to_owned(),
         ];
         for (i, body) in bodies.iter().enumerate() {

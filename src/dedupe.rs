@@ -19,7 +19,7 @@ use std::{future::Future, sync::Arc, time::Duration};
 use quick_cache::sync::Cache;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
 
 use crate::{
     event::ErrorKind,
@@ -38,6 +38,11 @@ const MAX_ENTRIES: usize = 20_000;
 /// it every [`CLAIM_RENEW`] while its call runs.
 const CLAIM_LEASE: Duration = Duration::from_secs(10);
 const CLAIM_RENEW: Duration = Duration::from_secs(3);
+/// A claim not confirmed for `CLAIM_LEASE - CLAIM_MARGIN` counts as lost,
+/// so no request leaves after the lease may have run out.
+const CLAIM_MARGIN: Duration = Duration::from_secs(2);
+/// Retry of a failed renewal.
+const CLAIM_RETRY: Duration = Duration::from_secs(1);
 /// How often a delivery checks whether another replica's claim produced
 /// an outcome (or expired).
 const CLAIM_POLL: Duration = Duration::from_millis(100);
@@ -86,34 +91,46 @@ pub fn claim_lost() -> bool {
 }
 
 /// Renews `owner`'s claim on `command_id` every [`CLAIM_RENEW`] until
-/// aborted; cancels `lost` when the claim is someone else's, or when Redis
-/// failures could let the lease run out before the next renewal.
+/// aborted, and cancels `lost` when the claim is someone else's or may run
+/// out: when no renewal sent before `CLAIM_LEASE - CLAIM_MARGIN` has been
+/// confirmed, whether Redis refuses or hangs. `claimed_at` is when the
+/// claim was sent.
 async fn renew_claim(
     shared: Arc<SharedState>,
     command_id: String,
     owner: String,
+    claimed_at: Instant,
     lost: CancellationToken,
 ) {
-    let mut every = tokio::time::interval(CLAIM_RENEW);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    every.tick().await;
-    let mut renewed = Instant::now();
+    let mut confirmed = claimed_at;
+    let mut next = claimed_at + CLAIM_RENEW;
     loop {
-        every.tick().await;
-        match shared.renew(&command_id, &owner, CLAIM_LEASE).await {
-            Ok(true) => renewed = Instant::now(),
-            Ok(false) => {
-                tracing::warn!(%command_id, "lost the claim on this commandId; no further GeWe request is made for it here");
+        let renewal = async {
+            tokio::time::sleep_until(next).await;
+            let sent = Instant::now();
+            (sent, shared.renew(&command_id, &owner, CLAIM_LEASE).await)
+        };
+        tokio::select! {
+            () = tokio::time::sleep_until(confirmed + CLAIM_LEASE - CLAIM_MARGIN) => {
+                tracing::warn!(%command_id, "could not renew the claim on this commandId in time; no further GeWe request is made for it here");
                 lost.cancel();
                 return;
             }
-            Err(e) => {
-                tracing::warn!(%command_id, error = %e, "could not renew the claim on this commandId");
-                if renewed.elapsed() + CLAIM_RENEW >= CLAIM_LEASE {
+            (sent, renewed) = renewal => match renewed {
+                Ok(true) => {
+                    confirmed = sent;
+                    next = sent + CLAIM_RENEW;
+                }
+                Ok(false) => {
+                    tracing::warn!(%command_id, "lost the claim on this commandId; no further GeWe request is made for it here");
                     lost.cancel();
                     return;
                 }
-            }
+                Err(e) => {
+                    tracing::warn!(%command_id, error = %e, "could not renew the claim on this commandId");
+                    next = Instant::now() + CLAIM_RETRY;
+                }
+            },
         }
     }
 }
@@ -134,6 +151,31 @@ pub enum Resolved {
 /// An outcome in memory and when it was stored, for the window.
 type Entry = (Instant, Arc<Known>);
 
+/// Share of the store kept for entries read again. Most outcomes are never
+/// read again, and quick_cache evicts unread ("cold") entries first, so
+/// with its default of 97 % a new outcome would be evicted after a few
+/// hundred newer ones; with 10 % an unread outcome outlives at least ~80 %
+/// of `MAX_ENTRIES` newer ones (tested below).
+const HOT_SHARE: f64 = 0.1;
+
+fn new_store() -> Cache<String, Entry> {
+    let options = quick_cache::OptionsBuilder::new()
+        .estimated_items_capacity(MAX_ENTRIES)
+        .weight_capacity(MAX_ENTRIES as u64)
+        .hot_allocation(HOT_SHARE)
+        .build();
+    match options {
+        Ok(options) => Cache::with_options(
+            options,
+            Default::default(),
+            Default::default(),
+            Default::default(),
+        ),
+        // Only invalid constants could fail; fall back to the defaults.
+        Err(_) => Cache::new(MAX_ENTRIES),
+    }
+}
+
 /// Store of known outcomes: in memory, and in Redis when configured.
 #[derive(Clone)]
 pub struct Dedupe {
@@ -153,7 +195,7 @@ impl Dedupe {
         shutdown: CancellationToken,
     ) -> Self {
         Self {
-            cache: Arc::new(Cache::new(MAX_ENTRIES)),
+            cache: Arc::new(new_store()),
             shared,
             window,
             owner: uuid::Uuid::new_v4().to_string(),
@@ -168,9 +210,12 @@ impl Dedupe {
     where
         F: Future<Output = Result<Known, Interrupted>>,
     {
+        // A value stored after we asked is fresh whatever the window (a
+        // waiter handed the outcome of the call it waited for).
+        let asked = Instant::now();
         let guard = loop {
             match self.cache.get_value_or_guard_async(command_id).await {
-                Ok((stored, known)) if stored.elapsed() < self.window => {
+                Ok((stored, known)) if stored >= asked || stored.elapsed() < self.window => {
                     return Resolved::Outcome {
                         duplicate: known.published,
                         known,
@@ -224,23 +269,25 @@ impl Dedupe {
         // towards the quorum delivery limit and would end in the dead-letter
         // queue without an event.
         let mut pause = REDIS_RETRY_MIN;
-        loop {
+        let claimed_at = loop {
             if self.shutdown.is_cancelled() {
                 return Err(interrupted(Interrupted::Shutdown));
             }
+            // Before sending: the lease runs from no earlier than this.
+            let sent = Instant::now();
             let wait = match shared
                 .claim_or_outcome(command_id, &self.owner, CLAIM_LEASE)
                 .await
             {
                 Ok(Claim::Outcome(known)) => return Ok((Arc::new(*known), false)),
-                Ok(Claim::Claimed) => break,
+                Ok(Claim::Claimed) => break sent,
                 Ok(Claim::Held) => CLAIM_POLL,
                 // Written by an incompatible version: reported, then
                 // treated as absent rather than blocking the command forever.
                 Err(StateError::Corrupt { command_id, reason }) => {
                     tracing::error!(%command_id, %reason, "ignoring an unreadable stored outcome");
                     match shared.claim(&command_id, &self.owner, CLAIM_LEASE).await {
-                        Ok(true) => break,
+                        Ok(true) => break sent,
                         Ok(false) => CLAIM_POLL,
                         Err(e) => self.redis_failed(&e, &mut pause),
                     }
@@ -251,19 +298,22 @@ impl Dedupe {
                 () = self.shutdown.cancelled() => return Err(interrupted(Interrupted::Shutdown)),
                 () = tokio::time::sleep(wait) => {}
             }
-        }
+        };
         // Renew the claim concurrently, so the call is never starved while a
         // renewal waits on Redis; the call sees a lost claim through
         // `claim_lost()` before each GeWe request.
         let lost = CancellationToken::new();
-        let renewer = tokio::spawn(renew_claim(
+        // Aborted however this future ends (dropped on shutdown, say): a
+        // claim renewed forever would block the command on every replica.
+        let renewer = AbortOnDropHandle::new(tokio::spawn(renew_claim(
             shared.clone(),
             command_id.to_owned(),
             self.owner.clone(),
+            claimed_at,
             lost.clone(),
-        ));
+        )));
         let result = CLAIM_LOST.scope(lost, call).await;
-        renewer.abort();
+        drop(renewer);
         match &result {
             Ok(known) if is_definitive(&known.outcome) => {
                 if let Err(e) = shared
@@ -420,6 +470,41 @@ mod tests {
         assert_eq!(a.outcome.result, b.outcome.result);
     }
 
+    #[tokio::test]
+    async fn a_waiter_takes_the_outcome_it_waited_for_however_short_the_window() {
+        let d = Dedupe::new(Duration::ZERO, None, CancellationToken::new());
+        let calls = Arc::new(AtomicU32::new(0));
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let first = tokio::spawn({
+            let (d, calls) = (d.clone(), calls.clone());
+            async move {
+                d.resolve("c", async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    let _ = released.await;
+                    known(Ok("v3".into()))
+                })
+                .await
+            }
+        });
+        tokio::task::yield_now().await;
+        let second = tokio::spawn({
+            let (d, calls) = (d.clone(), calls.clone());
+            async move {
+                d.resolve("c", async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    known(Ok("v3b".into()))
+                })
+                .await
+            }
+        });
+        tokio::task::yield_now().await;
+        let _ = release.send(());
+        let (a, _) = outcome(first.await.expect("join"));
+        let (b, _) = outcome(second.await.expect("join"));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(a.outcome.result, b.outcome.result);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn an_outcome_is_forgotten_after_the_window() {
         let d = Dedupe::new(Duration::from_secs(60), None, CancellationToken::new());
@@ -436,15 +521,24 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_store_stays_bounded() {
+    async fn the_store_stays_bounded_and_keeps_the_recent_outcomes() {
         let d = Dedupe::new(Duration::from_secs(60), None, CancellationToken::new());
-        for i in 0..(MAX_ENTRIES * 2) {
+        let total = MAX_ENTRIES * 3;
+        for i in 0..total {
             d.resolve(&format!("c{i}"), async { known(Ok("v3".into())) })
                 .await;
         }
         let len = d.cache.len();
         assert!(len <= MAX_ENTRIES, "{len} entries kept");
-        assert!(len >= MAX_ENTRIES / 2, "only {len} entries kept");
+        // Outcomes nobody read again are what a redelivery looks for.
+        let recent = MAX_ENTRIES * 8 / 10;
+        let kept = (total - recent..total)
+            .filter(|i| d.cache.peek(format!("c{i}").as_str()).is_some())
+            .count();
+        assert_eq!(
+            kept, recent,
+            "of the last {recent} outcomes only {kept} are kept"
+        );
     }
 
     #[tokio::test]

@@ -167,35 +167,43 @@ impl Processor {
         cmd: &Command,
         received_at: String,
     ) -> Result<(ResultEvent, Arc<Known>), Arc<Interrupted>> {
-        // Boxed: the nested async state machines (dedupe, breaker, retries,
-        // pacing, HTTP) are otherwise deep enough to exceed rustc's default
-        // query depth in release builds; one allocation per command.
-        let resolved = self
-            .dedupe
-            .resolve(
-                &cmd.command_id,
-                Box::pin(async {
-                    let admission = tokio::select! {
-                        a = self.breaker.admit() => a,
-                        () = self.shutdown.cancelled() => return Err(Interrupted::Shutdown),
-                    };
-                    let outcome = self.call_gewe(cmd).await;
-                    // Without an outcome the admission is dropped, which
-                    // hands a probe's turn on.
-                    if let Ok(o) = &outcome {
-                        admission.record(o.result.as_ref().err().map(|e| e.kind));
-                    }
-                    Ok(Known {
-                        outcome: outcome?,
-                        completed_at: now_rfc3339(),
-                        published: false,
-                    })
-                }),
-            )
-            .await;
-        let (known, duplicate) = match resolved {
-            Resolved::Outcome { known, duplicate } => (known, duplicate),
-            Resolved::Retry(reason) => return Err(reason),
+        let (known, duplicate) = loop {
+            // Boxed: the nested async state machines (dedupe, breaker,
+            // retries, pacing, HTTP) are otherwise deep enough to exceed
+            // rustc's default query depth in release builds.
+            let resolved = self
+                .dedupe
+                .resolve(
+                    &cmd.command_id,
+                    Box::pin(async {
+                        let admission = tokio::select! {
+                            a = self.breaker.admit() => a,
+                            () = self.shutdown.cancelled() => return Err(Interrupted::Shutdown),
+                        };
+                        let outcome = self.call_gewe(cmd).await;
+                        // Without an outcome the admission is dropped, which
+                        // hands a probe's turn on.
+                        if let Ok(o) = &outcome {
+                            admission.record(o.result.as_ref().err().map(|e| e.kind));
+                        }
+                        Ok(Known {
+                            outcome: outcome?,
+                            completed_at: now_rfc3339(),
+                            published: false,
+                        })
+                    }),
+                )
+                .await;
+            match resolved {
+                Resolved::Outcome { known, duplicate } => break (known, duplicate),
+                // Look again while holding the delivery: the replica that
+                // has the claim now stores an outcome, or the claim frees
+                // up. A requeue would count towards the delivery limit.
+                Resolved::Retry(reason) if matches!(*reason, Interrupted::ClaimLost) => {
+                    tracing::warn!(%reason, "waiting for the commandId's outcome instead");
+                }
+                Resolved::Retry(reason) => return Err(reason),
+            }
         };
         if duplicate {
             tracing::info!("commandId already has a published outcome; republishing it");

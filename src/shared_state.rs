@@ -25,6 +25,15 @@ pub enum StateError {
         #[source]
         source: redis::RedisError,
     },
+    /// Redis answered a script with something it never returns: treated
+    /// like an outage (retried), never as "no outcome".
+    #[error("Redis at {url} gave an unexpected reply: {reply}")]
+    UnexpectedReply {
+        /// Redis URL, password redacted.
+        url: String,
+        /// The reply, abbreviated.
+        reply: String,
+    },
     /// A stored value could not be decoded (written by an incompatible version).
     #[error("Redis holds an unreadable outcome for commandId {command_id}: {reason}")]
     Corrupt {
@@ -185,7 +194,10 @@ impl SharedState {
                 .map_err(|e| corrupt(e.to_string())),
             Value::Int(1) => Ok(Claim::Claimed),
             Value::Int(0) => Ok(Claim::Held),
-            other => Err(corrupt(format!("unexpected reply {other:?}"))),
+            other => Err(StateError::UnexpectedReply {
+                url: self.url.clone(),
+                reply: format!("{other:?}").chars().take(200).collect(),
+            }),
         }
     }
 
