@@ -60,6 +60,34 @@ async fn redis() -> redis::aio::MultiplexedConnection {
         .expect("redis")
 }
 
+/// Inside a claimed call: waits, as a command waits for its pacing turn,
+/// until the claim is reported lost; false if it is not within `limit`.
+async fn claim_lost_within(limit: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !dedupe::claim_lost() {
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    true
+}
+
+/// Waits for the call (which runs once the command is claimed) to start.
+async fn claimed_and_started(started: tokio::sync::oneshot::Receiver<()>) {
+    tokio::time::timeout(Duration::from_secs(5), started)
+        .await
+        .expect("the command is claimed")
+        .expect("the call started");
+}
+
+fn assert_claim_lost(resolved: Resolved) {
+    match resolved {
+        Resolved::Retry(e) => assert!(matches!(*e, Interrupted::ClaimLost), "{e}"),
+        Resolved::Outcome { known, .. } => panic!("no retry: {:?}", known.outcome),
+    }
+}
+
 async fn delete_keys(prefix: &str) {
     let mut conn = redis().await;
     let keys: Vec<String> = conn.keys(format!("{prefix}:*")).await.expect("keys");
@@ -159,31 +187,21 @@ async fn a_claim_taken_over_while_waiting_is_seen_before_the_request() {
             let _ = claimed.send(());
             // Waiting for the account's turn, as under pacing: the renewal
             // finds the claim gone and the wait ends without a request.
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-            while !dedupe::claim_lost() {
-                if tokio::time::Instant::now() > deadline {
-                    return success("requested despite the lost claim");
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+            if !claim_lost_within(Duration::from_secs(10)).await {
+                return success("requested despite the lost claim");
             }
             Err(Interrupted::ClaimLost)
         })
         .await
     });
-    tokio::time::timeout(Duration::from_secs(5), taken)
-        .await
-        .expect("the command is claimed")
-        .expect("the call started");
+    claimed_and_started(taken).await;
     // Another replica holds it now, as after our lease ran out.
     let _: () = conn.set(&claim_key, "other-replica").await.expect("set");
     let resolved = tokio::time::timeout(Duration::from_secs(15), waiting)
         .await
         .expect("the loss is noticed within a renewal period")
         .expect("join");
-    match resolved {
-        Resolved::Retry(e) => assert!(matches!(*e, Interrupted::ClaimLost), "{e}"),
-        Resolved::Outcome { known, .. } => panic!("no retry: {:?}", known.outcome),
-    }
+    assert_claim_lost(resolved);
     let holder: Option<String> = conn.get(&claim_key).await.expect("get");
     assert_eq!(
         holder.as_deref(),
@@ -198,5 +216,78 @@ async fn a_claim_taken_over_while_waiting_is_seen_before_the_request() {
         outcome, None,
         "nothing stored for a call that did not happen"
     );
+    delete_keys(&prefix).await;
+}
+
+/// A TCP proxy to Redis that can be frozen: connections stay open but no
+/// byte moves any more, as when Redis or the network hangs.
+async fn freezable_redis_proxy() -> (String, CancellationToken) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let upstream = redis_url()
+        .trim_start_matches("redis://")
+        .split('/')
+        .next()
+        .unwrap_or("127.0.0.1:6379")
+        .to_owned();
+    let frozen = CancellationToken::new();
+    let freeze = frozen.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let (upstream, frozen) = (upstream.clone(), frozen.clone());
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let relay = async {
+                    tokio::select! {
+                        _ = tokio::io::copy(&mut cr, &mut sw) => {}
+                        _ = tokio::io::copy(&mut sr, &mut cw) => {}
+                    }
+                };
+                tokio::select! {
+                    () = relay => {}
+                    // Hold both sockets open, silent.
+                    () = frozen.cancelled() => std::future::pending::<()>().await,
+                }
+            });
+        }
+    });
+    (format!("redis://127.0.0.1:{port}/0"), freeze)
+}
+
+#[tokio::test]
+async fn a_claim_is_given_up_before_its_lease_runs_out_when_redis_hangs() {
+    let prefix = prefix();
+    let (proxied, freeze) = freezable_redis_proxy().await;
+    let shared = SharedState::new(&proxied, &prefix).expect("redis url");
+    let d = Dedupe::new(WINDOW, Some(Arc::new(shared)), CancellationToken::new());
+    let claim_key = format!("{prefix}:claim:cmd");
+    let (claimed, taken) = tokio::sync::oneshot::channel::<()>();
+    let waiting = tokio::spawn(async move {
+        d.resolve("cmd", async move {
+            let _ = claimed.send(());
+            if !claim_lost_within(Duration::from_secs(20)).await {
+                return success("requested despite the lost claim");
+            }
+            // Given up while the lease still holds: no other replica can
+            // have claimed the command yet.
+            let left: i64 = redis().await.pttl(&claim_key).await.expect("pttl");
+            assert!(left > 500, "claim given up with {left} ms of lease left");
+            Err(Interrupted::ClaimLost)
+        })
+        .await
+    });
+    claimed_and_started(taken).await;
+    freeze.cancel();
+    let resolved = tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("the claim is given up")
+        .expect("no assertion failed in the call");
+    assert_claim_lost(resolved);
     delete_keys(&prefix).await;
 }
