@@ -214,6 +214,13 @@ struct Wire<'a> {
 /// wrong, so the fast path must never accept what the slow path would
 /// reject, nor read a field differently (tested below).
 fn decode_valid(text: &str, envelope: &Envelope) -> Option<Command> {
+    // serde_json also reads a struct from an array of its fields in order.
+    if !text
+        .trim_start_matches([' ', '\t', '\n', '\r'])
+        .starts_with('{')
+    {
+        return None;
+    }
     let wire: Wire = serde_json::from_str(text).ok()?;
     let fields = [
         &wire.app_id,
@@ -326,6 +333,8 @@ mod tests {
             r#"{"commandId":"c","appId":["a"],"chatroomId":"c","memberWxid":"m","content":"x"}"#
                 .to_owned(),
             r#"["c"]"#.to_owned(),
+            r#"["c","a","c","m","x"]"#.to_owned(),
+            r#" [null,"a","c","m","x"]"#.to_owned(),
             GOOD.to_owned(),
             r#"{"commandId":"c","appId":"a","chatroomId":"c","memberWxid":"m","content":"x","n":1e400}"#
                 .to_owned(),

@@ -19,9 +19,10 @@ use std::{future::Future, sync::Arc, time::Duration};
 use quick_cache::sync::Cache;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
-use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
+use tokio_util::sync::CancellationToken;
 
 use crate::{
+    claim,
     event::ErrorKind,
     gewe::CallOutcome,
     shared_state::{Claim, SharedState, StateError},
@@ -33,16 +34,6 @@ use crate::{
 /// at a few MiB. Deployments that need the whole `dedupe.window` covered at
 /// high volume set `redis.url`.
 const MAX_ENTRIES: usize = 20_000;
-/// How long a claim on a commandId lives without renewal: a crashed
-/// replica's claim blocks the command at most this long. The owner renews
-/// it every [`CLAIM_RENEW`] while its call runs.
-const CLAIM_LEASE: Duration = Duration::from_secs(10);
-const CLAIM_RENEW: Duration = Duration::from_secs(3);
-/// A claim not confirmed for `CLAIM_LEASE - CLAIM_MARGIN` counts as lost,
-/// so no request leaves after the lease may have run out.
-const CLAIM_MARGIN: Duration = Duration::from_secs(2);
-/// Retry of a failed renewal.
-const CLAIM_RETRY: Duration = Duration::from_secs(1);
 /// How often a delivery checks whether another replica's claim produced
 /// an outcome (or expired).
 const CLAIM_POLL: Duration = Duration::from_millis(100);
@@ -74,67 +65,6 @@ pub enum Interrupted {
     ClaimLost,
 }
 
-tokio::task_local! {
-    /// Cancelled when the current task's Redis claim on its commandId is
-    /// lost; absent outside a claimed call.
-    static CLAIM_LOST: CancellationToken;
-}
-
-/// Whether the current task holds a Redis claim that it has lost (it ran
-/// out unrenewed, or another replica took it over). Callers check it right
-/// before each GeWe request: a claim taken before long pacing or breaker
-/// waits must still be ours when the request goes out.
-pub fn claim_lost() -> bool {
-    CLAIM_LOST
-        .try_with(CancellationToken::is_cancelled)
-        .unwrap_or(false)
-}
-
-/// Renews `owner`'s claim on `command_id` every [`CLAIM_RENEW`] until
-/// aborted, and cancels `lost` when the claim is someone else's or may run
-/// out: when no renewal sent before `CLAIM_LEASE - CLAIM_MARGIN` has been
-/// confirmed, whether Redis refuses or hangs. `claimed_at` is when the
-/// claim was sent.
-async fn renew_claim(
-    shared: Arc<SharedState>,
-    command_id: String,
-    owner: String,
-    claimed_at: Instant,
-    lost: CancellationToken,
-) {
-    let mut confirmed = claimed_at;
-    let mut next = claimed_at + CLAIM_RENEW;
-    loop {
-        let renewal = async {
-            tokio::time::sleep_until(next).await;
-            let sent = Instant::now();
-            (sent, shared.renew(&command_id, &owner, CLAIM_LEASE).await)
-        };
-        tokio::select! {
-            () = tokio::time::sleep_until(confirmed + CLAIM_LEASE - CLAIM_MARGIN) => {
-                tracing::warn!(%command_id, "could not renew the claim on this commandId in time; no further GeWe request is made for it here");
-                lost.cancel();
-                return;
-            }
-            (sent, renewed) = renewal => match renewed {
-                Ok(true) => {
-                    confirmed = sent;
-                    next = sent + CLAIM_RENEW;
-                }
-                Ok(false) => {
-                    tracing::warn!(%command_id, "lost the claim on this commandId; no further GeWe request is made for it here");
-                    lost.cancel();
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!(%command_id, error = %e, "could not renew the claim on this commandId");
-                    next = Instant::now() + CLAIM_RETRY;
-                }
-            },
-        }
-    }
-}
-
 /// What [`Dedupe::resolve`] found.
 pub enum Resolved {
     /// The outcome to publish.
@@ -157,12 +87,17 @@ type Entry = (Instant, Arc<Known>);
 /// hundred newer ones; with 10 % an unread outcome outlives at least ~80 %
 /// of `MAX_ENTRIES` newer ones (tested below).
 const HOT_SHARE: f64 = 0.1;
+/// Divides `MAX_ENTRIES` exactly.
+const SHARDS: usize = 8;
 
 fn new_store() -> Cache<String, Entry> {
     let options = quick_cache::OptionsBuilder::new()
         .estimated_items_capacity(MAX_ENTRIES)
         .weight_capacity(MAX_ENTRIES as u64)
         .hot_allocation(HOT_SHARE)
+        // A fixed shard count (quick_cache defaults to 4 per CPU): the
+        // capacity and each shard's share of it do not depend on the host.
+        .shards(SHARDS)
         .build();
     match options {
         Ok(options) => Cache::with_options(
@@ -276,7 +211,7 @@ impl Dedupe {
             // Before sending: the lease runs from no earlier than this.
             let sent = Instant::now();
             let wait = match shared
-                .claim_or_outcome(command_id, &self.owner, CLAIM_LEASE)
+                .claim_or_outcome(command_id, &self.owner, claim::LEASE)
                 .await
             {
                 Ok(Claim::Outcome(known)) => return Ok((Arc::new(*known), false)),
@@ -286,7 +221,7 @@ impl Dedupe {
                 // treated as absent rather than blocking the command forever.
                 Err(StateError::Corrupt { command_id, reason }) => {
                     tracing::error!(%command_id, %reason, "ignoring an unreadable stored outcome");
-                    match shared.claim(&command_id, &self.owner, CLAIM_LEASE).await {
+                    match shared.claim(&command_id, &self.owner, claim::LEASE).await {
                         Ok(true) => break sent,
                         Ok(false) => CLAIM_POLL,
                         Err(e) => self.redis_failed(&e, &mut pause),
@@ -299,21 +234,9 @@ impl Dedupe {
                 () = tokio::time::sleep(wait) => {}
             }
         };
-        // Renew the claim concurrently, so the call is never starved while a
-        // renewal waits on Redis; the call sees a lost claim through
-        // `claim_lost()` before each GeWe request.
-        let lost = CancellationToken::new();
-        // Aborted however this future ends (dropped on shutdown, say): a
-        // claim renewed forever would block the command on every replica.
-        let renewer = AbortOnDropHandle::new(tokio::spawn(renew_claim(
-            shared.clone(),
-            command_id.to_owned(),
-            self.owner.clone(),
-            claimed_at,
-            lost.clone(),
-        )));
-        let result = CLAIM_LOST.scope(lost, call).await;
-        drop(renewer);
+        // Renewed concurrently, so the call is never starved while a renewal
+        // waits on Redis; the call checks `claim::lost()` before each request.
+        let result = claim::hold(shared.clone(), command_id, &self.owner, claimed_at, call).await;
         match &result {
             Ok(known) if is_definitive(&known.outcome) => {
                 if let Err(e) = shared

@@ -8,6 +8,7 @@
 pub mod app;
 pub mod breaker;
 pub mod broker;
+pub mod claim;
 pub mod cli;
 pub mod client;
 pub mod command;

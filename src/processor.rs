@@ -20,8 +20,9 @@ use tracing::Instrument;
 use crate::{
     breaker::Breaker,
     broker::{PublishError, Publisher},
+    claim,
     command::{self, Command, Envelope},
-    dedupe::{self, Dedupe, Interrupted, Known, Resolved},
+    dedupe::{Dedupe, Interrupted, Known, Resolved},
     event::{ErrorKind, EventError, ResultEvent, Status, now_rfc3339},
     gewe::{Backoff, CallOutcome, GeweClient, Verdict, classify},
     outbound::{envelope_of, publish_event},
@@ -247,7 +248,7 @@ impl Processor {
                     }
                     // The waits above can outlast a Redis outage; a claim
                     // lost meanwhile means another replica may call.
-                    if dedupe::claim_lost() {
+                    if claim::lost() {
                         return Err(Interrupted::ClaimLost);
                     }
                     tracing::debug!(waited_ms = turn.waited.as_millis() as u64, "calling GeWe");

@@ -61,9 +61,11 @@ return start - now
     )
 });
 
-/// The stored outcome if there is one, else the claim if nobody holds it:
-/// one atomic step, so an outcome stored and released by another replica
-/// between our read and our claim cannot be missed. KEYS[1] = outcome,
+/// The stored outcome if there is one, else the claim if nobody else holds
+/// it: one atomic step, so an outcome stored and released by another
+/// replica between our read and our claim cannot be missed. A claim that is
+/// already ours (a renewal that timed out but ran) is taken again: one
+/// process resolves a commandId once at a time. KEYS[1] = outcome,
 /// KEYS[2] = claim, ARGV[1] = owner, ARGV[2] = lease ms. Returns the
 /// outcome, 1 (claimed) or 0 (held by another replica).
 static CLAIM_OR_OUTCOME: LazyLock<Script> = LazyLock::new(|| {
@@ -72,6 +74,10 @@ static CLAIM_OR_OUTCOME: LazyLock<Script> = LazyLock::new(|| {
 local stored = redis.call('GET', KEYS[1])
 if stored then return stored end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[2]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+  return 1
+end
 return 0
 "#,
     )

@@ -14,7 +14,8 @@ use std::{
 
 use common::redis_url;
 use gewe_friend_worker::{
-    dedupe::{self, Dedupe, Interrupted, Known, Resolved},
+    claim,
+    dedupe::{Dedupe, Interrupted, Known, Resolved},
     gewe::CallOutcome,
     shared_state::SharedState,
 };
@@ -64,7 +65,7 @@ async fn redis() -> redis::aio::MultiplexedConnection {
 /// until the claim is reported lost; false if it is not within `limit`.
 async fn claim_lost_within(limit: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + limit;
-    while !dedupe::claim_lost() {
+    while !claim::lost() {
         if tokio::time::Instant::now() > deadline {
             return false;
         }
@@ -110,7 +111,7 @@ async fn a_replica_waits_for_the_claim_holder_and_publishes_its_outcome() {
                 calls.fetch_add(1, Ordering::SeqCst);
                 let _ = started.send(());
                 let _ = released.await;
-                assert!(!dedupe::claim_lost(), "a held claim is not lost");
+                assert!(!claim::lost(), "a held claim is not lost");
                 success("v3_from_a")
             })
             .await
@@ -226,12 +227,14 @@ async fn freezable_redis_proxy() -> (String, CancellationToken) {
         .await
         .expect("bind");
     let port = listener.local_addr().expect("addr").port();
-    let upstream = redis_url()
-        .trim_start_matches("redis://")
-        .split('/')
-        .next()
-        .unwrap_or("127.0.0.1:6379")
-        .to_owned();
+    let mut proxied = url::Url::parse(&redis_url()).expect("redis url");
+    let upstream = format!(
+        "{}:{}",
+        proxied.host_str().unwrap_or("127.0.0.1"),
+        proxied.port().unwrap_or(6379)
+    );
+    proxied.set_host(Some("127.0.0.1")).expect("host");
+    proxied.set_port(Some(port)).expect("port");
     let frozen = CancellationToken::new();
     let freeze = frozen.clone();
     tokio::spawn(async move {
@@ -250,14 +253,15 @@ async fn freezable_redis_proxy() -> (String, CancellationToken) {
                     }
                 };
                 tokio::select! {
-                    () = relay => {}
+                    biased;
                     // Hold both sockets open, silent.
                     () = frozen.cancelled() => std::future::pending::<()>().await,
+                    () = relay => {}
                 }
             });
         }
     });
-    (format!("redis://127.0.0.1:{port}/0"), freeze)
+    (proxied.to_string(), freeze)
 }
 
 #[tokio::test]
