@@ -314,6 +314,7 @@ fn worker_process(
         .env("GEWE_WORKER__GEWE__BASE_URL", gewe)
         .env("GEWE_WORKER__GEWE__TOKEN", TOKEN)
         .env("GEWE_WORKER__REDIS__URL", redis_url())
+        .env("GEWE_WORKER__DEDUPE__WINDOW", "10m")
         .env("GEWE_WORKER__HTTP__LISTEN", "127.0.0.1:0")
         .env("GEWE_WORKER__PACING__PER_APP_MIN_INTERVAL", "0s")
         .env("RUST_LOG", "warn")

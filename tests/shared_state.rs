@@ -197,7 +197,10 @@ async fn a_claim_taken_over_while_waiting_is_seen_before_the_request() {
     });
     claimed_and_started(taken).await;
     // Another replica holds it now, as after our lease ran out.
-    let _: () = conn.set(&claim_key, "other-replica").await.expect("set");
+    let _: () = conn
+        .set_ex(&claim_key, "other-replica", 60)
+        .await
+        .expect("set");
     let resolved = tokio::time::timeout(Duration::from_secs(15), waiting)
         .await
         .expect("the loss is noticed within a renewal period")
