@@ -8,7 +8,9 @@
 
 use std::{sync::LazyLock, time::Duration};
 
-use redis::{AsyncCommands, Script, Value, aio::ConnectionManager};
+use redis::{
+    AsyncCommands, FromRedisValue, Script, ScriptInvocation, Value, aio::ConnectionManager,
+};
 use tokio::sync::OnceCell;
 
 use crate::{config::redact_url_password, dedupe::Known};
@@ -126,6 +128,11 @@ pub enum Claim {
     Held,
 }
 
+/// A TTL or lease in Redis' milliseconds; never 0, which Redis refuses.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
 /// Lazily connected, auto-reconnecting Redis client.
 pub struct SharedState {
     url: String,
@@ -174,6 +181,18 @@ impl SharedState {
         format!("{}:{kind}:{id}", self.prefix)
     }
 
+    /// Runs one script invocation on the shared connection.
+    async fn run<T: FromRedisValue>(
+        &self,
+        invocation: &mut ScriptInvocation<'_>,
+    ) -> Result<T, StateError> {
+        let mut conn = self.conn().await?;
+        invocation
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.unavailable(e))
+    }
+
     /// The stored outcome of `command_id`, or else a claim on it for `lease`.
     pub async fn claim_or_outcome(
         &self,
@@ -181,15 +200,15 @@ impl SharedState {
         owner: &str,
         lease: Duration,
     ) -> Result<Claim, StateError> {
-        let mut conn = self.conn().await?;
-        let found: Value = CLAIM_OR_OUTCOME
-            .key(self.key("outcome", command_id))
-            .key(self.key("claim", command_id))
-            .arg(owner)
-            .arg(lease.as_millis().max(1) as u64)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(|e| self.unavailable(e))?;
+        let found: Value = self
+            .run(
+                CLAIM_OR_OUTCOME
+                    .key(self.key("outcome", command_id))
+                    .key(self.key("claim", command_id))
+                    .arg(owner)
+                    .arg(millis(lease)),
+            )
+            .await?;
         let corrupt = |reason: String| StateError::Corrupt {
             command_id: command_id.to_owned(),
             reason,
@@ -216,17 +235,16 @@ impl SharedState {
         window: Duration,
         owner: &str,
     ) -> Result<(), StateError> {
-        let mut conn = self.conn().await?;
-        STORE_AND_RELEASE
-            .key(self.key("outcome", command_id))
-            .key(self.key("claim", command_id))
-            .arg(serde_json::to_string(known).unwrap_or_default())
-            .arg(window.as_millis().max(1) as u64)
-            .arg(owner)
-            .invoke_async::<i64>(&mut conn)
-            .await
-            .map(|_| ())
-            .map_err(|e| self.unavailable(e))
+        self.run::<i64>(
+            STORE_AND_RELEASE
+                .key(self.key("outcome", command_id))
+                .key(self.key("claim", command_id))
+                .arg(serde_json::to_string(known).unwrap_or_default())
+                .arg(millis(window))
+                .arg(owner),
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Stores the outcome of `command_id` for `window`.
@@ -238,13 +256,9 @@ impl SharedState {
     ) -> Result<(), StateError> {
         let mut conn = self.conn().await?;
         let value = serde_json::to_string(known).unwrap_or_default();
-        conn.pset_ex::<_, _, ()>(
-            self.key("outcome", command_id),
-            value,
-            window.as_millis().max(1) as u64,
-        )
-        .await
-        .map_err(|e| self.unavailable(e))
+        conn.pset_ex::<_, _, ()>(self.key("outcome", command_id), value, millis(window))
+            .await
+            .map_err(|e| self.unavailable(e))
     }
 
     /// Claims `command_id` for `lease`; false when another replica holds it.
@@ -260,7 +274,7 @@ impl SharedState {
             .arg(owner)
             .arg("NX")
             .arg("PX")
-            .arg(lease.as_millis().max(1) as u64)
+            .arg(millis(lease))
             .query_async(&mut conn)
             .await
             .map_err(|e| self.unavailable(e))?;
@@ -269,14 +283,9 @@ impl SharedState {
 
     /// Releases a claim taken by `owner`.
     pub async fn release(&self, command_id: &str, owner: &str) -> Result<(), StateError> {
-        let mut conn = self.conn().await?;
-        RELEASE_CLAIM
-            .key(self.key("claim", command_id))
-            .arg(owner)
-            .invoke_async::<i64>(&mut conn)
+        self.run::<i64>(RELEASE_CLAIM.key(self.key("claim", command_id)).arg(owner))
             .await
             .map(|_| ())
-            .map_err(|e| self.unavailable(e))
     }
 
     /// Extends a claim held by `owner` to `lease` from now; false when the
@@ -287,15 +296,14 @@ impl SharedState {
         owner: &str,
         lease: Duration,
     ) -> Result<bool, StateError> {
-        let mut conn = self.conn().await?;
-        RENEW_CLAIM
-            .key(self.key("claim", command_id))
-            .arg(owner)
-            .arg(lease.as_millis().max(1) as u64)
-            .invoke_async::<i64>(&mut conn)
-            .await
-            .map(|renewed| renewed == 1)
-            .map_err(|e| self.unavailable(e))
+        self.run::<i64>(
+            RENEW_CLAIM
+                .key(self.key("claim", command_id))
+                .arg(owner)
+                .arg(millis(lease)),
+        )
+        .await
+        .map(|renewed| renewed == 1)
     }
 
     /// Reserves the next call start for `app_id`; returns the wait before it.
@@ -304,13 +312,13 @@ impl SharedState {
         app_id: &str,
         interval: Duration,
     ) -> Result<Duration, StateError> {
-        let mut conn = self.conn().await?;
-        let wait_ms: i64 = RESERVE_START
-            .key(self.key("pace", app_id))
-            .arg(interval.as_millis() as u64)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(|e| self.unavailable(e))?;
+        let wait_ms: i64 = self
+            .run(
+                RESERVE_START
+                    .key(self.key("pace", app_id))
+                    .arg(interval.as_millis() as u64),
+            )
+            .await?;
         Ok(Duration::from_millis(wait_ms.max(0) as u64))
     }
 }
