@@ -12,11 +12,8 @@ use std::collections::HashSet;
 use common::*;
 use gewe_friend_worker::{broker::topology, gewe::ADD_MEMBER_PATH};
 use lapin::{
-    Connection, ConnectionProperties,
-    options::{
-        BasicConsumeOptions, ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
-        QueueDeleteOptions,
-    },
+    Connection,
+    options::{BasicConsumeOptions, QueueDeclareOptions, QueueDeleteOptions},
     types::FieldTable,
 };
 use wiremock::{
@@ -50,13 +47,7 @@ async fn observe(
     settings: &gewe_friend_worker::config::Settings,
     queue: &str,
 ) -> (Connection, lapin::Consumer) {
-    let conn = Connection::connect(&settings.amqp.url, ConnectionProperties::default())
-        .await
-        .expect("connect");
-    let ch = conn.create_channel().await.expect("channel");
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirms");
+    let (conn, ch) = confirm_channel(&settings.amqp.url).await;
     let consumer = ch
         .basic_consume(
             queue.into(),
@@ -82,13 +73,8 @@ async fn rabbitmq_stop_app_and_start_app_mid_run_loses_nothing() {
 
     // A durable queue bound to the results survives the restart, like a
     // real downstream consumer's queue.
-    let conn = Connection::connect(&settings.amqp.url, ConnectionProperties::default())
-        .await
-        .expect("connect");
-    let ch = conn.create_channel().await.expect("channel");
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirms");
+    // Held to the end: the channel lives on this connection.
+    let (_conn, ch) = confirm_channel(&settings.amqp.url).await;
     topology::declare(&ch, &settings.amqp)
         .await
         .expect("topology");
@@ -102,15 +88,7 @@ async fn rabbitmq_stop_app_and_start_app_mid_run_loses_nothing() {
     )
     .await
     .expect("observer queue");
-    ch.queue_bind(
-        observed.as_str().into(),
-        settings.amqp.result_exchange.as_str().into(),
-        "#".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .expect("bind");
+    bind_to_results(&ch, &observed, &settings).await;
     let (stop, worker, ops) = start_worker(&settings).await;
     wait_for_readyz(ops, 200, "ready").await;
 

@@ -9,6 +9,7 @@ use futures_util::StreamExt;
 use gewe_friend_worker::{app::Application, broker::topology, config::Settings};
 use lapin::{
     BasicProperties, Channel, Connection, ConnectionProperties, Consumer,
+    message::Delivery,
     options::{
         BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
         QueueBindOptions, QueueDeclareOptions,
@@ -104,8 +105,9 @@ pub async fn spawn_listener(settings: &Settings) -> TestApp {
     listener(settings.clone(), true).await
 }
 
-async fn listener(settings: Settings, bind_results: bool) -> TestApp {
-    let connection = Connection::connect(&settings.amqp.url, ConnectionProperties::default())
+/// A connection and a confirm-mode channel on it.
+pub async fn confirm_channel(url: &str) -> (Connection, Channel) {
+    let connection = Connection::connect(url, ConnectionProperties::default())
         .await
         .expect("RabbitMQ must be running for integration tests");
     let channel = connection.create_channel().await.expect("channel");
@@ -113,6 +115,25 @@ async fn listener(settings: Settings, bind_results: bool) -> TestApp {
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .expect("confirms");
+    (connection, channel)
+}
+
+/// Binds `queue` to every routing key of the result exchange.
+pub async fn bind_to_results(channel: &Channel, queue: &str, settings: &Settings) {
+    channel
+        .queue_bind(
+            queue.into(),
+            settings.amqp.result_exchange.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+}
+
+async fn listener(settings: Settings, bind_results: bool) -> TestApp {
+    let (connection, channel) = confirm_channel(&settings.amqp.url).await;
     topology::declare(&channel, &settings.amqp)
         .await
         .expect("topology");
@@ -129,16 +150,7 @@ async fn listener(settings: Settings, bind_results: bool) -> TestApp {
         .await
         .expect("listener queue");
     if bind_results {
-        channel
-            .queue_bind(
-                listener.name().clone(),
-                settings.amqp.result_exchange.as_str().into(),
-                "#".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("bind");
+        bind_to_results(&channel, listener.name().as_str(), &settings).await;
     }
     let events = channel
         .basic_consume(
@@ -239,16 +251,10 @@ impl TestApp {
             .expect("consume dead letters");
         let mut out = Vec::with_capacity(expected);
         while out.len() < expected {
-            let delivery = tokio::time::timeout(WAIT, consumer.next())
-                .await
-                .unwrap_or_else(|_| panic!("only {} of {expected} dead letters arrived", out.len()))
-                .expect("consumer open")
-                .expect("delivery");
-            delivery
-                .acker
-                .ack(BasicAckOptions::default())
-                .await
-                .expect("ack");
+            let delivery = next_acked(&mut consumer, || {
+                format!("only {} of {expected} dead letters arrived", out.len())
+            })
+            .await;
             out.push(delivery.data);
         }
         let _ = channel.close(200, "done".into()).await;
@@ -269,11 +275,11 @@ impl TestApp {
     }
 }
 
-/// Next delivery on `consumer` as a [`Received`], acked.
-pub async fn next_on(consumer: &mut Consumer) -> Received {
+/// Next delivery on `consumer`, acked; panics with `late()` after [`WAIT`].
+async fn next_acked(consumer: &mut Consumer, late: impl FnOnce() -> String) -> Delivery {
     let delivery = tokio::time::timeout(WAIT, consumer.next())
         .await
-        .expect("an event arrives in time")
+        .unwrap_or_else(|_| panic!("{}", late()))
         .expect("consumer open")
         .expect("delivery");
     delivery
@@ -281,6 +287,12 @@ pub async fn next_on(consumer: &mut Consumer) -> Received {
         .ack(BasicAckOptions::default())
         .await
         .expect("ack");
+    delivery
+}
+
+/// Next delivery on `consumer` as a [`Received`], acked.
+pub async fn next_on(consumer: &mut Consumer) -> Received {
+    let delivery = next_acked(consumer, || "an event arrives in time".to_owned()).await;
     Received {
         body: serde_json::from_slice(&delivery.data).expect("event is JSON"),
         properties: delivery.properties,
