@@ -9,13 +9,14 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     breaker::Breaker,
     config::Settings,
-    dedupe::Dedupe,
     gewe::{Backoff, GeweClient},
+    idempotency::{Idempotency, LEASE_OVER_TIMEOUT},
+    meters::meters,
     ops,
-    pacing::Pacer,
-    processor::Processor,
+    pacing::{Pacer, SharedPacing},
+    processor::{Parts, Processor},
     redact::Redactor,
-    shared_state::SharedState,
+    redis_client::RedisClient,
     worker::{self, Readiness},
 };
 
@@ -28,6 +29,8 @@ pub struct Application {
     settings: Settings,
     processor: Arc<Processor>,
     readiness: Arc<Readiness>,
+    redis: Option<Arc<RedisClient>>,
+    stop_calls: CancellationToken,
     ops_listener: TcpListener,
     ops_addr: SocketAddr,
 }
@@ -35,34 +38,53 @@ pub struct Application {
 impl Application {
     /// Builds everything that can fail before the first command.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        // Every metric exists from start-up, before the first command.
+        let _ = meters();
         let token = settings.require_token()?;
         let redactor = Redactor::new(secrecy::ExposeSecret::expose_secret(token));
         let gewe = GeweClient::new(&settings.gewe.base_url, token, settings.gewe.timeout)?;
-        let shared = match &settings.redis.url {
-            Some(url) => Some(Arc::new(SharedState::new(url, REDIS_PREFIX)?)),
+        let redis = match &settings.redis.url {
+            Some(url) => Some(Arc::new(RedisClient::new(url)?)),
             None => None,
         };
+        let idempotency = match &redis {
+            // The lease outlasts one GeWe attempt, so no request outlives
+            // the claim it was sent under.
+            Some(client) => Idempotency::in_redis(
+                client.clone(),
+                REDIS_PREFIX,
+                settings.dedupe.window,
+                settings.gewe.timeout + LEASE_OVER_TIMEOUT,
+            ),
+            None => Idempotency::in_memory(settings.dedupe.window),
+        };
+        let pacing = redis
+            .as_ref()
+            .map(|client| SharedPacing::new(client.clone(), REDIS_PREFIX));
         let breaker = Arc::new(Breaker::new(&settings.breaker));
         // Cancelled when shutdown begins: no GeWe call starts after it.
         let stop_calls = CancellationToken::new();
-        let processor = Arc::new(Processor {
+        let processor = Arc::new(Processor::new(Parts {
             result_exchange: settings.amqp.result_exchange.clone(),
             gewe,
             backoff: Backoff::from(&settings.retry),
-            pacer: Pacer::new(&settings.pacing, shared.clone()),
-            dedupe: Dedupe::new(settings.dedupe.window, shared, stop_calls.clone()),
+            pacer: Pacer::new(&settings.pacing, pacing),
+            idempotency,
             breaker: breaker.clone(),
             redactor,
-            shutdown: stop_calls,
-        });
+            shutdown: stop_calls.clone(),
+            prefetch: settings.amqp.prefetch,
+        }));
         let ops_listener = TcpListener::bind(settings.http.listen)
             .await
             .with_context(|| format!("could not bind http.listen {}", settings.http.listen))?;
         let ops_addr = ops_listener.local_addr()?;
         Ok(Self {
+            readiness: Arc::new(Readiness::new(breaker, redis.clone())),
             settings,
             processor,
-            readiness: Arc::new(Readiness::new(breaker)),
+            redis,
+            stop_calls,
             ops_listener,
             ops_addr,
         })
@@ -81,10 +103,14 @@ impl Application {
             self.readiness.clone(),
             ops_stop.clone(),
         ));
-        tracing::info!(ops = %self.ops_addr, gewe = %self.processor.gewe.url(), redis = self.settings.redis.url.is_some(), "gewe-friend-worker starting");
+        tracing::info!(ops = %self.ops_addr, gewe = %self.processor.gewe().url(), redis = self.redis.as_ref().map(|r| r.url()), "gewe-friend-worker starting");
+        if let Some(redis) = self.redis.clone() {
+            let stop = ops_stop.clone();
+            tokio::spawn(async move { redis.probe(stop).await });
+        }
         // Command tasks see shutdown through the processor's own token, so
         // no GeWe call starts once it began.
-        let stop_calls = self.processor.shutdown.clone();
+        let stop_calls = self.stop_calls.clone();
         let signal = shutdown.clone();
         tokio::spawn(async move {
             signal.cancelled().await;

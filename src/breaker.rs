@@ -1,11 +1,12 @@
 //! Circuit breaker on systemic GeWe failures (`breaker.*`).
 //!
-//! After `failure_threshold` consecutive `upstream_unavailable` or
-//! `unauthorized` outcomes the breaker opens: commands wait before calling
-//! GeWe instead of turning into failed events, so with the prefetch window
-//! full the rest of the backlog stays in the queue. After `cooldown` one
-//! probe command is let through; its success closes the breaker, its
-//! systemic failure opens it for another cooldown.
+//! Every GeWe attempt, retries included, is admitted here first. After
+//! `failure_threshold` consecutive `upstream_unavailable` or `unauthorized`
+//! attempts the breaker opens: commands wait before their next attempt
+//! instead of turning into failed events, so with the prefetch window full
+//! the rest of the backlog stays in the queue. After `cooldown` one probe
+//! attempt is let through; its success closes the breaker, its systemic
+//! failure opens it for another cooldown.
 
 use std::{
     sync::{Mutex, PoisonError},
@@ -14,7 +15,12 @@ use std::{
 
 use tokio::{sync::Notify, time::Instant};
 
-use crate::{config::BreakerSettings, event::ErrorKind};
+use crate::{
+    config::BreakerSettings,
+    event::ErrorKind,
+    halt::{Halt, Interrupted},
+    meters::meters,
+};
 
 /// Breaker state, as shown in logs, metrics and `/readyz`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +64,12 @@ impl Admission<'_> {
     /// Whether this call is the half-open probe.
     pub fn is_probe(&self) -> bool {
         self.probe
+    }
+
+    /// Whether the call may still go out: the probe always, others only
+    /// while the breaker is closed (it may have opened during a pacing wait).
+    pub fn is_current(&self) -> bool {
+        self.probe || self.breaker.state() == State::Closed
     }
 
     /// Records the call's outcome (`None` = success).
@@ -109,14 +121,14 @@ impl Breaker {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Waits until a GeWe call is allowed.
-    pub async fn admit(&self) -> Admission<'_> {
-        let probe = self.wait_for_turn().await;
-        Admission {
+    /// Waits until a GeWe call is allowed, or `halt` fires.
+    pub async fn admit(&self, halt: &Halt) -> Result<Admission<'_>, Interrupted> {
+        let probe = halt.guard(self.wait_for_turn()).await?;
+        Ok(Admission {
             breaker: self,
             probe,
             recorded: false,
-        }
+        })
     }
 
     /// Returns whether the caller is the probe.
@@ -190,7 +202,7 @@ impl Breaker {
             match after {
                 State::Open => tracing::error!(
                     cooldown_ms = self.cooldown.as_millis() as u64,
-                    "circuit breaker open: GeWe keeps failing; commands wait in the queue"
+                    "circuit breaker open: GeWe keeps failing; commands wait before their next attempt"
                 ),
                 State::Closed => tracing::info!("circuit breaker closed: GeWe answers again"),
                 State::HalfOpen => {}
@@ -207,7 +219,7 @@ fn set_gauge(state: State) {
         State::HalfOpen => 1.0,
         State::Open => 2.0,
     };
-    metrics::gauge!("breaker_state").set(v);
+    meters().breaker_state.set(v);
 }
 
 #[cfg(test)]
@@ -226,28 +238,43 @@ mod tests {
     async fn opens_after_the_threshold_of_systemic_failures_only() {
         let b = breaker(3, 1000);
         for _ in 0..5 {
-            b.admit().await.record(Some(ErrorKind::Rejected));
+            b.admit(&Halt::never())
+                .await
+                .expect("admitted")
+                .record(Some(ErrorKind::Rejected));
         }
         assert_eq!(b.state(), State::Closed);
         for _ in 0..2 {
-            b.admit().await.record(Some(ErrorKind::UpstreamUnavailable));
+            b.admit(&Halt::never())
+                .await
+                .expect("admitted")
+                .record(Some(ErrorKind::UpstreamUnavailable));
         }
         assert_eq!(b.state(), State::Closed);
-        b.admit().await.record(Some(ErrorKind::Unauthorized));
+        b.admit(&Halt::never())
+            .await
+            .expect("admitted")
+            .record(Some(ErrorKind::Unauthorized));
         assert_eq!(b.state(), State::Open);
     }
 
     #[tokio::test(start_paused = true)]
     async fn one_probe_after_cooldown_and_success_closes() {
         let b = breaker(1, 1000);
-        b.admit().await.record(Some(ErrorKind::UpstreamUnavailable));
+        b.admit(&Halt::never())
+            .await
+            .expect("admitted")
+            .record(Some(ErrorKind::UpstreamUnavailable));
         let start = Instant::now();
-        let probe = b.admit().await;
+        let probe = b.admit(&Halt::never()).await.expect("admitted");
         assert!(start.elapsed() >= Duration::from_millis(1000));
         assert_eq!(b.state(), State::HalfOpen);
         assert!(probe.is_probe());
         let b2 = b.clone();
-        let waiter = tokio::spawn(async move { b2.admit().await.is_probe() });
+        let waiter =
+            tokio::spawn(
+                async move { b2.admit(&Halt::never()).await.expect("admitted").is_probe() },
+            );
         tokio::time::sleep(Duration::from_secs(10)).await;
         assert!(!waiter.is_finished(), "others wait for the probe");
         probe.record(None);
@@ -261,19 +288,31 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_failed_probe_reopens() {
         let b = breaker(1, 500);
-        b.admit().await.record(Some(ErrorKind::UpstreamUnavailable));
-        b.admit().await.record(Some(ErrorKind::UpstreamUnavailable));
+        b.admit(&Halt::never())
+            .await
+            .expect("admitted")
+            .record(Some(ErrorKind::UpstreamUnavailable));
+        b.admit(&Halt::never())
+            .await
+            .expect("admitted")
+            .record(Some(ErrorKind::UpstreamUnavailable));
         assert_eq!(b.state(), State::Open);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_probe_dropped_without_outcome_hands_over_its_turn() {
         let b = breaker(1, 500);
-        b.admit().await.record(Some(ErrorKind::UpstreamUnavailable));
-        let probe = b.admit().await;
+        b.admit(&Halt::never())
+            .await
+            .expect("admitted")
+            .record(Some(ErrorKind::UpstreamUnavailable));
+        let probe = b.admit(&Halt::never()).await.expect("admitted");
         assert!(probe.is_probe());
         let b2 = b.clone();
-        let next = tokio::spawn(async move { b2.admit().await.is_probe() });
+        let next =
+            tokio::spawn(
+                async move { b2.admit(&Halt::never()).await.expect("admitted").is_probe() },
+            );
         tokio::task::yield_now().await;
         drop(probe);
         let took_over = tokio::time::timeout(Duration::from_secs(1), next)

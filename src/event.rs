@@ -2,6 +2,11 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::{
+    command::{Command, Partial},
+    gewe::CallOutcome,
+};
+
 /// Routing key of a success event.
 pub const ROUTING_SUCCEEDED: &str = "add_friend.succeeded";
 /// Routing key of a failure event.
@@ -36,6 +41,28 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// Every kind, in [`ErrorKind::index`] order.
+    pub const ALL: [ErrorKind; 6] = [
+        ErrorKind::InvalidCommand,
+        ErrorKind::Unauthorized,
+        ErrorKind::AppOffline,
+        ErrorKind::Rejected,
+        ErrorKind::UpstreamUnavailable,
+        ErrorKind::UnexpectedResponse,
+    ];
+
+    /// Position in [`ErrorKind::ALL`].
+    pub fn index(self) -> usize {
+        match self {
+            ErrorKind::InvalidCommand => 0,
+            ErrorKind::Unauthorized => 1,
+            ErrorKind::AppOffline => 2,
+            ErrorKind::Rejected => 3,
+            ErrorKind::UpstreamUnavailable => 4,
+            ErrorKind::UnexpectedResponse => 5,
+        }
+    }
+
     /// Whether the worker retries this kind (with backoff).
     pub fn retryable(self) -> bool {
         match self {
@@ -145,6 +172,52 @@ pub struct ResultEvent {
 }
 
 impl ResultEvent {
+    /// The event for `cmd`'s GeWe outcome, known at `completed_at`;
+    /// `duplicate` when it republishes an outcome already announced.
+    pub fn of_outcome(
+        cmd: &Command,
+        outcome: &CallOutcome,
+        received_at: String,
+        completed_at: String,
+        duplicate: bool,
+    ) -> Self {
+        let (status, v3, error) = match &outcome.result {
+            Ok(v3) => (Status::Succeeded, Some(v3.clone()), None),
+            Err(e) => (Status::Failed, None, Some((**e).clone())),
+        };
+        Self {
+            command_id: cmd.command_id.clone(),
+            status,
+            app_id: Some(cmd.app_id.clone()),
+            chatroom_id: Some(cmd.chatroom_id.clone()),
+            member_wxid: Some(cmd.member_wxid.clone()),
+            v3,
+            error,
+            attempts: outcome.attempts,
+            received_at,
+            completed_at,
+            duplicate,
+        }
+    }
+
+    /// The `invalid_command` event of a message that was not carried out:
+    /// what could be read of it, and why (`message`, already redacted).
+    pub fn invalid(read: Partial, message: String, received_at: String) -> Self {
+        Self {
+            command_id: read.command_id,
+            status: Status::Failed,
+            app_id: read.app_id,
+            chatroom_id: read.chatroom_id,
+            member_wxid: read.member_wxid,
+            v3: None,
+            error: Some(EventError::new(ErrorKind::InvalidCommand, message, None)),
+            attempts: 0,
+            received_at,
+            completed_at: now_rfc3339(),
+            duplicate: false,
+        }
+    }
+
     /// `add_friend.succeeded` or `add_friend.failed`.
     pub fn routing_key(&self) -> &'static str {
         match self.status {

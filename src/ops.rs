@@ -1,39 +1,13 @@
 //! Ops HTTP endpoint (contract §5): `/healthz`, `/readyz`, `/metrics`.
 
-use std::{
-    sync::{Arc, OnceLock},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use axum::{Router, extract::State, http::StatusCode, routing::get};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::worker::Readiness;
-
-static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
-
-/// Installs the process-wide Prometheus recorder once; later calls reuse it.
-pub fn prometheus() -> Option<PrometheusHandle> {
-    PROMETHEUS
-        .get_or_init(|| {
-            let builder = PrometheusBuilder::new()
-                .set_buckets_for_metric(
-                    Matcher::Suffix("_seconds".to_owned()),
-                    &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
-                )
-                .ok()?;
-            match builder.install_recorder() {
-                Ok(handle) => Some(handle),
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics recorder not installed; /metrics will be empty");
-                    None
-                }
-            }
-        })
-        .clone()
-}
+use crate::{meters, worker::Readiness};
 
 #[derive(Clone)]
 struct Ops {
@@ -49,7 +23,7 @@ pub fn router(readiness: Arc<Readiness>) -> Router {
         .route("/metrics", get(metrics))
         .with_state(Ops {
             readiness,
-            metrics: prometheus(),
+            metrics: meters::recorder(),
         })
 }
 
@@ -87,7 +61,7 @@ async fn upkeep(handle: PrometheusHandle, shutdown: CancellationToken) {
 /// Serves the ops endpoint on `listener` until `shutdown`, keeping the
 /// metrics recorder's memory bounded meanwhile.
 pub async fn serve(listener: TcpListener, readiness: Arc<Readiness>, shutdown: CancellationToken) {
-    if let Some(handle) = prometheus() {
+    if let Some(handle) = meters::recorder() {
         tokio::spawn(upkeep(handle, shutdown.clone()));
     }
     let app = router(readiness);

@@ -12,6 +12,28 @@ use crate::{
     event::ResultEvent,
 };
 
+/// Why a result event is not known to be safe in the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboundError {
+    /// The event could not be encoded; never published as something else.
+    #[error("the result event could not be encoded: {0}")]
+    Encode(#[from] serde_json::Error),
+    /// The broker did not take it.
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+}
+
+impl OutboundError {
+    /// Whether the publishing channel is unusable afterwards, so only a
+    /// new session can publish again.
+    pub fn breaks_channel(&self) -> bool {
+        match self {
+            OutboundError::Encode(_) => false,
+            OutboundError::Publish(e) => e.breaks_channel(),
+        }
+    }
+}
+
 /// Publishes the event to the result exchange and, when asked, a copy to
 /// `reply_to`, both `mandatory` and confirmed. The event is safe once at
 /// least one queue holds it: an unroutable main event is tolerated only
@@ -22,8 +44,8 @@ pub async fn publish_event(
     envelope: &Envelope,
     event: &ResultEvent,
     publisher: &Publisher,
-) -> Result<(), PublishError> {
-    let body = serde_json::to_vec(event).unwrap_or_else(|_| b"{}".to_vec());
+) -> Result<(), OutboundError> {
+    let body = serde_json::to_vec(event)?;
     let properties = event_properties(envelope, event);
     let main = publisher.publish(
         result_exchange,
@@ -33,7 +55,7 @@ pub async fn publish_event(
         properties.clone(),
     );
     let Some(reply_to) = envelope.reply_to.as_deref() else {
-        return main.await;
+        return Ok(main.await?);
     };
     let reply = publisher.publish("", reply_to, true, &body, properties);
     match tokio::join!(main, reply) {
@@ -46,25 +68,7 @@ pub async fn publish_event(
             tracing::warn!(error = %e, "result reached only the reply_to queue; bind a queue to the result exchange");
             Ok(())
         }
-        (Err(e), _) | (Ok(()), Err(e)) => Err(e),
-    }
-}
-
-/// Reads the properties the worker honours.
-pub fn envelope_of(p: &BasicProperties) -> Envelope {
-    let s = |v: &Option<ShortString>| v.as_ref().map(|v| v.as_str().to_owned());
-    let traceparent = p.headers().as_ref().and_then(|h| {
-        h.inner().get("traceparent").and_then(|v| match v {
-            AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-            AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
-            _ => None,
-        })
-    });
-    Envelope {
-        message_id: s(p.message_id()),
-        correlation_id: s(p.correlation_id()),
-        reply_to: s(p.reply_to()),
-        traceparent,
+        (Err(e), _) | (Ok(()), Err(e)) => Err(e.into()),
     }
 }
 

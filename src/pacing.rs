@@ -3,20 +3,25 @@
 //! WeChat restricts accounts that add friends in bursts, so for each `appId`
 //! at most `per_app_concurrency` calls run at once and two call starts are at
 //! least `per_app_min_interval` apart, retries included. Waiting commands
-//! await a semaphore and a timer: no task spins. State of idle accounts is
-//! dropped so memory does not grow with the number of accounts ever seen.
+//! await a semaphore and a timer: no task spins. A wait that is given up
+//! (shutdown, or the delivery's broker session is gone) hands its place on:
+//! the in-process interval is taken only when the call starts. State of idle
+//! accounts is dropped so memory does not grow with the accounts ever seen.
 //!
 //! With Redis configured the interval is reserved atomically in Redis
 //! (server clock), so all replicas together keep one interval per account;
-//! the concurrency limit stays per process. While Redis is unreachable the
-//! turn waits (with backoff) instead of letting an unpaced call through.
+//! the concurrency limit stays per process. A Redis reservation is taken
+//! before the wait, so an abandoned one stays spent (safe: later calls only
+//! start later). While Redis is unreachable the turn waits (with backoff)
+//! instead of letting an unpaced call through.
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{Arc, LazyLock, Mutex, PoisonError},
     time::Duration,
 };
 
+use redis::Script;
 use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore},
     time::Instant,
@@ -24,15 +29,85 @@ use tokio::{
 
 use crate::{
     config::PacingSettings,
-    shared_state::{SharedState, StateError},
+    halt::{Halt, Interrupted},
+    meters::meters,
+    redis_client::RedisClient,
 };
 
 /// Sweep idle accounts once the map holds this many entries.
 const SWEEP_THRESHOLD: usize = 1024;
+/// Backoff while Redis is unavailable.
+const REDIS_RETRY_MIN: Duration = Duration::from_millis(200);
+const REDIS_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Reserves the next start for an account: returns how long to wait (ms).
+/// KEYS[1] = pacing key, ARGV[1] = interval ms. Uses the server clock so
+/// replicas with skewed clocks still agree.
+static RESERVE_START: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local interval = tonumber(ARGV[1])
+local nxt = tonumber(redis.call('GET', KEYS[1]) or '0')
+local start = math.max(now, nxt)
+redis.call('SET', KEYS[1], start + interval, 'PX', (start - now) + interval + 1000)
+return start - now
+"#,
+    )
+});
 
 struct Account {
     slots: Arc<Semaphore>,
     next_start: Mutex<Instant>,
+}
+
+/// Pacing reservations kept in Redis, shared by every replica.
+pub struct SharedPacing {
+    client: Arc<RedisClient>,
+    prefix: String,
+}
+
+impl SharedPacing {
+    /// Reservations under `prefix` on `client`.
+    pub fn new(client: Arc<RedisClient>, prefix: &str) -> Self {
+        Self {
+            client,
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    /// Reserves a start for `app_id`, retrying while Redis is unavailable:
+    /// an account is never called unpaced. Returns the wait before it.
+    async fn reserve(
+        &self,
+        app_id: &str,
+        interval: Duration,
+        halt: &Halt,
+    ) -> Result<Duration, Interrupted> {
+        let mut pause = REDIS_RETRY_MIN;
+        loop {
+            let key = format!("{}:pace:{app_id}", self.prefix);
+            let reserved: Result<i64, _> = self
+                .client
+                .run(
+                    RESERVE_START
+                        .key(key)
+                        .arg(u64::try_from(interval.as_millis()).unwrap_or(u64::MAX)),
+                )
+                .await;
+            match reserved {
+                Ok(wait_ms) => {
+                    return Ok(Duration::from_millis(u64::try_from(wait_ms).unwrap_or(0)));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_ms = pause.as_millis() as u64, "Redis unavailable: pacing waits, GeWe is not called");
+                    halt.sleep(pause).await?;
+                    pause = (pause * 2).min(REDIS_RETRY_MAX);
+                }
+            }
+        }
+    }
 }
 
 /// In-process pacer shared by all command tasks.
@@ -40,7 +115,7 @@ pub struct Pacer {
     concurrency: usize,
     interval: Duration,
     accounts: Mutex<HashMap<String, Arc<Account>>>,
-    shared: Option<Arc<SharedState>>,
+    shared: Option<SharedPacing>,
 }
 
 /// Held while a GeWe call for the account is in flight.
@@ -52,7 +127,7 @@ pub struct Turn {
 
 impl Pacer {
     /// A pacer with the configured limits; intervals live in `shared` when given.
-    pub fn new(settings: &PacingSettings, shared: Option<Arc<SharedState>>) -> Self {
+    pub fn new(settings: &PacingSettings, shared: Option<SharedPacing>) -> Self {
         Self {
             concurrency: settings.per_app_concurrency.max(1) as usize,
             interval: settings.per_app_min_interval,
@@ -61,34 +136,47 @@ impl Pacer {
         }
     }
 
-    /// Waits until `app_id` may start a call, then reserves the start.
-    /// Cancel-safe: dropping the future gives the slot back.
-    pub async fn turn(&self, app_id: &str) -> Turn {
+    /// Waits until `app_id` may start a call, then takes the start.
+    /// Dropping the future, or `halt` firing, gives the slot back.
+    pub async fn turn(&self, app_id: &str, halt: &Halt) -> Result<Turn, Interrupted> {
         let began = Instant::now();
         let account = self.account(app_id);
         // The semaphore is never closed, so this is always `Some`.
-        let permit = account.slots.clone().acquire_owned().await.ok();
-        if let (Some(shared), false) = (&self.shared, self.interval.is_zero()) {
-            let wait = reserve_shared(shared, app_id, self.interval).await;
-            tokio::time::sleep(wait).await;
-        } else if !self.interval.is_zero() {
-            let start_at = {
-                let mut next = account
-                    .next_start
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
-                let start_at = (*next).max(Instant::now());
-                *next = start_at + self.interval;
-                start_at
-            };
-            tokio::time::sleep_until(start_at).await;
+        let permit = halt
+            .guard(account.slots.clone().acquire_owned())
+            .await?
+            .ok();
+        if !self.interval.is_zero() {
+            match &self.shared {
+                Some(shared) => {
+                    let wait = shared.reserve(app_id, self.interval, halt).await?;
+                    halt.sleep(wait).await?;
+                }
+                None => loop {
+                    // The start is taken only when it has come, so a waiter
+                    // that gives up leaves the interval to the next one.
+                    let start_at = {
+                        let mut next = account
+                            .next_start
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner);
+                        let now = Instant::now();
+                        if *next <= now {
+                            *next = now + self.interval;
+                            break;
+                        }
+                        *next
+                    };
+                    halt.guard(tokio::time::sleep_until(start_at)).await?;
+                },
+            }
         }
         let waited = began.elapsed();
-        metrics::histogram!("pacing_wait_seconds").record(waited.as_secs_f64());
-        Turn {
+        meters().pacing_wait.record(waited.as_secs_f64());
+        Ok(Turn {
             _permit: permit,
             waited,
-        }
+        })
     }
 
     /// Accounts currently tracked (for tests and metrics).
@@ -122,27 +210,6 @@ impl Pacer {
     }
 }
 
-/// Reserves a start in Redis, retrying with backoff while it is unavailable:
-/// an account is never called unpaced.
-async fn reserve_shared(shared: &SharedState, app_id: &str, interval: Duration) -> Duration {
-    let mut pause = Duration::from_millis(200);
-    loop {
-        match shared.reserve_start(app_id, interval).await {
-            Ok(wait) => return wait,
-            Err(e) => {
-                report(&e, pause);
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
-}
-
-fn report(e: &StateError, retry_in: Duration) {
-    metrics::counter!("redis_errors_total").increment(1);
-    tracing::warn!(error = %e, retry_in_ms = retry_in.as_millis() as u64, "Redis unavailable: pacing waits, GeWe is not called");
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,7 +230,7 @@ mod tests {
         let t0 = Instant::now();
         let mut starts = Vec::new();
         for _ in 0..4 {
-            let _turn = p.turn("a").await;
+            let _turn = p.turn("a", &Halt::never()).await.expect("turn");
             starts.push(t0.elapsed());
         }
         for w in starts.windows(2) {
@@ -174,18 +241,19 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn other_accounts_are_not_delayed() {
         let p = pacer(1, 1000);
-        let _a1 = p.turn("a").await;
+        let _a1 = p.turn("a", &Halt::never()).await.expect("turn");
         let t0 = Instant::now();
-        let _b = p.turn("b").await;
+        let _b = p.turn("b", &Halt::never()).await.expect("turn");
         assert_eq!(t0.elapsed(), Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]
     async fn concurrency_limits_calls_in_flight() {
         let p = pacer(1, 0);
-        let first = p.turn("a").await;
+        let first = p.turn("a", &Halt::never()).await.expect("turn");
         let p2 = p.clone();
-        let waiter = tokio::spawn(async move { p2.turn("a").await.waited });
+        let waiter =
+            tokio::spawn(async move { p2.turn("a", &Halt::never()).await.expect("turn").waited });
         tokio::time::sleep(Duration::from_secs(5)).await;
         assert!(!waiter.is_finished());
         drop(first);
@@ -197,17 +265,42 @@ mod tests {
     async fn idle_accounts_are_forgotten() {
         let p = pacer(1, 10);
         for i in 0..10_000 {
-            drop(p.turn(&format!("app-{i}")).await);
+            drop(p.turn(&format!("app-{i}"), &Halt::never()).await);
             if i % 100 == 0 {
                 tokio::time::advance(Duration::from_millis(20)).await;
             }
         }
         tokio::time::advance(Duration::from_millis(20)).await;
-        drop(p.turn("last").await);
+        drop(p.turn("last", &Halt::never()).await);
         assert!(
             p.tracked_accounts() <= SWEEP_THRESHOLD + 1,
             "{}",
             p.tracked_accounts()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_that_gives_up_leaves_its_start_to_the_next() {
+        let p = pacer(5, 1000);
+        let _first = p.turn("a", &Halt::never()).await.expect("turn");
+        let session = tokio_util::sync::CancellationToken::new();
+        let halt = Halt::new(tokio_util::sync::CancellationToken::new(), session.clone());
+        let abandoned = tokio::spawn({
+            let p = p.clone();
+            async move { p.turn("a", &halt).await.map(|t| t.waited) }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        session.cancel();
+        assert_eq!(
+            abandoned.await.expect("join").err(),
+            Some(Interrupted::SessionLost)
+        );
+        let t0 = Instant::now();
+        let _next = p.turn("a", &Halt::never()).await.expect("turn");
+        assert_eq!(
+            t0.elapsed(),
+            Duration::from_millis(900),
+            "the next call starts one interval after the first, not two"
         );
     }
 }

@@ -16,8 +16,6 @@ use std::{
     time::Duration,
 };
 
-use futures_util::StreamExt;
-use lapin::options::BasicCancelOptions;
 use tokio::time::Instant;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -25,7 +23,9 @@ use crate::{
     breaker::{self, Breaker},
     broker::{Session, SessionError},
     config::Settings,
+    meters::meters,
     processor::{Processor, SessionHandle},
+    redis_client::RedisClient,
 };
 
 /// First and largest pause between reconnection attempts.
@@ -39,35 +39,40 @@ const HEALTHY_SESSION: Duration = Duration::from_secs(5);
 const BROKER_CALL_LIMIT: Duration = Duration::from_secs(5);
 
 /// Shared view of the worker's state, read by `/readyz`.
-#[derive(Debug)]
 pub struct Readiness {
     consuming: AtomicBool,
     stopping: AtomicBool,
     breaker: Arc<Breaker>,
+    redis: Option<Arc<RedisClient>>,
 }
 
 impl Readiness {
-    /// Readiness that also reflects `breaker`.
-    pub fn new(breaker: Arc<Breaker>) -> Self {
+    /// Readiness that also reflects `breaker` and, when configured, Redis:
+    /// without it every command is held, so the worker is not ready.
+    pub fn new(breaker: Arc<Breaker>, redis: Option<Arc<RedisClient>>) -> Self {
         Self {
             consuming: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             breaker,
+            redis,
         }
     }
 
     /// `None` when ready; otherwise a short reason.
-    pub fn not_ready_reason(&self) -> Option<&'static str> {
+    pub fn not_ready_reason(&self) -> Option<String> {
         if self.stopping.load(Ordering::Relaxed) {
-            Some("shutting down")
-        } else if !self.consuming.load(Ordering::Relaxed) {
-            Some("not consuming: broker unavailable")
-        } else {
-            match self.breaker.state() {
-                breaker::State::Closed => None,
-                breaker::State::Open | breaker::State::HalfOpen => {
-                    Some("circuit breaker open: GeWe keeps failing")
-                }
+            return Some("shutting down".to_owned());
+        }
+        if !self.consuming.load(Ordering::Relaxed) {
+            return Some("not consuming: broker unavailable".to_owned());
+        }
+        if let Some(reason) = self.redis.as_ref().and_then(|r| r.unhealthy_reason()) {
+            return Some(format!("redis unavailable, commands are held: {reason}"));
+        }
+        match self.breaker.state() {
+            breaker::State::Closed => None,
+            breaker::State::Open | breaker::State::HalfOpen => {
+                Some("circuit breaker open: GeWe keeps failing".to_owned())
             }
         }
     }
@@ -112,7 +117,7 @@ pub async fn run(
         match opened {
             Ok(session) => {
                 if started {
-                    metrics::counter!("broker_reconnects_total").increment(1);
+                    meters().broker_reconnects.increment(1);
                 }
                 started = true;
                 tracing::info!(queue = %settings.amqp.command_queue, prefetch = settings.amqp.prefetch, "consuming commands");
@@ -174,14 +179,15 @@ async fn consume(
 ) -> SessionEnd {
     let tasks = TaskTracker::new();
     let handle = SessionHandle {
-        publisher: session.publisher.clone(),
+        publisher: session.publisher().clone(),
         broken: CancellationToken::new(),
+        lost: CancellationToken::new(),
     };
     let end = loop {
         tokio::select! {
             () = shutdown.cancelled() => break SessionEnd::Shutdown,
             () = handle.broken.cancelled() => break SessionEnd::Lost("the publishing channel failed".to_owned()),
-            next = session.consumer.next() => match next {
+            next = session.next_delivery() => match next {
                 Some(Ok(delivery)) => {
                     let work = processor.clone().handle(delivery, handle.clone());
                     // Boxed so spawning moves a pointer, not the whole state machine.
@@ -194,45 +200,42 @@ async fn consume(
     };
     tasks.close();
     readiness.set_consuming(false);
-    if let SessionEnd::Shutdown = end {
-        stop_deadline.get_or_init(|| Instant::now() + grace);
-        readiness.stopping.store(true, Ordering::Relaxed);
-        tracing::info!(
-            in_flight = tasks.len(),
-            grace_ms = grace.as_millis() as u64,
-            "shutting down: no new commands, finishing in-flight ones"
-        );
-        let cancel = session
-            .consume_channel
-            .basic_cancel(session.consumer.tag(), BasicCancelOptions::default());
-        match tokio::time::timeout(BROKER_CALL_LIMIT, cancel).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "could not cancel the consumer"),
-            Err(_) => tracing::warn!("cancelling the consumer timed out"),
+    match &end {
+        SessionEnd::Lost(_) => {
+            // The broker puts this session's deliveries back: their waits
+            // end now (pacing turns and claims go to the redeliveries),
+            // while GeWe calls already sent finish and store their answer.
+            handle.lost.cancel();
         }
-    }
-    if session.connection.status().connected() && !tasks.is_empty() {
-        // The connection still works (shutdown, or only the consumer or the
-        // publishing channel failed): let in-flight commands settle on it.
-        let deadline = match end {
-            SessionEnd::Shutdown => *stop_deadline.get_or_init(|| Instant::now() + grace),
-            SessionEnd::Lost(_) => Instant::now() + grace,
-        };
-        if tokio::time::timeout_at(deadline, tasks.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                left = tasks.len(),
-                "grace period over; unfinished commands go back to the queue"
+        SessionEnd::Shutdown => {
+            let deadline = *stop_deadline.get_or_init(|| Instant::now() + grace);
+            readiness.stopping.store(true, Ordering::Relaxed);
+            tracing::info!(
+                in_flight = tasks.len(),
+                grace_ms = grace.as_millis() as u64,
+                "shutting down: no new commands, finishing in-flight ones"
             );
+            match tokio::time::timeout(BROKER_CALL_LIMIT, session.cancel_consumer()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "could not cancel the consumer"),
+                Err(_) => tracing::warn!("cancelling the consumer timed out"),
+            }
+            if session.is_connected()
+                && !tasks.is_empty()
+                && tokio::time::timeout_at(deadline, tasks.wait())
+                    .await
+                    .is_err()
+            {
+                tracing::warn!(
+                    left = tasks.len(),
+                    "grace period over; unfinished commands go back to the queue"
+                );
+            }
+            handle.lost.cancel();
         }
     }
     // Closing the connection returns every unacked delivery to the queue.
-    let close = session
-        .connection
-        .close(200, "worker session closed".into());
-    if let Ok(Err(e)) = tokio::time::timeout(BROKER_CALL_LIMIT, close).await {
+    if let Ok(Err(e)) = tokio::time::timeout(BROKER_CALL_LIMIT, session.close()).await {
         tracing::debug!(error = %e, "connection close");
     }
     end

@@ -2,9 +2,9 @@
 
 mod common;
 
-use std::{process::Stdio, time::Duration};
+use std::time::Duration;
 
-use common::*;
+use common::{process::*, *};
 use gewe_friend_worker::gewe::ADD_MEMBER_PATH;
 use serde_json::{Value, json};
 use tokio::{io::AsyncReadExt, process::Command};
@@ -12,23 +12,6 @@ use wiremock::{
     Mock, MockServer, ResponseTemplate,
     matchers::{method, path},
 };
-
-const BIN: &str = env!("CARGO_BIN_EXE_gewe-friend-worker");
-
-/// The binary with a clean configuration environment.
-fn program() -> Command {
-    let mut cmd = Command::new(BIN);
-    for (key, _) in std::env::vars() {
-        if key.starts_with("GEWE_WORKER") || key == "RUST_LOG" {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    cmd
-}
 
 async fn output(mut cmd: Command, limit: Duration) -> std::process::Output {
     tokio::time::timeout(limit, cmd.output())
@@ -39,11 +22,6 @@ async fn output(mut cmd: Command, limit: Duration) -> std::process::Output {
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// Env vars that point a child process at `settings`' broker and names.
-fn settings_env(cmd: &mut Command, s: &gewe_friend_worker::config::Settings) {
-    cmd.envs(gewe_friend_worker::config::amqp_env(&s.amqp));
 }
 
 #[tokio::test]
@@ -308,17 +286,9 @@ fn worker_process(
     settings: &gewe_friend_worker::config::Settings,
     gewe: &str,
 ) -> tokio::process::Child {
-    let mut cmd = program();
-    settings_env(&mut cmd, settings);
-    cmd.arg("run")
-        .env("GEWE_WORKER__GEWE__BASE_URL", gewe)
-        .env("GEWE_WORKER__GEWE__TOKEN", TOKEN)
-        .env("GEWE_WORKER__REDIS__URL", redis_url())
-        .env("GEWE_WORKER__DEDUPE__WINDOW", "10m")
-        .env("GEWE_WORKER__HTTP__LISTEN", "127.0.0.1:0")
-        .env("GEWE_WORKER__PACING__PER_APP_MIN_INTERVAL", "0s")
-        .env("RUST_LOG", "warn")
-        .stderr(Stdio::null());
+    let mut cmd = worker_command(settings, gewe);
+    cmd.env("GEWE_WORKER__REDIS__URL", redis_url())
+        .env("GEWE_WORKER__HTTP__LISTEN", "127.0.0.1:0");
     cmd.spawn().expect("worker starts")
 }
 
@@ -378,5 +348,62 @@ async fn a_sigkilled_worker_loses_nothing_and_with_redis_repeats_no_stored_call(
             "{id} reached GeWe once"
         );
     }
+    listener.stop().await;
+}
+
+#[tokio::test]
+async fn every_documented_metric_is_there_at_zero_before_the_first_command() {
+    let gewe = MockServer::start().await;
+    let settings = test_settings(&gewe.uri());
+    let listener = spawn_listener(&settings).await;
+    let ops = free_addr();
+    let mut cmd = worker_command(&settings, &gewe.uri());
+    cmd.env("GEWE_WORKER__HTTP__LISTEN", ops.to_string());
+    let mut worker = cmd.spawn().expect("worker starts");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let text = loop {
+        if let Ok(r) = reqwest::get(format!("http://{ops}/metrics")).await {
+            break r.text().await.expect("body");
+        }
+        assert!(tokio::time::Instant::now() < deadline, "/metrics answers");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let series: Vec<(&str, f64)> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name, value.parse().ok()?))
+        })
+        .collect();
+    let has = |name: &str| series.iter().any(|(s, _)| s.starts_with(name));
+    for name in [
+        "commands_received_total",
+        "commands_in_flight",
+        "commands_duplicate_total",
+        "results_publish_failures_total",
+        "gewe_request_duration_seconds_count",
+        "gewe_retries_total",
+        "pacing_wait_seconds_count",
+        "broker_reconnects_total",
+        "redis_errors_total",
+        "claims_lost_total",
+        "breaker_state",
+        r#"results_published_total{status="succeeded",kind="none"}"#,
+        r#"results_published_total{status="failed",kind="upstream_unavailable"}"#,
+        r#"results_published_total{status="failed",kind="invalid_command"}"#,
+        r#"gewe_requests_total{outcome="success"}"#,
+        r#"gewe_requests_total{outcome="rejected"}"#,
+        r#"commands_requeued_total{reason="publish_failed"}"#,
+        r#"commands_requeued_total{reason="shutdown"}"#,
+        r#"commands_requeued_total{reason="session_lost"}"#,
+    ] {
+        assert!(has(name), "/metrics lacks {name} at start-up:\n{text}");
+    }
+    for (name, value) in &series {
+        assert_eq!(*value, 0.0, "{name} is {value} before any command");
+    }
+    worker.start_kill().expect("kill");
+    let _ = worker.wait().await;
     listener.stop().await;
 }

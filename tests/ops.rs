@@ -5,36 +5,14 @@ mod common;
 
 use std::{collections::HashSet, time::Duration};
 
+use common::broker::*;
+
 use common::*;
 use gewe_friend_worker::gewe::ADD_MEMBER_PATH;
 use wiremock::{
     Mock, MockServer, ResponseTemplate,
     matchers::{method, path},
 };
-
-async fn get(addr: std::net::SocketAddr, route: &str) -> (u16, String) {
-    let response = reqwest::get(format!("http://{addr}{route}"))
-        .await
-        .expect("ops endpoint answers");
-    let status = response.status().as_u16();
-    (status, response.text().await.expect("body"))
-}
-
-/// Polls `route` until it answers `want` or [`WAIT`] passes.
-async fn wait_for_status(addr: std::net::SocketAddr, route: &str, want: u16) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let (status, body) = get(addr, route).await;
-        if status == want {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{route} stayed {status} ({body}), wanted {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
 
 #[tokio::test]
 async fn readyz_is_503_while_the_broker_is_unreachable_and_healthz_stays_200() {
@@ -63,64 +41,6 @@ async fn readyz_is_503_while_the_broker_is_unreachable_and_healthz_stays_200() {
         .expect("stops")
         .expect("join")
         .expect("clean exit");
-}
-
-fn rabbitmqctl(args: &[&str]) -> String {
-    let out = std::process::Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl is needed for broker fault tests");
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Closes the worker's broker connection (only this test's worker: the
-/// connection name carries the consumer tag), leaving every other test's
-/// connections alone. Waits for the worker to be consuming first.
-async fn close_worker_connection(queue: &str) -> usize {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let closed = close_worker_connections(queue);
-        if closed > 0 || tokio::time::Instant::now() > deadline {
-            return closed;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn close_worker_connections(queue: &str) -> usize {
-    let consumers = rabbitmqctl(&["list_consumers", "-q", "queue_name", "consumer_tag"]);
-    let tags: HashSet<String> = consumers
-        .lines()
-        .filter_map(|l| l.split_once('\t'))
-        .filter(|(q, _)| *q == queue)
-        .map(|(_, tag)| tag.trim().to_owned())
-        .collect();
-    let connections = rabbitmqctl(&["list_connections", "-q", "pid", "client_properties"]);
-    let mut closed = 0;
-    for line in connections.lines() {
-        let Some((pid, props)) = line.split_once('\t') else {
-            continue;
-        };
-        if tags.iter().any(|t| props.contains(t.as_str())) {
-            rabbitmqctl(&["close_connection", pid, "test: simulated broker failure"]);
-            closed += 1;
-        }
-    }
-    closed
-}
-
-fn consumer_prefetch(queue: &str) -> Vec<String> {
-    rabbitmqctl(&["list_consumers", "-q", "queue_name", "prefetch_count"])
-        .lines()
-        .filter_map(|l| l.split_once('\t'))
-        .filter(|(q, _)| *q == queue)
-        .map(|(_, p)| p.trim().to_owned())
-        .collect()
 }
 
 #[tokio::test]

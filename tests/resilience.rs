@@ -3,15 +3,12 @@
 
 mod common;
 
-use std::{
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
-};
+use std::time::Duration;
 
-use common::*;
+use common::{fake_gewe::FakeGewe, *};
 use gewe_friend_worker::gewe::ADD_MEMBER_PATH;
 use wiremock::{
-    Mock, MockServer, Request, Respond, ResponseTemplate,
+    Mock, MockServer, ResponseTemplate,
     matchers::{method, path},
 };
 
@@ -69,6 +66,47 @@ async fn the_breaker_keeps_the_backlog_in_the_queue_until_gewe_is_back() {
 }
 
 #[tokio::test]
+async fn while_gewe_is_down_retries_wait_at_the_breaker_and_at_most_threshold_plus_prefetch_fail() {
+    let gewe = FakeGewe::start(Duration::ZERO, fake_gewe::unavailable).await;
+    let mut settings = test_settings(&gewe.url);
+    settings.amqp.prefetch = 4;
+    settings.retry.max_attempts = 2;
+    settings.breaker.failure_threshold = 3;
+    settings.breaker.cooldown = Duration::from_millis(300);
+    let mut app = spawn_app(settings).await;
+    let total = 20;
+    for i in 0..total {
+        app.publish(&command(&unique(&format!("gate-{i}")), &format!("app-{i}")))
+            .await;
+    }
+    // GeWe stays down for many cooldowns: each one lets a probe through,
+    // and a probe that fails must not fail its command.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while gewe.calls().len() < 20 {
+        assert!(tokio::time::Instant::now() < deadline, "probes keep coming");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gewe.answer_with(fake_gewe::success);
+    let events = app.events(total).await;
+    let failed = events.iter().filter(|e| e.status() == "failed").count();
+    for e in events.iter().filter(|e| e.status() == "failed") {
+        assert_eq!(e.kind(), Some("upstream_unavailable"), "{}", e.body);
+    }
+    // threshold 3 + prefetch 4: commands admitted before the breaker opened
+    // may fail; every later attempt, retries included, waited.
+    assert!(
+        failed <= 3 + 4,
+        "{failed} of {total} failed while GeWe was down"
+    );
+    assert_eq!(
+        total - failed,
+        events.iter().filter(|e| e.status() == "succeeded").count()
+    );
+    wait_for_readyz(app.ops_addr, 200, "ready").await;
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn with_redis_a_second_replica_and_a_restart_do_not_call_gewe_again() {
     let gewe = MockServer::start().await;
     Mock::given(method("POST"))
@@ -101,25 +139,10 @@ async fn with_redis_a_second_replica_and_a_restart_do_not_call_gewe_again() {
     app.stop().await;
 }
 
-/// Records when each request arrived.
-struct Times(Arc<Mutex<Vec<Instant>>>);
-
-impl Respond for Times {
-    fn respond(&self, _: &Request) -> ResponseTemplate {
-        self.0.lock().expect("lock").push(Instant::now());
-        ResponseTemplate::new(200).set_body_json(gewe_ok("v3_paced"))
-    }
-}
-
 #[tokio::test]
 async fn two_replicas_with_redis_keep_one_interval_per_account() {
-    let gewe = MockServer::start().await;
-    let times = Arc::new(Mutex::new(Vec::new()));
-    Mock::given(method("POST"))
-        .respond_with(Times(times.clone()))
-        .mount(&gewe)
-        .await;
-    let mut settings = test_settings(&gewe.uri());
+    let gewe = FakeGewe::start(Duration::ZERO, fake_gewe::success).await;
+    let mut settings = test_settings(&gewe.url);
     settings.redis.url = Some(redis_url());
     settings.pacing.per_app_min_interval = Duration::from_millis(300);
     let account = unique("shared-account");
@@ -131,19 +154,19 @@ async fn two_replicas_with_redis_keep_one_interval_per_account() {
             .await;
     }
     app.events(n).await;
-    let mut t = times.lock().expect("lock").clone();
-    t.sort();
-    // Reservations are 300 ms apart on Redis' clock; arrival at the mock adds
-    // the HTTP hop's jitter. Without shared pacing the two replicas would
-    // start calls together (gaps of ~0 ms).
-    let span = t[t.len() - 1] - t[0];
-    assert!(
-        span >= Duration::from_millis(300 * (n as u64 - 1) - 20),
-        "{n} calls in {span:?}"
-    );
-    for pair in t.windows(2) {
+    // Call starts as both replicas log them. Reservations are 300 ms apart
+    // on Redis' clock; each replica then waits on its own, so a start can
+    // be a Redis round trip late. Without shared pacing the two replicas
+    // would start calls together (gaps of ~0 ms).
+    let mut starts = logs::call_starts(&account);
+    starts.sort();
+    assert_eq!(starts.len(), n);
+    for pair in starts.windows(2) {
         let gap = pair[1] - pair[0];
-        assert!(gap >= Duration::from_millis(250), "calls {gap:?} apart");
+        assert!(
+            gap >= Duration::from_millis(280),
+            "calls started {gap:?} apart"
+        );
     }
     stop.cancel();
     second.await.expect("join").expect("clean exit");

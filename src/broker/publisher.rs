@@ -49,6 +49,19 @@ pub enum PublishError {
     NotConfirmed,
 }
 
+impl PublishError {
+    /// Whether the channel is unusable after this error (the broker closed
+    /// it, e.g. for a missing exchange, or it never had confirms): only a
+    /// new session can publish again. A nack or a returned message leaves
+    /// the channel working.
+    pub fn breaks_channel(&self) -> bool {
+        match self {
+            PublishError::Broker { .. } | PublishError::NotConfirmed => true,
+            PublishError::Nacked { .. } | PublishError::Unroutable { .. } => false,
+        }
+    }
+}
+
 /// A confirm-mode channel dedicated to publishing.
 #[derive(Clone, Debug)]
 pub struct Publisher {

@@ -7,9 +7,11 @@
 //! Deliveries of the dead channel are never acked on the new one; the broker
 //! redelivers them.
 
+use futures_util::StreamExt;
 use lapin::{
     Channel, Connection, ConnectionProperties, Consumer,
-    options::{BasicConsumeOptions, BasicQosOptions},
+    message::Delivery,
+    options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions},
     types::{FieldTable, ShortString},
 };
 
@@ -55,14 +57,11 @@ impl SessionError {
 
 /// A live session.
 pub struct Session {
-    /// The connection; closing it requeues every unacked delivery.
-    pub connection: Connection,
-    /// Channel the consumer runs on.
-    pub consume_channel: Channel,
-    /// Stream of deliveries.
-    pub consumer: Consumer,
-    /// Confirm-mode publishing channel.
-    pub publisher: Publisher,
+    /// Closing it requeues every unacked delivery.
+    connection: Connection,
+    consume_channel: Channel,
+    consumer: Consumer,
+    publisher: Publisher,
 }
 
 impl Session {
@@ -110,5 +109,37 @@ impl Session {
             consumer,
             publisher,
         })
+    }
+}
+
+impl Session {
+    /// The next delivery; `None` when the broker cancelled the consumer.
+    pub async fn next_delivery(&mut self) -> Option<Result<Delivery, lapin::Error>> {
+        self.consumer.next().await
+    }
+
+    /// The session's confirm-mode publishing channel.
+    pub fn publisher(&self) -> &Publisher {
+        &self.publisher
+    }
+
+    /// Stops the broker from sending more deliveries (shutdown).
+    pub async fn cancel_consumer(&self) -> Result<(), lapin::Error> {
+        self.consume_channel
+            .basic_cancel(self.consumer.tag(), BasicCancelOptions::default())
+            .await
+    }
+
+    /// Whether the connection still works.
+    pub fn is_connected(&self) -> bool {
+        self.connection.status().connected()
+    }
+
+    /// Closes the connection, which returns every unacked delivery to the
+    /// queue.
+    pub async fn close(self) -> Result<(), lapin::Error> {
+        self.connection
+            .close(200, "worker session closed".into())
+            .await
     }
 }

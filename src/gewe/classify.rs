@@ -34,6 +34,16 @@ pub enum Verdict {
     },
 }
 
+impl Verdict {
+    /// The error kind of a failed attempt; `None` for a success.
+    pub fn failure(&self) -> Option<ErrorKind> {
+        match self {
+            Verdict::Success { .. } => None,
+            Verdict::Permanent(e) | Verdict::Transient { error: e, .. } => Some(e.kind),
+        }
+    }
+}
+
 /// Classifies the result of one attempt. Texts are redacted with `redactor`
 /// because GeWe echoes the token in its token error.
 pub fn classify(result: &Result<Answer, TransportError>, redactor: &Redactor) -> Verdict {

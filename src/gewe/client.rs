@@ -102,6 +102,11 @@ impl GeweClient {
         Ok(Self { http, url, timeout })
     }
 
+    /// `gewe.timeout`: the longest one attempt can take.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// The full endpoint URL (no secret in it).
     pub fn url(&self) -> &reqwest::Url {
         &self.url

@@ -1,14 +1,16 @@
 //! Exponential backoff with full jitter around GeWe attempts.
 //!
-//! The policy only looks at [`Verdict`]s: `Success` and `Permanent` stop,
-//! `Transient` waits and tries again while attempts remain. Full jitter
-//! (a uniform wait in `0..=ceiling`) spreads retries of many replicas out so
-//! a recovering GeWe is not hit by a synchronised wave.
+//! The policy only looks at [`Verdict`]s, one attempt at a time
+//! ([`Backoff::after`]): `Success` and `Permanent` end the command,
+//! `Transient` asks for another attempt after a wait while attempts remain.
+//! The caller makes the attempts (each admitted by the breaker and paced);
+//! this module only decides. Full jitter (a uniform wait in `0..=ceiling`)
+//! spreads retries of many replicas out so a recovering GeWe is not hit by
+//! a synchronised wave.
 
-use std::{future::Future, time::Duration};
+use std::time::Duration;
 
 use rand::Rng;
-use tokio_util::sync::CancellationToken;
 
 use super::classify::Verdict;
 use crate::{config::RetrySettings, event::EventError};
@@ -34,6 +36,27 @@ pub struct CallOutcome {
     pub result: Result<String, Box<EventError>>,
     /// Attempts actually made.
     pub attempts: u32,
+}
+
+/// Attempts made for one command so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Every GeWe HTTP attempt (what the event's `attempts` reports).
+    pub attempts: u32,
+    /// Attempts that count towards `retry.max_attempts`: all but the
+    /// breaker's half-open probes. A probe that fails means GeWe is still
+    /// down, which is the breaker's business: the command waits for the
+    /// next probe instead of using up its retries.
+    pub counted: u32,
+}
+
+/// What to do after an attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// The command has its outcome.
+    Done(Result<String, Box<EventError>>),
+    /// Try again after this wait.
+    Retry(Duration),
 }
 
 impl From<&RetrySettings> for Backoff {
@@ -80,46 +103,28 @@ impl Backoff {
         }
     }
 
-    /// Runs `attempt(n)` for n = 1, 2, ... until success, a permanent
-    /// failure, or `max_attempts` transient failures. An attempt that
-    /// returns `Err` (e.g. shutdown) stops the loop without an outcome: the
-    /// command must be retried later, not reported. A backoff wait ends
-    /// early when `stop` is cancelled, so the next attempt can say so at
-    /// once instead of after up to `max_delay`.
-    pub async fn run<F, Fut, E>(
+    /// Records an attempt in `tally` and decides what follows it. `probe`:
+    /// the attempt was the breaker's half-open probe (see [`Tally::counted`]).
+    pub fn after(
         &self,
-        stop: &CancellationToken,
-        mut attempt: F,
-    ) -> Result<CallOutcome, E>
-    where
-        F: FnMut(u32) -> Fut,
-        Fut: Future<Output = Result<Verdict, E>>,
-    {
-        let mut n = 1;
-        loop {
-            let result = match attempt(n).await? {
-                Verdict::Success { v3 } => Ok(v3),
-                Verdict::Permanent(error) => Err(Box::new(error)),
-                Verdict::Transient { error, retry_after } => {
-                    if n >= self.max_attempts {
-                        Err(Box::new(error))
-                    } else {
-                        let wait = self.delay(n, retry_after, &mut rand::rng());
-                        tracing::debug!(attempt = n, wait_ms = wait.as_millis() as u64, error = %error.message, "GeWe attempt failed transiently; backing off");
-                        metrics::counter!("gewe_retries_total").increment(1);
-                        tokio::select! {
-                            () = tokio::time::sleep(wait) => {}
-                            () = stop.cancelled() => {}
-                        }
-                        n += 1;
-                        continue;
-                    }
-                }
-            };
-            return Ok(CallOutcome {
-                result,
-                attempts: n,
-            });
+        tally: &mut Tally,
+        verdict: Verdict,
+        probe: bool,
+        rng: &mut impl Rng,
+    ) -> Step {
+        tally.attempts = tally.attempts.saturating_add(1);
+        if !probe {
+            tally.counted = tally.counted.saturating_add(1);
+        }
+        match verdict {
+            Verdict::Success { v3 } => Step::Done(Ok(v3)),
+            Verdict::Permanent(error) => Step::Done(Err(Box::new(error))),
+            Verdict::Transient { error, .. } if !probe && tally.counted >= self.max_attempts => {
+                Step::Done(Err(Box::new(error)))
+            }
+            Verdict::Transient { retry_after, .. } => {
+                Step::Retry(self.delay(tally.counted.max(1), retry_after, rng))
+            }
         }
     }
 }
@@ -129,8 +134,6 @@ mod tests {
     use super::*;
     use crate::event::ErrorKind;
     use rand::{SeedableRng, rngs::StdRng};
-    use std::sync::{Arc, Mutex};
-    use tokio::time::Instant;
 
     fn policy(max_attempts: u32) -> Backoff {
         Backoff {
@@ -180,119 +183,116 @@ mod tests {
             p.delay(1, Some(Duration::from_secs(3600)), &mut rng),
             Duration::from_secs(30)
         );
-    }
-
-    /// Records when each attempt started, in paused tokio time.
-    async fn run_script(p: Backoff, script: Vec<Verdict>) -> (CallOutcome, Vec<Duration>) {
-        let start = Instant::now();
-        let times = Arc::new(Mutex::new(Vec::new()));
-        let script = Arc::new(Mutex::new(script.into_iter()));
-        let t = times.clone();
-        let outcome = p
-            .run(&CancellationToken::new(), move |_| {
-                let t = t.clone();
-                let script = script.clone();
-                async move {
-                    t.lock().expect("lock").push(start.elapsed());
-                    let verdict = script
-                        .lock()
-                        .expect("lock")
-                        .next()
-                        .expect("script long enough");
-                    Ok::<_, ()>(verdict)
-                }
-            })
-            .await
-            .expect("never interrupted");
-        let times = times.lock().expect("lock").clone();
-        (outcome, times)
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn transient_failures_back_off_then_succeed() {
-        let (outcome, times) = run_script(
-            policy(5),
-            vec![
-                transient(None),
-                transient(None),
-                Verdict::Success { v3: "v3_ok".into() },
-            ],
-        )
-        .await;
-        assert_eq!(outcome.result, Ok("v3_ok".into()));
-        assert_eq!(outcome.attempts, 3);
-        assert_eq!(times.len(), 3);
-        assert!(times[1] - times[0] <= Duration::from_millis(500));
-        assert!(times[2] - times[1] <= Duration::from_secs(1));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn retry_after_sets_the_wait() {
-        let (_, times) = run_script(
-            policy(3),
-            vec![
+        let mut tally = Tally::default();
+        assert_eq!(
+            p.after(
+                &mut tally,
                 transient(Some(Duration::from_secs(4))),
-                Verdict::Success { v3: "v".into() },
-            ],
-        )
-        .await;
-        assert_eq!(times[1] - times[0], Duration::from_secs(4));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_stop_cuts_the_backoff_short() {
-        let stop = CancellationToken::new();
-        let p = policy(5);
-        let start = Instant::now();
-        let calls = Arc::new(Mutex::new(0u32));
-        let (stop2, calls2) = (stop.clone(), calls.clone());
-        let result: Result<CallOutcome, &str> = p
-            .run(&stop, move |n| {
-                let (stop, calls) = (stop2.clone(), calls2.clone());
-                async move {
-                    *calls.lock().expect("lock") += 1;
-                    if n == 1 {
-                        stop.cancel();
-                        Ok(transient(Some(Duration::from_secs(30))))
-                    } else {
-                        Err("stopped")
-                    }
-                }
-            })
-            .await;
-        assert_eq!(result, Err("stopped"));
-        assert_eq!(*calls.lock().expect("lock"), 2);
-        assert!(
-            start.elapsed() < Duration::from_secs(1),
-            "did not wait out the 30 s backoff"
+                false,
+                &mut rng
+            ),
+            Step::Retry(Duration::from_secs(4))
         );
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn permanent_failures_are_not_retried() {
-        let (outcome, times) = run_script(
-            policy(5),
-            vec![Verdict::Permanent(EventError::new(
-                ErrorKind::Rejected,
-                "no",
-                None,
-            ))],
-        )
-        .await;
-        assert_eq!(outcome.attempts, 1);
-        assert_eq!(times.len(), 1);
-        assert_eq!(outcome.result.map_err(|e| e.kind), Err(ErrorKind::Rejected));
+    /// Feeds `script` to the policy as successive attempts; returns the
+    /// final result, the tally and the waits asked for in between.
+    fn run(
+        p: Backoff,
+        script: Vec<(Verdict, bool)>,
+    ) -> (Result<String, Box<EventError>>, Tally, Vec<Duration>) {
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut tally = Tally::default();
+        let mut waits = Vec::new();
+        for (verdict, probe) in script {
+            match p.after(&mut tally, verdict, probe, &mut rng) {
+                Step::Done(result) => return (result, tally, waits),
+                Step::Retry(wait) => waits.push(wait),
+            }
+        }
+        panic!("script too short: {tally:?}");
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn gives_up_after_max_attempts_with_an_exact_count() {
-        let (outcome, times) =
-            run_script(policy(4), (0..4).map(|_| transient(None)).collect()).await;
-        assert_eq!(outcome.attempts, 4);
-        assert_eq!(times.len(), 4);
+    #[test]
+    fn transient_failures_back_off_then_succeed() {
+        let (result, tally, waits) = run(
+            policy(5),
+            vec![
+                (transient(None), false),
+                (transient(None), false),
+                (Verdict::Success { v3: "v3_ok".into() }, false),
+            ],
+        );
+        assert_eq!(result, Ok("v3_ok".into()));
+        assert_eq!(tally.attempts, 3);
+        assert!(waits[0] <= Duration::from_millis(500));
+        assert!(waits[1] <= Duration::from_secs(1));
+    }
+
+    #[test]
+    fn permanent_failures_are_not_retried() {
+        let (result, tally, waits) = run(
+            policy(5),
+            vec![(
+                Verdict::Permanent(EventError::new(ErrorKind::Rejected, "no", None)),
+                false,
+            )],
+        );
+        assert_eq!(tally.attempts, 1);
+        assert!(waits.is_empty());
+        assert_eq!(result.map_err(|e| e.kind), Err(ErrorKind::Rejected));
+    }
+
+    #[test]
+    fn gives_up_after_max_attempts_with_an_exact_count() {
+        let (result, tally, waits) = run(
+            policy(4),
+            (0..4).map(|_| (transient(None), false)).collect(),
+        );
+        assert_eq!(tally.attempts, 4);
+        assert_eq!(waits.len(), 3);
         assert_eq!(
-            outcome.result.map_err(|e| e.kind),
+            result.map_err(|e| e.kind),
             Err(ErrorKind::UpstreamUnavailable)
+        );
+    }
+
+    #[test]
+    fn failed_probes_do_not_use_up_the_retries() {
+        // Two counted failures of two allowed would end the command; the
+        // probes in between only add to the attempts reported.
+        let (result, tally, _) = run(
+            policy(2),
+            vec![
+                (transient(None), false),
+                (transient(None), true),
+                (transient(None), true),
+                (Verdict::Success { v3: "back".into() }, true),
+            ],
+        );
+        assert_eq!(result, Ok("back".into()));
+        assert_eq!(
+            tally,
+            Tally {
+                attempts: 4,
+                counted: 1
+            }
+        );
+        let (result, tally, _) = run(
+            policy(2),
+            vec![
+                (transient(None), true),
+                (transient(None), false),
+                (transient(None), false),
+            ],
+        );
+        assert!(result.is_err());
+        assert_eq!(
+            tally,
+            Tally {
+                attempts: 3,
+                counted: 2
+            }
         );
     }
 }

@@ -3,6 +3,12 @@
 //! exchange standing in for a downstream consumer.
 #![allow(dead_code)]
 
+pub mod broker;
+pub mod fake_gewe;
+pub mod logs;
+pub mod process;
+pub mod tcp_proxy;
+
 use std::{net::SocketAddr, time::Duration};
 
 use futures_util::StreamExt;
@@ -90,6 +96,7 @@ impl Received {
 /// Declares the topology, binds a listener to the result exchange (unless
 /// `bind_results` is false), then starts the worker.
 pub async fn spawn_app_with(settings: Settings, bind_results: bool) -> TestApp {
+    logs::init();
     let mut app = listener(settings, bind_results).await;
     let worker = Application::build(app.settings.clone())
         .await
@@ -227,6 +234,16 @@ impl TestApp {
         next_on(&mut self.events).await
     }
 
+    /// The next event if one arrives within `within`.
+    pub async fn try_next_event(&mut self, within: Duration) -> Option<Received> {
+        let delivery = tokio::time::timeout(within, self.events.next())
+            .await
+            .ok()?
+            .expect("consumer open")
+            .expect("delivery");
+        Some(received(ack(delivery).await))
+    }
+
     /// Collects `n` events.
     pub async fn events(&mut self, n: usize) -> Vec<Received> {
         let mut out = Vec::with_capacity(n);
@@ -282,6 +299,10 @@ async fn next_acked(consumer: &mut Consumer, late: impl FnOnce() -> String) -> D
         .unwrap_or_else(|_| panic!("{}", late()))
         .expect("consumer open")
         .expect("delivery");
+    ack(delivery).await
+}
+
+async fn ack(delivery: Delivery) -> Delivery {
     delivery
         .acker
         .ack(BasicAckOptions::default())
@@ -290,14 +311,17 @@ async fn next_acked(consumer: &mut Consumer, late: impl FnOnce() -> String) -> D
     delivery
 }
 
-/// Next delivery on `consumer` as a [`Received`], acked.
-pub async fn next_on(consumer: &mut Consumer) -> Received {
-    let delivery = next_acked(consumer, || "an event arrives in time".to_owned()).await;
+fn received(delivery: Delivery) -> Received {
     Received {
         body: serde_json::from_slice(&delivery.data).expect("event is JSON"),
         properties: delivery.properties,
         routing_key: delivery.routing_key.to_string(),
     }
+}
+
+/// Next delivery on `consumer` as a [`Received`], acked.
+pub async fn next_on(consumer: &mut Consumer) -> Received {
+    received(next_acked(consumer, || "an event arrives in time".to_owned()).await)
 }
 
 /// Redis for tests: `GEWE_TEST_REDIS_URL` or the local default.
@@ -313,6 +337,7 @@ pub async fn start_worker(
     tokio::task::JoinHandle<anyhow::Result<()>>,
     SocketAddr,
 ) {
+    logs::init();
     let app = Application::build(settings.clone())
         .await
         .expect("application builds");

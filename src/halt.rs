@@ -1,0 +1,123 @@
+//! Why a command stops waiting before it has an outcome.
+//!
+//! A delivery waits at several points (a free prefetch slot, the commandId's
+//! claim, the circuit breaker, its account's pacing turn, a backoff). Each of
+//! those waits ends early for one of two reasons: the worker is shutting down
+//! (the command goes back to the queue), or the broker session the delivery
+//! came from is gone (the broker has already put it back, and whatever this
+//! task still holds, such as a pacing turn, must be given up for the
+//! redelivery). [`Halt`] bundles both signals so every wait selects on one
+//! future.
+
+use std::future::Future;
+
+use tokio_util::sync::CancellationToken;
+
+/// Why a command was not carried to an outcome now; it is tried again later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Interrupted {
+    /// The worker is shutting down: no new GeWe call starts.
+    #[error("the worker is shutting down")]
+    Shutdown,
+    /// The broker session of this delivery is gone; the broker redelivers it.
+    #[error("the broker session of this delivery was lost")]
+    SessionLost,
+    /// The Redis claim on the commandId ran out or was taken over: another
+    /// replica may be handling it, so this one looks again.
+    #[error("the claim on this commandId was lost; another replica may be handling it")]
+    ClaimLost,
+}
+
+impl Interrupted {
+    /// Label for `commands_requeued_total{reason}`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Interrupted::Shutdown => "shutdown",
+            Interrupted::SessionLost => "session_lost",
+            Interrupted::ClaimLost => "claim_lost",
+        }
+    }
+}
+
+/// The two signals that end a delivery's waits.
+#[derive(Debug, Clone)]
+pub struct Halt {
+    shutdown: CancellationToken,
+    session: CancellationToken,
+}
+
+impl Halt {
+    /// Waits end on `shutdown` (process-wide) or `session` (this delivery's
+    /// broker session was lost).
+    pub fn new(shutdown: CancellationToken, session: CancellationToken) -> Self {
+        Self { shutdown, session }
+    }
+
+    /// A halt that never fires (tools and tests outside a session).
+    pub fn never() -> Self {
+        Self::new(CancellationToken::new(), CancellationToken::new())
+    }
+
+    /// Why waiting must stop now, if it must.
+    pub fn check(&self) -> Result<(), Interrupted> {
+        if self.session.is_cancelled() {
+            Err(Interrupted::SessionLost)
+        } else if self.shutdown.is_cancelled() {
+            Err(Interrupted::Shutdown)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Whether the delivery's session is gone (publishing is pointless).
+    pub fn session_lost(&self) -> bool {
+        self.session.is_cancelled()
+    }
+
+    /// Resolves when either signal fires, with the reason.
+    pub async fn fired(&self) -> Interrupted {
+        tokio::select! {
+            biased;
+            () = self.session.cancelled() => Interrupted::SessionLost,
+            () = self.shutdown.cancelled() => Interrupted::Shutdown,
+        }
+    }
+
+    /// Runs `wait` unless a signal fires first.
+    pub async fn guard<F: Future>(&self, wait: F) -> Result<F::Output, Interrupted> {
+        self.check()?;
+        tokio::select! {
+            biased;
+            reason = self.fired() => Err(reason),
+            out = wait => Ok(out),
+        }
+    }
+
+    /// Sleeps for `d` unless a signal fires first.
+    pub async fn sleep(&self, d: std::time::Duration) -> Result<(), Interrupted> {
+        self.guard(tokio::time::sleep(d)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_session_ends_a_wait_and_says_so() {
+        let (shutdown, session) = (CancellationToken::new(), CancellationToken::new());
+        let halt = Halt::new(shutdown.clone(), session.clone());
+        let waiting = tokio::spawn({
+            let halt = halt.clone();
+            async move { halt.sleep(Duration::from_secs(3600)).await }
+        });
+        tokio::task::yield_now().await;
+        session.cancel();
+        assert_eq!(waiting.await.expect("join"), Err(Interrupted::SessionLost));
+        shutdown.cancel();
+        assert_eq!(halt.check(), Err(Interrupted::SessionLost));
+        let other = Halt::new(shutdown, CancellationToken::new());
+        assert_eq!(other.check(), Err(Interrupted::Shutdown));
+    }
+}

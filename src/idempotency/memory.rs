@@ -1,0 +1,172 @@
+//! Outcomes remembered in this process (no `redis.url`): bounded, per
+//! process, lost on restart.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use quick_cache::sync::Cache;
+use tokio::time::Instant;
+
+use super::Record;
+
+/// Bound on commandIds remembered (quick_cache evicts beyond it). An entry
+/// costs a few hundred bytes (BENCHMARKS.md), so this caps the store at a
+/// few MiB; deployments that need all of `dedupe.window` at high volume
+/// set `redis.url`.
+pub const MAX_ENTRIES: usize = 20_000;
+/// Share of the store kept for entries read again. quick_cache evicts
+/// unread ("cold") entries first, and most outcomes are never read again;
+/// with its default of 97 % a new outcome would be evicted after a few
+/// hundred newer ones, with 10 % it outlives at least ~80 % of
+/// `MAX_ENTRIES` newer ones (tested below).
+const HOT_SHARE: f64 = 0.1;
+/// Divides `MAX_ENTRIES` exactly: capacity does not depend on the host.
+const SHARDS: usize = 8;
+
+/// A stored outcome.
+pub struct Entry {
+    stored: Instant,
+    /// The outcome.
+    pub record: Record,
+    published: AtomicBool,
+}
+
+impl Entry {
+    /// Whether an event for it was confirmed.
+    pub fn is_published(&self) -> bool {
+        self.published.load(Ordering::Acquire)
+    }
+}
+
+/// The in-process outcome store.
+pub struct MemoryStore {
+    cache: Cache<String, Arc<Entry>>,
+    window: Duration,
+}
+
+fn new_cache() -> Cache<String, Arc<Entry>> {
+    let options = quick_cache::OptionsBuilder::new()
+        .estimated_items_capacity(MAX_ENTRIES)
+        .weight_capacity(MAX_ENTRIES as u64)
+        .hot_allocation(HOT_SHARE)
+        .shards(SHARDS)
+        .build();
+    match options {
+        Ok(options) => Cache::with_options(
+            options,
+            Default::default(),
+            Default::default(),
+            Default::default(),
+        ),
+        // Only invalid constants could fail; fall back to the defaults.
+        Err(_) => Cache::new(MAX_ENTRIES),
+    }
+}
+
+impl MemoryStore {
+    /// A store remembering outcomes for `window`.
+    pub fn new(window: Duration) -> Self {
+        Self {
+            cache: new_cache(),
+            window,
+        }
+    }
+
+    /// The outcome of `command_id`, if stored within the window.
+    pub fn get(&self, command_id: &str) -> Option<Arc<Entry>> {
+        let entry = self.cache.get(command_id)?;
+        if entry.stored.elapsed() < self.window {
+            return Some(entry);
+        }
+        self.cache.remove_if(command_id, |e| Arc::ptr_eq(e, &entry));
+        None
+    }
+
+    /// Stores `record` for `command_id`, not yet published.
+    pub fn put(&self, command_id: &str, record: Record) {
+        let entry = Entry {
+            stored: Instant::now(),
+            record,
+            published: AtomicBool::new(false),
+        };
+        self.cache.insert(command_id.to_owned(), Arc::new(entry));
+    }
+
+    /// Marks the outcome of `command_id` as announced by a confirmed event.
+    pub fn mark_published(&self, command_id: &str) {
+        if let Some(entry) = self.cache.peek(command_id) {
+            entry.published.store(true, Ordering::Release);
+        }
+    }
+
+    /// Entries held (for tests).
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Whether nothing is held.
+    #[cfg(test)]
+    pub fn is_empty(&self) -> bool {
+        self.cache.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{gewe::CallOutcome, idempotency::Fingerprint};
+
+    fn record() -> Record {
+        let cmd = crate::command::Command {
+            command_id: "c".into(),
+            app_id: "a".into(),
+            chatroom_id: "r".into(),
+            member_wxid: "m".into(),
+            content: "x".into(),
+        };
+        Record::new(
+            Fingerprint::of(&cmd),
+            CallOutcome {
+                result: Ok("v3".into()),
+                attempts: 1,
+            },
+        )
+    }
+
+    #[test]
+    fn the_store_stays_bounded_and_keeps_the_recent_outcomes() {
+        let store = MemoryStore::new(Duration::from_secs(60));
+        let total = MAX_ENTRIES * 3;
+        for i in 0..total {
+            store.put(&format!("c{i}"), record());
+        }
+        assert!(store.len() <= MAX_ENTRIES, "{} entries kept", store.len());
+        // Outcomes nobody read again are what a redelivery looks for.
+        let recent = MAX_ENTRIES * 8 / 10;
+        let kept = (total - recent..total)
+            .filter(|i| store.cache.peek(format!("c{i}").as_str()).is_some())
+            .count();
+        assert_eq!(
+            kept, recent,
+            "of the last {recent} outcomes only {kept} are kept"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_outcome_is_forgotten_after_the_window() {
+        let store = MemoryStore::new(Duration::from_secs(60));
+        store.put("c", record());
+        store.mark_published("c");
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert!(store.get("c").is_some_and(|e| e.is_published()));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(store.get("c").is_none());
+        assert!(store.is_empty());
+    }
+}

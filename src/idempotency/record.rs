@@ -1,0 +1,149 @@
+//! What is remembered per commandId: the outcome, and which request it
+//! answered.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use sha2::{Digest, Sha256};
+
+use crate::{command::Command, event::ErrorKind, gewe::CallOutcome};
+
+/// Identifies one request: `appId`, `chatroomId`, `memberWxid` and
+/// `content` (contract §3). A commandId is bound to the fingerprint of the
+/// request that first produced its outcome, so reusing the id for another
+/// request can never be answered with that outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fingerprint(u128);
+
+impl Fingerprint {
+    /// The fingerprint of `cmd`'s request fields. Each field is length-
+    /// prefixed, so `("ab","c")` and `("a","bc")` differ; SHA-256 keeps it
+    /// stable across versions and hosts, and 128 bits of it are plenty to
+    /// tell requests apart.
+    pub fn of(cmd: &Command) -> Self {
+        let mut hash = Sha256::new();
+        for field in [
+            &cmd.app_id,
+            &cmd.chatroom_id,
+            &cmd.member_wxid,
+            &cmd.content,
+        ] {
+            hash.update((field.len() as u64).to_le_bytes());
+            hash.update(field.as_bytes());
+        }
+        let digest = hash.finalize();
+        let mut first = [0u8; 16];
+        first.copy_from_slice(&digest[..16]);
+        Self(u128::from_be_bytes(first))
+    }
+}
+
+impl Serialize for Fingerprint {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{:032x}", self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Fingerprint {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        if text.len() != 32 {
+            return Err(serde::de::Error::custom("a fingerprint is 32 hex digits"));
+        }
+        u128::from_str_radix(&text, 16)
+            .map(Self)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// A GeWe outcome as stored for its commandId.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Record {
+    /// The request this outcome answered.
+    pub fingerprint: Fingerprint,
+    /// What GeWe said, after all attempts.
+    pub outcome: CallOutcome,
+    /// When the outcome was known, in milliseconds since the Unix epoch.
+    pub completed_at_ms: u64,
+}
+
+impl Record {
+    /// An outcome known now.
+    pub fn new(fingerprint: Fingerprint, outcome: CallOutcome) -> Self {
+        let completed_at_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        Self {
+            fingerprint,
+            outcome,
+            completed_at_ms,
+        }
+    }
+
+    /// `completedAt` of its events (RFC 3339, milliseconds).
+    pub fn completed_at(&self) -> String {
+        let at = UNIX_EPOCH + Duration::from_millis(self.completed_at_ms);
+        humantime::format_rfc3339_millis(at).to_string()
+    }
+
+    /// Whether GeWe may have acted on the request: a success, `rejected` or
+    /// `unexpected_response`. Only these are stored. The others say the
+    /// request did not get through (`upstream_unavailable`,
+    /// `unauthorized`, `app_offline`), so a later copy tries again once
+    /// the cause is fixed.
+    pub fn is_definitive(&self) -> bool {
+        match &self.outcome.result {
+            Ok(_) => true,
+            Err(e) => match e.kind {
+                ErrorKind::Rejected | ErrorKind::UnexpectedResponse => true,
+                ErrorKind::InvalidCommand
+                | ErrorKind::Unauthorized
+                | ErrorKind::AppOffline
+                | ErrorKind::UpstreamUnavailable => false,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cmd(member: &str, content: &str) -> Command {
+        Command {
+            command_id: "c".into(),
+            app_id: "a".into(),
+            chatroom_id: "r@chatroom".into(),
+            member_wxid: member.into(),
+            content: content.into(),
+        }
+    }
+
+    #[test]
+    fn fingerprints_tell_requests_apart_and_survive_a_round_trip() {
+        let a = Fingerprint::of(&cmd("m1", "hi"));
+        assert_eq!(a, Fingerprint::of(&cmd("m1", "hi")));
+        assert_ne!(a, Fingerprint::of(&cmd("m2", "hi")));
+        assert_ne!(a, Fingerprint::of(&cmd("m1", "hello")));
+        assert_ne!(
+            Fingerprint::of(&cmd("ab", "c")),
+            Fingerprint::of(&cmd("a", "bc"))
+        );
+        let record = Record::new(
+            a,
+            CallOutcome {
+                result: Ok("v3".into()),
+                attempts: 2,
+            },
+        );
+        let json = serde_json::to_string(&record).expect("encodes");
+        let back: Record = serde_json::from_str(&json).expect("decodes");
+        assert_eq!(back, record);
+        assert!(back.completed_at().ends_with('Z'));
+        assert!(
+            serde_json::from_str::<Record>(&json.replace(&format!("{:032x}", a.0), "zz")).is_err()
+        );
+    }
+}

@@ -1,0 +1,338 @@
+//! Outcomes and claims in Redis (`redis.url`), shared by every replica.
+//!
+//! Per commandId: a hash `rec:<id>` holding the stored [`Record`] (`r`) and
+//! whether an event for it was confirmed (`p`), and a claim `claim:<id>`
+//! naming the replica that is handling the command, with a lease. Every
+//! step is one Lua script, so two replicas never both own a commandId.
+//!
+//! Redis without persistence forgets every claim when it restarts, and a
+//! replica whose GeWe call is in flight would then find its claim gone
+//! while another takes it and calls too. A boot marker (a key without
+//! expiry) tells a replica that Redis lost its data since it last looked;
+//! it then sets a guard for one lease, during which no free commandId is
+//! claimed, while the holders of earlier claims re-assert theirs at their
+//! next renewal.
+
+use std::{
+    sync::{Arc, LazyLock, Mutex, PoisonError},
+    time::Duration,
+};
+
+use redis::{Script, ScriptInvocation, Value};
+
+use super::Record;
+use crate::redis_client::{RedisClient, RedisError};
+
+/// Shared by the scripts that can be first to see Redis again after a
+/// restart: notices lost data and sets the guard.
+const BOOT: &str = r#"
+local function boot(bootk, guardk, seen, fresh, lease)
+  local marker = redis.call('GET', bootk)
+  if not marker then
+    redis.call('SET', bootk, fresh)
+    if seen ~= '' then redis.call('SET', guardk, '1', 'PX', lease) end
+    return fresh
+  end
+  if seen ~= '' and marker ~= seen then
+    redis.call('SET', guardk, '1', 'PX', lease, 'NX')
+  end
+  return marker
+end
+"#;
+
+/// KEYS: rec, claim, boot, guard. ARGV: owner, lease ms, seen marker, new
+/// marker. Returns {state, record or '', marker}; state is `published`
+/// (no claim needed), `claimed`, `held` (another replica) or `guarded`.
+static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "{BOOT}{}",
+        r#"
+local marker = boot(KEYS[3], KEYS[4], ARGV[3], ARGV[4], ARGV[2])
+local rec = redis.call('HMGET', KEYS[1], 'r', 'p')
+if rec[1] and rec[2] == '1' then return {'published', rec[1], marker} end
+local holder = redis.call('GET', KEYS[2])
+if holder and holder ~= ARGV[1] then return {'held', '', marker} end
+if (not holder) and redis.call('EXISTS', KEYS[4]) == 1 then return {'guarded', '', marker} end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+return {'claimed', rec[1] or '', marker}
+"#
+    ))
+});
+
+/// KEYS: claim, boot, guard. ARGV: owner, lease ms, seen marker, new
+/// marker. Returns {1 renewed | 2 re-asserted (it was gone) | 0 taken over,
+/// marker}.
+static RENEW: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "{BOOT}{}",
+        r#"
+local marker = boot(KEYS[2], KEYS[3], ARGV[3], ARGV[4], ARGV[2])
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return {1, marker}
+end
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return {2, marker}
+end
+return {0, marker}
+"#
+    ))
+});
+
+/// KEYS: rec, claim. ARGV: record, window ms, owner. Stores the record
+/// unless one is there (the first answer wins). Returns {stored, claim ours}.
+static STORE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local stored = redis.call('HSETNX', KEYS[1], 'r', ARGV[1])
+if stored == 1 then
+  redis.call('HSET', KEYS[1], 'p', '0')
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+local ours = 0
+if redis.call('GET', KEYS[2]) == ARGV[3] then ours = 1 end
+return {stored, ours}
+"#,
+    )
+});
+
+/// KEYS: rec, claim. ARGV: owner. Marks the record published and releases
+/// the claim if it is ours.
+static PUBLISHED: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'p', '1') end
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+return 1
+"#,
+    )
+});
+
+/// KEYS: claim. ARGV: owner. Deletes the claim only if it is still ours.
+static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#,
+    )
+});
+
+/// What [`SharedStore::acquire`] found.
+pub enum Acquired {
+    /// An outcome whose event was confirmed.
+    Published(Record),
+    /// The claim is ours; an outcome stored but not yet announced, if any.
+    Claimed(Option<Record>),
+    /// Another replica holds the claim, or the restart guard is up.
+    Wait,
+    /// A record this version cannot read (written by another version).
+    Unreadable {
+        /// Why it could not be read.
+        reason: String,
+        /// Whether the claim was taken (and must be released).
+        claimed: bool,
+    },
+}
+
+/// How a renewal went.
+pub enum Renewed {
+    /// The claim is ours for another lease.
+    Yes,
+    /// Another replica holds it now.
+    TakenOver,
+}
+
+/// Redis side of the idempotency store. Cheap to clone.
+#[derive(Clone)]
+pub struct SharedStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: Arc<RedisClient>,
+    prefix: String,
+    owner: String,
+    window: Duration,
+    lease: Duration,
+    /// The boot marker this replica last saw ('' before the first answer).
+    seen: Mutex<String>,
+}
+
+/// A TTL or lease in Redis' milliseconds; never 0, which Redis refuses.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+impl SharedStore {
+    /// A store under `prefix`, remembering outcomes for `window` and
+    /// claiming commandIds for `lease`.
+    pub fn new(client: Arc<RedisClient>, prefix: &str, window: Duration, lease: Duration) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                client,
+                prefix: prefix.to_owned(),
+                owner: uuid::Uuid::new_v4().to_string(),
+                window,
+                lease,
+                seen: Mutex::new(String::new()),
+            }),
+        }
+    }
+
+    /// How long a claim lives without renewal.
+    pub fn lease(&self) -> Duration {
+        self.inner.lease
+    }
+
+    fn key(&self, kind: &str, id: &str) -> String {
+        format!("{}:{kind}:{id}", self.inner.prefix)
+    }
+
+    fn seen(&self) -> String {
+        self.inner
+            .seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn saw(&self, marker: &str) {
+        let mut seen = self
+            .inner
+            .seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if *seen != marker {
+            if !seen.is_empty() {
+                tracing::warn!(
+                    lease_ms = millis(self.inner.lease),
+                    "Redis lost its data since it was last seen (a restart without persistence?): no new claims for one lease"
+                );
+            }
+            marker.clone_into(&mut seen);
+        }
+    }
+
+    /// Runs one of the scripts that watch Redis' boot marker ([`BOOT`]):
+    /// `keys` first, then the marker's keys and arguments. Returns the reply
+    /// with the marker it reported (taken note of) split off.
+    async fn with_boot<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        keys: &[String],
+    ) -> Result<T, RedisError> {
+        let mut invocation: ScriptInvocation<'_> = script.prepare_invoke();
+        for key in keys {
+            invocation.key(key);
+        }
+        invocation
+            .key(format!("{}:boot", self.inner.prefix))
+            .key(format!("{}:guard", self.inner.prefix))
+            .arg(&self.inner.owner)
+            .arg(millis(self.inner.lease))
+            .arg(self.seen())
+            .arg(uuid::Uuid::new_v4().to_string());
+        let mut reply: Vec<Value> = self.inner.client.run(&invocation).await?;
+        let marker = match reply.pop() {
+            Some(Value::BulkString(marker)) => String::from_utf8_lossy(&marker).into_owned(),
+            other => return Err(self.inner.client.unexpected(&other.unwrap_or(Value::Nil))),
+        };
+        self.saw(&marker);
+        let rest = Value::Array(reply);
+        redis::from_redis_value(&rest).map_err(|_| self.inner.client.unexpected(&rest))
+    }
+
+    /// The stored outcome of `command_id` if announced, else our claim on it.
+    pub async fn acquire(&self, command_id: &str) -> Result<Acquired, RedisError> {
+        let (state, record): (String, Vec<u8>) = self
+            .with_boot(
+                &ACQUIRE,
+                &[self.key("rec", command_id), self.key("claim", command_id)],
+            )
+            .await?;
+        let decoded = (!record.is_empty()).then(|| serde_json::from_slice::<Record>(&record));
+        let unreadable = |e: serde_json::Error, claimed| {
+            tracing::error!(%command_id, error = %e, "Redis holds a record for this commandId that this version cannot read");
+            Acquired::Unreadable {
+                reason: e.to_string(),
+                claimed,
+            }
+        };
+        match (state.as_str(), decoded) {
+            ("published", Some(Ok(record))) => Ok(Acquired::Published(record)),
+            ("published", Some(Err(e))) => Ok(unreadable(e, false)),
+            ("claimed", None) => Ok(Acquired::Claimed(None)),
+            ("claimed", Some(Ok(record))) => Ok(Acquired::Claimed(Some(record))),
+            ("claimed", Some(Err(e))) => Ok(unreadable(e, true)),
+            ("held" | "guarded", _) => Ok(Acquired::Wait),
+            (other, _) => Err(self
+                .inner
+                .client
+                .unexpected(&Value::SimpleString(other.to_owned()))),
+        }
+    }
+
+    /// Extends our claim on `command_id`.
+    pub async fn renew(&self, command_id: &str) -> Result<Renewed, RedisError> {
+        let (state,): (i64,) = self
+            .with_boot(&RENEW, &[self.key("claim", command_id)])
+            .await?;
+        match state {
+            1 => Ok(Renewed::Yes),
+            2 => {
+                tracing::warn!(%command_id, "the claim on this commandId was gone from Redis; re-asserted it");
+                Ok(Renewed::Yes)
+            }
+            0 => Ok(Renewed::TakenOver),
+            other => Err(self.inner.client.unexpected(&Value::Int(other))),
+        }
+    }
+
+    /// Stores the encoded record unless an outcome is there; true when it
+    /// was stored and the claim is still ours.
+    pub async fn store(&self, command_id: &str, json: &str) -> Result<bool, RedisError> {
+        let (stored, ours): (i64, i64) = self
+            .inner
+            .client
+            .run(
+                STORE
+                    .key(self.key("rec", command_id))
+                    .key(self.key("claim", command_id))
+                    .arg(json)
+                    .arg(millis(self.inner.window))
+                    .arg(&self.inner.owner),
+            )
+            .await?;
+        Ok(stored == 1 && ours == 1)
+    }
+
+    /// Marks the outcome announced and releases our claim.
+    pub async fn published(&self, command_id: &str) -> Result<(), RedisError> {
+        self.inner
+            .client
+            .run::<i64>(
+                PUBLISHED
+                    .key(self.key("rec", command_id))
+                    .key(self.key("claim", command_id))
+                    .arg(&self.inner.owner),
+            )
+            .await
+            .map(|_| ())
+    }
+
+    /// Releases our claim (the stored outcome, if any, stays).
+    pub async fn release(&self, command_id: &str) -> Result<(), RedisError> {
+        self.inner
+            .client
+            .run::<i64>(
+                RELEASE
+                    .key(self.key("claim", command_id))
+                    .arg(&self.inner.owner),
+            )
+            .await
+            .map(|_| ())
+    }
+}

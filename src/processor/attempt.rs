@@ -1,0 +1,110 @@
+//! The GeWe attempts of one command.
+//!
+//! Every attempt, retries included, is admitted by the circuit breaker,
+//! waits for its account's pacing turn, and goes out only while the
+//! commandId's claim will outlast it. A call already sent is never
+//! abandoned: its answer is what the command's outcome is made of.
+
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use super::Processor;
+use crate::{
+    command::Command,
+    gewe::{CallOutcome, Step, Tally, Verdict, classify},
+    halt::{Halt, Interrupted},
+    idempotency::Claim,
+    meters::meters,
+};
+
+impl Processor {
+    /// Attempts `cmd` until it has an outcome. `tally` carries the attempts
+    /// made so far (also across a lost claim).
+    pub(super) async fn call_gewe(
+        &self,
+        cmd: &Command,
+        claim: &Claim<'_>,
+        halt: &Halt,
+        tally: &mut Tally,
+    ) -> Result<CallOutcome, Interrupted> {
+        loop {
+            let span = tracing::error_span!("attempt", attempt = tally.attempts + 1);
+            let (verdict, probe) = self.attempt(cmd, claim, halt).instrument(span).await?;
+            let step = self.backoff.after(tally, verdict, probe, &mut rand::rng());
+            match step {
+                Step::Done(result) => {
+                    match &result {
+                        // Debug, not info: one line per success would put
+                        // JSON logging on the hot path; the event is the record.
+                        Ok(_) => tracing::debug!(
+                            attempts = tally.attempts,
+                            "GeWe accepted the friend request"
+                        ),
+                        Err(e) => tracing::warn!(
+                            attempts = tally.attempts,
+                            kind = e.kind.as_str(),
+                            error = %e.message,
+                            "GeWe call failed"
+                        ),
+                    }
+                    return Ok(CallOutcome {
+                        result,
+                        attempts: tally.attempts,
+                    });
+                }
+                Step::Retry(wait) => {
+                    meters().gewe_retries.increment(1);
+                    tracing::debug!(
+                        attempt = tally.attempts,
+                        wait_ms = wait.as_millis() as u64,
+                        "GeWe attempt failed transiently; backing off"
+                    );
+                    halt.sleep(wait).await?;
+                }
+            }
+        }
+    }
+
+    /// One attempt: breaker, pacing, claim, request. Returns the verdict and
+    /// whether the attempt was the breaker's half-open probe.
+    async fn attempt(
+        &self,
+        cmd: &Command,
+        claim: &Claim<'_>,
+        halt: &Halt,
+    ) -> Result<(Verdict, bool), Interrupted> {
+        let request = self.gewe.timeout();
+        // Before the breaker and pacing: a claim that needs renewing first
+        // must not hold a probe or an account's turn meanwhile.
+        claim.ready(request, halt).await?;
+        let (admission, turn) = loop {
+            let admission = self.breaker.admit(halt).await?;
+            let turn = self.pacer.turn(&cmd.app_id, halt).await?;
+            if admission.is_current() {
+                break (admission, turn);
+            }
+            // The breaker opened while this call waited for its turn.
+        };
+        claim.ready(request, halt).await?;
+        // No new call once shutdown began or the delivery's session is
+        // gone: the command goes back to the queue instead.
+        halt.check()?;
+        tracing::debug!(
+            waited_ms = turn.waited.as_millis() as u64,
+            probe = admission.is_probe(),
+            "calling GeWe"
+        );
+        let started = Instant::now();
+        let result = self.gewe.add_group_member_as_friend(cmd).await;
+        meters()
+            .gewe_request_duration
+            .record(started.elapsed().as_secs_f64());
+        let verdict = classify(&result, &self.redactor);
+        let failure = verdict.failure();
+        meters().gewe_request(failure).increment(1);
+        let probe = admission.is_probe();
+        admission.record(failure);
+        drop(turn);
+        Ok((verdict, probe))
+    }
+}

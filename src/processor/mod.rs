@@ -1,0 +1,338 @@
+//! What happens to one delivery, top to bottom: wait for a prefetch slot,
+//! decode, find or claim the commandId's outcome, call GeWe if there is
+//! none (breaker-gated, paced, retried: [`attempt`]), store a definitive
+//! answer, publish the confirmed result event, then settle ([`settle`]).
+//!
+//! The order is the guarantee. A delivery is acked (or, when invalid,
+//! rejected to the dead-letter exchange) only after its event is confirmed,
+//! and GeWe's answer is stored before the event is published, so a
+//! redelivery republishes it instead of calling again. While a delivery
+//! handles its commandId, copies wait for it; the first confirmed event is
+//! the only one not marked `duplicate`.
+
+mod attempt;
+mod settle;
+
+use std::sync::Arc;
+
+use lapin::message::Delivery;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::{
+    breaker::Breaker,
+    broker::Publisher,
+    command::{self, Command, Envelope},
+    event::{ResultEvent, now_rfc3339},
+    gewe::{Backoff, GeweClient, Tally},
+    halt::{Halt, Interrupted},
+    idempotency::{Fingerprint, Found, Idempotency, Record, Stored},
+    meters::{Requeue, meters},
+    pacing::Pacer,
+    redact::Redactor,
+    trace_context::TraceParent,
+};
+
+/// The parts of the command pipeline, shared by all deliveries.
+pub struct Processor {
+    result_exchange: String,
+    gewe: GeweClient,
+    backoff: Backoff,
+    pacer: Pacer,
+    idempotency: Idempotency,
+    breaker: Arc<Breaker>,
+    redactor: Redactor,
+    shutdown: CancellationToken,
+    /// One permit per delivery being processed, across broker sessions: a
+    /// lost session's calls still finishing never add to a new session's
+    /// prefetch.
+    slots: Semaphore,
+}
+
+/// What [`Processor::new`] is made of.
+pub struct Parts {
+    /// Topic exchange results are published to.
+    pub result_exchange: String,
+    /// GeWe client (connection-pooled).
+    pub gewe: GeweClient,
+    /// Retry policy.
+    pub backoff: Backoff,
+    /// Per-account pacing.
+    pub pacer: Pacer,
+    /// Known outcomes and claims.
+    pub idempotency: Idempotency,
+    /// Circuit breaker on systemic failures.
+    pub breaker: Arc<Breaker>,
+    /// Token remover.
+    pub redactor: Redactor,
+    /// Cancelled on shutdown: no new GeWe call starts after it.
+    pub shutdown: CancellationToken,
+    /// `amqp.prefetch`: deliveries processed at once.
+    pub prefetch: u16,
+}
+
+/// The broker session a delivery belongs to.
+#[derive(Clone)]
+pub struct SessionHandle {
+    /// Confirm-mode publishing channel.
+    pub publisher: Publisher,
+    /// Cancelled by a task that finds the publishing channel broken.
+    pub broken: CancellationToken,
+    /// Cancelled by the worker when the session is gone: the broker has
+    /// already put its deliveries back.
+    pub lost: CancellationToken,
+}
+
+/// One delivery on its way through: what settling and publishing need.
+struct Inbound {
+    delivery: Delivery,
+    envelope: Envelope,
+    received_at: String,
+    session: SessionHandle,
+    halt: Halt,
+}
+
+/// Counts a delivery in `commands_in_flight` while it lives.
+struct InFlight;
+
+impl InFlight {
+    fn enter() -> Self {
+        meters().commands_in_flight.increment(1.0);
+        Self
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        meters().commands_in_flight.decrement(1.0);
+    }
+}
+
+impl Processor {
+    /// A pipeline made of `parts`.
+    pub fn new(parts: Parts) -> Self {
+        Self {
+            result_exchange: parts.result_exchange,
+            gewe: parts.gewe,
+            backoff: parts.backoff,
+            pacer: parts.pacer,
+            idempotency: parts.idempotency,
+            breaker: parts.breaker,
+            redactor: parts.redactor,
+            shutdown: parts.shutdown,
+            slots: Semaphore::new(usize::from(parts.prefetch.max(1))),
+        }
+    }
+
+    /// The GeWe client (for start-up logs).
+    pub fn gewe(&self) -> &GeweClient {
+        &self.gewe
+    }
+
+    /// Handles one delivery to completion. Never panics on input; every
+    /// broker error is logged and leaves the delivery to be redelivered.
+    pub async fn handle(self: Arc<Self>, delivery: Delivery, session: SessionHandle) {
+        meters().commands_received.increment(1);
+        let received_at = now_rfc3339();
+        let mut envelope = Envelope::from_properties(&delivery.properties);
+        let decoded = command::decode(&delivery.data, &envelope);
+        let (command_id, app_id) = match &decoded {
+            Ok(cmd) => (cmd.command_id.as_str(), Some(cmd.app_id.as_str())),
+            Err(rejected) => (
+                rejected.partial.command_id.as_str(),
+                rejected.partial.app_id.as_deref(),
+            ),
+        };
+        // The caller's trace context: this span becomes its child, and the
+        // result event carries this span as the parent.
+        let parent = envelope.traceparent.as_deref().and_then(TraceParent::parse);
+        let child = parent.as_ref().map(TraceParent::child);
+        // ERROR level so the span (and its ids) exists whatever RUST_LOG
+        // says. Every field is set here: the JSON log format re-parses a
+        // span's fields on each later `record`.
+        let span = tracing::error_span!(
+            "command",
+            command_id,
+            app_id,
+            redelivered = delivery.redelivered,
+            trace_id = parent.as_ref().map(|p| p.trace_id.as_str()),
+            span_id = child.as_ref().map(|(id, _)| id.as_str()),
+            parent_span_id = parent.as_ref().map(|p| p.parent_id.as_str()),
+        );
+        envelope.traceparent = child.map(|(_, header)| header);
+        let halt = Halt::new(self.shutdown.clone(), session.lost.clone());
+        let inbound = Inbound {
+            delivery,
+            envelope,
+            received_at,
+            session,
+            halt,
+        };
+        self.process(decoded, &inbound).instrument(span).await;
+    }
+
+    async fn process(&self, decoded: Result<Command, Box<command::Rejected>>, d: &Inbound) {
+        let slot = match d.halt.guard(self.slots.acquire()).await {
+            Ok(Ok(slot)) => slot,
+            // The semaphore is never closed.
+            Ok(Err(_)) => return self.give_back(d, Interrupted::Shutdown).await,
+            Err(interrupted) => return self.give_back(d, interrupted).await,
+        };
+        let _in_flight = InFlight::enter();
+        match decoded {
+            Ok(cmd) => self.carry_out(&cmd, d).await,
+            Err(rejected) => {
+                let command::Rejected { reason, partial } = *rejected;
+                let message = self.redactor.redact(&reason.to_string()).into_owned();
+                tracing::warn!(reason = %message, "invalid command; dead-lettering it");
+                let event = ResultEvent::invalid(partial, message, d.received_at.clone());
+                self.refuse(&event, d).await;
+            }
+        }
+        drop(slot);
+    }
+
+    /// A valid command: its outcome is found or made, then announced.
+    async fn carry_out(&self, cmd: &Command, d: &Inbound) {
+        let fingerprint = Fingerprint::of(cmd);
+        // Kept across a lost claim, so `attempts` counts every request.
+        let mut tally = Tally::default();
+        loop {
+            let found = match self
+                .idempotency
+                .acquire(&cmd.command_id, fingerprint, &d.halt)
+                .await
+            {
+                Ok(found) => found,
+                Err(interrupted) => return self.give_back(d, interrupted).await,
+            };
+            let (claim, stored) = match found {
+                Found::Duplicate(record) => return self.republish(cmd, &record, d).await,
+                Found::Conflict => return self.refuse_reused_id(cmd, d).await,
+                Found::Unreadable(reason) => return self.refuse_unreadable(cmd, &reason, d).await,
+                Found::Claimed { claim, stored } => (claim, stored),
+            };
+            let record = match stored {
+                Some(record) => record,
+                None => {
+                    let outcome = match self.call_gewe(cmd, &claim, &d.halt, &mut tally).await {
+                        Ok(outcome) => outcome,
+                        Err(Interrupted::ClaimLost) => {
+                            tracing::warn!(
+                                "the claim on this commandId was lost before the request; looking it up again"
+                            );
+                            continue;
+                        }
+                        Err(interrupted) => {
+                            claim.release().await;
+                            return self.give_back(d, interrupted).await;
+                        }
+                    };
+                    let record = Record::new(fingerprint, outcome);
+                    // GeWe answered: keep the answer before anything is
+                    // published, so no redelivery calls again.
+                    if record.is_definitive() {
+                        match claim.store(&record).await {
+                            Stored::Kept => {}
+                            Stored::Lost => {
+                                tracing::warn!(
+                                    "the claim on this commandId was lost while storing GeWe's answer; looking it up again"
+                                );
+                                continue;
+                            }
+                            Stored::Unencodable => {
+                                claim.release().await;
+                                return self.requeue(d, Requeue::PublishFailed).await;
+                            }
+                        }
+                    }
+                    record
+                }
+            };
+            if d.halt.session_lost() {
+                // The stored answer waits for the redelivery.
+                claim.release().await;
+                return self.give_back(d, Interrupted::SessionLost).await;
+            }
+            let event = ResultEvent::of_outcome(
+                cmd,
+                &record.outcome,
+                d.received_at.clone(),
+                record.completed_at(),
+                false,
+            );
+            if self.publish(&event, d).await {
+                if record.is_definitive() {
+                    claim.published(&self.shutdown).await;
+                } else {
+                    claim.release().await;
+                }
+                self.ack(d).await;
+            } else {
+                // The next copy of this command publishes it unmarked.
+                claim.release().await;
+                self.requeue(d, Requeue::PublishFailed).await;
+            }
+            return;
+        }
+    }
+
+    /// An outcome already announced: published again, marked duplicate.
+    async fn republish(&self, cmd: &Command, record: &Record, d: &Inbound) {
+        tracing::info!("commandId already has a published outcome; republishing it");
+        meters().commands_duplicate.increment(1);
+        let event = ResultEvent::of_outcome(
+            cmd,
+            &record.outcome,
+            d.received_at.clone(),
+            record.completed_at(),
+            true,
+        );
+        if self.publish(&event, d).await {
+            self.ack(d).await;
+        } else {
+            self.requeue(d, Requeue::PublishFailed).await;
+        }
+    }
+
+    /// A commandId reused for another request gets neither that request's
+    /// outcome nor a GeWe call.
+    async fn refuse_reused_id(&self, cmd: &Command, d: &Inbound) {
+        let message = format!(
+            "commandId '{}' was already used for another request (a different appId, chatroomId, memberWxid or content); give each request its own commandId",
+            cmd.command_id
+        );
+        self.refuse_command(cmd, &message, d).await;
+    }
+
+    /// A stored outcome this version cannot read: calling again could
+    /// double the friend request, so the command is dead-lettered.
+    async fn refuse_unreadable(&self, cmd: &Command, reason: &str, d: &Inbound) {
+        let message = format!(
+            "commandId '{}' has a stored outcome this version cannot read ({reason}); it was not sent to GeWe again",
+            cmd.command_id
+        );
+        self.refuse_command(cmd, &message, d).await;
+    }
+
+    /// A valid command that is not carried out: `invalid_command` saying
+    /// why, and the original to the dead letters.
+    async fn refuse_command(&self, cmd: &Command, message: &str, d: &Inbound) {
+        let message = self.redactor.redact(message).into_owned();
+        tracing::warn!(reason = %message, "command refused; dead-lettering it");
+        let event = ResultEvent::invalid(cmd.partial(), message, d.received_at.clone());
+        self.refuse(&event, d).await;
+    }
+
+    /// Gives a delivery without an outcome back to the queue.
+    async fn give_back(&self, d: &Inbound, interrupted: Interrupted) {
+        tracing::warn!(reason = %interrupted, "no outcome for now; the command goes back to the queue");
+        match interrupted {
+            // The broker already has it back; nothing to settle on a dead channel.
+            Interrupted::SessionLost => meters().requeued(Requeue::SessionLost).increment(1),
+            Interrupted::Shutdown => self.requeue(d, Requeue::Shutdown).await,
+            Interrupted::ClaimLost => self.requeue(d, Requeue::ClaimLost).await,
+        }
+    }
+}

@@ -1,0 +1,94 @@
+//! Publishing a delivery's event and settling the delivery.
+//!
+//! Settling follows the event: ack after a confirmed event, reject to the
+//! dead-letter exchange after a confirmed `invalid_command` event, requeue
+//! (after a pause) when the event was not confirmed.
+
+use std::time::Duration;
+
+use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
+
+use super::{Inbound, Processor};
+use crate::{
+    event::ResultEvent,
+    meters::{Requeue, meters},
+    outbound::publish_event,
+};
+
+/// Pause before requeueing, so a persistent problem does not become a hot
+/// redelivery loop.
+const REQUEUE_PAUSE: Duration = Duration::from_millis(500);
+
+impl Processor {
+    /// Publishes `event` with a confirm; true when the broker took it.
+    pub(super) async fn publish(&self, event: &ResultEvent, d: &Inbound) -> bool {
+        match publish_event(
+            &self.result_exchange,
+            &d.envelope,
+            event,
+            &d.session.publisher,
+        )
+        .await
+        {
+            Ok(()) => {
+                meters().result_published(event.error_kind()).increment(1);
+                true
+            }
+            Err(e) => {
+                meters().results_publish_failures.increment(1);
+                tracing::error!(error = %e, "result event not confirmed; requeueing the command");
+                if e.breaks_channel() {
+                    // Only a new session can publish again.
+                    d.session.broken.cancel();
+                }
+                false
+            }
+        }
+    }
+
+    /// Acks a delivery whose event was confirmed.
+    pub(super) async fn ack(&self, d: &Inbound) {
+        let acked = d.delivery.acker.ack(BasicAckOptions::default()).await;
+        report_settled(acked, "acked");
+    }
+
+    /// Publishes an `invalid_command` event, then rejects the delivery
+    /// without requeue so the broker dead-letters the original.
+    pub(super) async fn refuse(&self, event: &ResultEvent, d: &Inbound) {
+        if !self.publish(event, d).await {
+            return self.requeue(d, Requeue::PublishFailed).await;
+        }
+        let rejected = d
+            .delivery
+            .acker
+            .reject(BasicRejectOptions { requeue: false })
+            .await;
+        report_settled(rejected, "dead-lettered");
+    }
+
+    /// Returns the delivery to the queue after [`REQUEUE_PAUSE`].
+    pub(super) async fn requeue(&self, d: &Inbound, reason: Requeue) {
+        meters().requeued(reason).increment(1);
+        tokio::time::sleep(REQUEUE_PAUSE).await;
+        let nack = BasicNackOptions {
+            requeue: true,
+            ..BasicNackOptions::default()
+        };
+        if let Err(e) = d.delivery.acker.nack(nack).await {
+            tracing::warn!(error = %e, "requeue failed; the broker redelivers the command when the channel closes");
+        }
+    }
+}
+
+fn report_settled(result: Result<bool, lapin::Error>, how: &str) {
+    match result {
+        Ok(true) => tracing::debug!(how, "result confirmed; delivery settled"),
+        Ok(false) => tracing::warn!(
+            how,
+            "result confirmed but the channel is gone; the broker will redeliver the command"
+        ),
+        Err(e) => {
+            tracing::warn!(how, error = %e, "result confirmed but settling failed; the broker will redeliver the command")
+        }
+    }
+}

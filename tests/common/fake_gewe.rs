@@ -1,0 +1,134 @@
+//! A GeWe stand-in that records every call: which member, when it arrived,
+//! and how many requests were in flight at once (wiremock answers
+//! synchronously, so it cannot count concurrency).
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use axum::{Json, Router, extract::State, http::StatusCode, routing::post};
+use gewe_friend_worker::gewe::ADD_MEMBER_PATH;
+use serde_json::{Value, json};
+
+/// How the fake answers the `nth` call (1-based) for a member.
+pub type Answer = fn(member: &str, nth: usize) -> (StatusCode, Value);
+
+/// GeWe's success, with a v3 naming the member (so a test can tell whose it is).
+pub fn success(member: &str, _: usize) -> (StatusCode, Value) {
+    (
+        StatusCode::OK,
+        json!({"ret": 200, "msg": "操作成功", "data": {"v3": format!("v3_{member}@stranger")}}),
+    )
+}
+
+/// HTTP 503 for every call.
+pub fn unavailable(_: &str, _: usize) -> (StatusCode, Value) {
+    (StatusCode::SERVICE_UNAVAILABLE, json!({"error": "busy"}))
+}
+
+struct Inner {
+    latency: Mutex<Duration>,
+    answer: Mutex<Answer>,
+    calls: Mutex<Vec<(String, Instant)>>,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+}
+
+/// A running fake GeWe.
+#[derive(Clone)]
+pub struct FakeGewe {
+    inner: Arc<Inner>,
+    /// Its base URL, for `gewe.base_url`.
+    pub url: String,
+}
+
+impl FakeGewe {
+    /// Starts a fake answering with `answer` after `latency`.
+    pub async fn start(latency: Duration, answer: Answer) -> Self {
+        let inner = Arc::new(Inner {
+            latency: Mutex::new(latency),
+            answer: Mutex::new(answer),
+            calls: Mutex::new(Vec::new()),
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: AtomicUsize::new(0),
+        });
+        let app = Router::new()
+            .route(ADD_MEMBER_PATH, post(handle))
+            .with_state(inner.clone());
+        let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self { inner, url }
+    }
+
+    /// Answers from now on with `answer`.
+    pub fn answer_with(&self, answer: Answer) {
+        *self.inner.answer.lock().expect("lock") = answer;
+    }
+
+    /// Changes the latency of later calls.
+    pub fn set_latency(&self, latency: Duration) {
+        *self.inner.latency.lock().expect("lock") = latency;
+    }
+
+    /// Every call so far: (memberWxid, arrival).
+    pub fn calls(&self) -> Vec<(String, Instant)> {
+        self.inner.calls.lock().expect("lock").clone()
+    }
+
+    /// Calls per member.
+    pub fn calls_per_member(&self) -> HashMap<String, usize> {
+        let mut per = HashMap::new();
+        for (member, _) in self.calls() {
+            *per.entry(member).or_insert(0) += 1;
+        }
+        per
+    }
+
+    /// Members called more than once.
+    pub fn called_twice(&self) -> Vec<(String, usize)> {
+        let mut twice: Vec<_> = self
+            .calls_per_member()
+            .into_iter()
+            .filter(|(_, n)| *n > 1)
+            .collect();
+        twice.sort();
+        twice
+    }
+
+    /// The most requests that were in flight at once.
+    pub fn max_in_flight(&self) -> usize {
+        self.inner.max_in_flight.load(Ordering::SeqCst)
+    }
+}
+
+async fn handle(
+    State(inner): State<Arc<Inner>>,
+    body: axum::body::Bytes,
+) -> (StatusCode, Json<Value>) {
+    let now = inner.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    inner.max_in_flight.fetch_max(now, Ordering::SeqCst);
+    let request: Value = serde_json::from_slice(&body).unwrap_or_default();
+    let member = request["memberWxid"].as_str().unwrap_or("").to_owned();
+    let nth = {
+        let mut calls = inner.calls.lock().expect("lock");
+        calls.push((member.clone(), Instant::now()));
+        calls.iter().filter(|(m, _)| *m == member).count()
+    };
+    let latency = *inner.latency.lock().expect("lock");
+    let answer = *inner.answer.lock().expect("lock");
+    tokio::time::sleep(latency).await;
+    inner.in_flight.fetch_sub(1, Ordering::SeqCst);
+    let (status, body) = answer(&member, nth);
+    (status, Json(body))
+}

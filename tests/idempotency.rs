@@ -1,0 +1,326 @@
+//! The idempotency store against the real Redis: replicas (stores with
+//! their own owner ids) on one commandId, reuse of a commandId for another
+//! request, lost claims, a hung Redis and a Redis that lost its data. Each
+//! test uses its own key prefix.
+
+mod common;
+
+use std::{sync::Arc, time::Duration};
+
+use common::{redis_url, tcp_proxy::Mode, tcp_proxy::TcpProxy};
+use gewe_friend_worker::{
+    command::Command,
+    gewe::CallOutcome,
+    halt::{Halt, Interrupted},
+    idempotency::{Fingerprint, Found, Idempotency, Record, Stored},
+    redis_client::RedisClient,
+};
+use redis::AsyncCommands;
+use tokio_util::sync::CancellationToken;
+
+const WINDOW: Duration = Duration::from_secs(600);
+/// Short, so lease tests end quickly: valid for `LEASE - 2 s` unrenewed.
+const LEASE: Duration = Duration::from_secs(6);
+
+fn prefix() -> String {
+    format!("test-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// A replica: its own owner id and local claims, the shared Redis.
+fn replica_at(url: &str, prefix: &str) -> Idempotency {
+    let client = Arc::new(RedisClient::new(url).expect("redis url"));
+    Idempotency::in_redis(client, prefix, WINDOW, LEASE)
+}
+
+fn replica(prefix: &str) -> Idempotency {
+    replica_at(&redis_url(), prefix)
+}
+
+fn cmd(member: &str) -> Command {
+    Command {
+        command_id: "cmd".into(),
+        app_id: "app".into(),
+        chatroom_id: "1@chatroom".into(),
+        member_wxid: member.into(),
+        content: "hi".into(),
+    }
+}
+
+fn record(member: &str, v3: &str) -> Record {
+    Record::new(
+        Fingerprint::of(&cmd(member)),
+        CallOutcome {
+            result: Ok(v3.to_owned()),
+            attempts: 1,
+        },
+    )
+}
+
+fn v3(record: &Record) -> String {
+    record.outcome.result.clone().expect("a success")
+}
+
+/// A direct connection, to look at and tamper with the stored state.
+async fn redis() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(redis_url())
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis")
+}
+
+async fn delete_keys(prefix: &str) {
+    let mut conn = redis().await;
+    let keys: Vec<String> = conn.keys(format!("{prefix}:*")).await.expect("keys");
+    if !keys.is_empty() {
+        let _: () = conn.del(keys).await.expect("del");
+    }
+}
+
+async fn acquire<'a>(store: &'a Idempotency, member: &str) -> Found<'a> {
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        store.acquire("cmd", Fingerprint::of(&cmd(member)), &Halt::never()),
+    )
+    .await
+    .expect("acquired in time")
+    .expect("not interrupted")
+}
+
+#[tokio::test]
+async fn a_second_replica_waits_for_the_first_and_gets_its_outcome_as_a_duplicate() {
+    let prefix = prefix();
+    let (a, b) = (replica(&prefix), replica(&prefix));
+    let Found::Claimed {
+        claim,
+        stored: None,
+    } = acquire(&a, "m").await
+    else {
+        panic!("A claims a fresh commandId");
+    };
+    // B must wait while A handles the command, not call GeWe too.
+    let waiting = tokio::spawn(async move {
+        match acquire(&b, "m").await {
+            Found::Duplicate(record) => v3(&record),
+            _ => panic!("B gets A's announced outcome"),
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !waiting.is_finished(),
+        "B waits while A holds the commandId"
+    );
+    assert_eq!(claim.store(&record("m", "v3_from_a")).await, Stored::Kept);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "stored but not yet announced: B still waits for A's event"
+    );
+    claim.published(&CancellationToken::new()).await;
+    let got = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("B is answered once A's event is confirmed")
+        .expect("join");
+    assert_eq!(got, "v3_from_a");
+    delete_keys(&prefix).await;
+}
+
+#[tokio::test]
+async fn when_the_first_event_is_not_published_the_next_copy_announces_the_stored_outcome() {
+    let prefix = prefix();
+    let (a, b) = (replica(&prefix), replica(&prefix));
+    let Found::Claimed { claim, .. } = acquire(&a, "m").await else {
+        panic!("A claims");
+    };
+    assert_eq!(claim.store(&record("m", "v3_a")).await, Stored::Kept);
+    // A's event was not confirmed: it lets go without announcing.
+    claim.release().await;
+    match acquire(&b, "m").await {
+        Found::Claimed {
+            claim,
+            stored: Some(record),
+        } => {
+            assert_eq!(v3(&record), "v3_a", "B publishes A's answer, no new call");
+            claim.published(&CancellationToken::new()).await;
+        }
+        _ => panic!("B takes over the unannounced outcome"),
+    }
+    assert!(matches!(acquire(&a, "m").await, Found::Duplicate(_)));
+    delete_keys(&prefix).await;
+}
+
+#[tokio::test]
+async fn a_command_id_reused_for_another_member_is_a_conflict_and_the_outcome_stays() {
+    let prefix = prefix();
+    let (a, b) = (replica(&prefix), replica(&prefix));
+    let Found::Claimed { claim, .. } = acquire(&a, "member_a").await else {
+        panic!("A claims");
+    };
+    assert_eq!(
+        claim.store(&record("member_a", "v3_of_a")).await,
+        Stored::Kept
+    );
+    claim.published(&CancellationToken::new()).await;
+    assert!(matches!(acquire(&b, "member_b").await, Found::Conflict));
+    match acquire(&b, "member_a").await {
+        Found::Duplicate(record) => assert_eq!(v3(&record), "v3_of_a"),
+        _ => panic!("the original request still gets its outcome"),
+    }
+    // Also before the first outcome is announced.
+    let Found::Claimed { claim, .. } = tokio::time::timeout(
+        Duration::from_secs(5),
+        a.acquire("other", Fingerprint::of(&cmd("x")), &Halt::never()),
+    )
+    .await
+    .expect("in time")
+    .expect("claims") else {
+        panic!("claims")
+    };
+    let mut conn = redis().await;
+    assert_eq!(claim.store(&record("x", "v3_x")).await, Stored::Kept);
+    claim.release().await;
+    assert!(matches!(
+        b.acquire("other", Fingerprint::of(&cmd("y")), &Halt::never())
+            .await,
+        Ok(Found::Conflict)
+    ));
+    let holder: Option<String> = conn
+        .get(format!("{prefix}:claim:other"))
+        .await
+        .expect("get");
+    assert_eq!(holder, None, "a conflict leaves no claim behind");
+    delete_keys(&prefix).await;
+}
+
+#[tokio::test]
+async fn an_unreadable_stored_outcome_is_neither_republished_nor_called_again() {
+    let prefix = prefix();
+    let mut conn = redis().await;
+    let _: () = conn
+        .hset_multiple(
+            format!("{prefix}:rec:cmd"),
+            &[("r", "{written by another version"), ("p", "1")],
+        )
+        .await
+        .expect("hset");
+    assert!(matches!(
+        acquire(&replica(&prefix), "m").await,
+        Found::Unreadable(_)
+    ));
+    delete_keys(&prefix).await;
+}
+
+#[tokio::test]
+async fn a_claim_taken_over_while_waiting_is_seen_before_the_request() {
+    let prefix = prefix();
+    let store = replica(&prefix);
+    let Found::Claimed { claim, .. } = acquire(&store, "m").await else {
+        panic!("claims");
+    };
+    // Another replica holds it now, as after our lease ran out.
+    let claim_key = format!("{prefix}:claim:cmd");
+    let mut conn = redis().await;
+    let _: () = conn
+        .set_ex(&claim_key, "other-replica", 60)
+        .await
+        .expect("set");
+    let ready = tokio::time::timeout(
+        Duration::from_secs(15),
+        // Ready for a request of 2 s means the claim is renewed and ours.
+        async {
+            loop {
+                match claim.ready(Duration::from_secs(2), &Halt::never()).await {
+                    Ok(()) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    Err(e) => return e,
+                }
+            }
+        },
+    )
+    .await
+    .expect("the loss is noticed within a renewal period");
+    assert_eq!(ready, Interrupted::ClaimLost);
+    let holder: Option<String> = conn.get(&claim_key).await.expect("get");
+    assert_eq!(
+        holder.as_deref(),
+        Some("other-replica"),
+        "their claim stays"
+    );
+    delete_keys(&prefix).await;
+}
+
+#[tokio::test]
+async fn a_request_waits_for_a_renewal_and_the_claim_is_given_up_before_its_lease_ends_when_redis_hangs()
+ {
+    let prefix = prefix();
+    let proxy = TcpProxy::redis().await;
+    let store = replica_at(&proxy.url, &prefix);
+    let Found::Claimed { claim, .. } = acquire(&store, "m").await else {
+        panic!("claims");
+    };
+    claim
+        .ready(Duration::from_secs(1), &Halt::never())
+        .await
+        .expect("a fresh claim can send");
+    proxy.set(Mode::Frozen);
+    // A request as long as the whole lease can never be sent.
+    let started = tokio::time::Instant::now();
+    let gave_up = tokio::time::timeout(Duration::from_secs(20), claim.ready(LEASE, &Halt::never()))
+        .await
+        .expect("the claim is given up in time");
+    assert_eq!(gave_up, Err(Interrupted::ClaimLost));
+    // Given up while the lease still holds in Redis: no other replica can
+    // have claimed the command yet.
+    let left: i64 = redis()
+        .await
+        .pttl(format!("{prefix}:claim:cmd"))
+        .await
+        .expect("pttl");
+    assert!(left > 500, "claim given up with {left} ms of lease left");
+    assert!(started.elapsed() < LEASE);
+    delete_keys(&prefix).await;
+}
+
+#[tokio::test]
+async fn after_redis_lost_its_data_no_free_command_id_is_claimed_for_a_lease_and_holders_reassert()
+{
+    let prefix = prefix();
+    let (a, b) = (replica(&prefix), replica(&prefix));
+    // Both replicas have seen Redis' boot marker.
+    let Found::Claimed { claim, .. } = acquire(&a, "m").await else {
+        panic!("A claims");
+    };
+    let Found::Claimed { claim: seen, .. } = tokio::time::timeout(
+        Duration::from_secs(5),
+        b.acquire("warm-up", Fingerprint::of(&cmd("w")), &Halt::never()),
+    )
+    .await
+    .expect("in time")
+    .expect("claims") else {
+        panic!("B claims another id")
+    };
+    seen.release().await;
+    // Redis restarts empty: A's claim on `cmd` is gone.
+    delete_keys(&prefix).await;
+    let waiting = tokio::spawn(async move {
+        let started = tokio::time::Instant::now();
+        let found = acquire(&b, "m").await;
+        (matches!(found, Found::Duplicate(_)), started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        !waiting.is_finished(),
+        "B does not take the commandId A may still be calling GeWe for"
+    );
+    // A's renewal re-asserted the claim meanwhile; A finishes as usual.
+    let holder: Option<String> = redis()
+        .await
+        .get(format!("{prefix}:claim:cmd"))
+        .await
+        .expect("get");
+    assert!(holder.is_some(), "A re-asserted its claim");
+    assert_eq!(claim.store(&record("m", "v3_a")).await, Stored::Kept);
+    claim.published(&CancellationToken::new()).await;
+    let (duplicate, _) = waiting.await.expect("join");
+    assert!(duplicate, "B gets A's outcome, no second call");
+    delete_keys(&prefix).await;
+}

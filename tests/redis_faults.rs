@@ -1,0 +1,160 @@
+//! Redis trouble while friend requests are in flight, with two replicas and
+//! every command published twice: no member is ever called twice, every
+//! command gets its event, and `/readyz` says when Redis is missing. Redis
+//! is reached through a proxy (or is a private server), so the shared Redis
+//! is never disturbed.
+
+mod common;
+
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
+
+use common::{
+    broker::get,
+    fake_gewe::FakeGewe,
+    tcp_proxy::{Mode, RedisServer, TcpProxy},
+    *,
+};
+use gewe_friend_worker::config::Settings;
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Two replicas on `redis`; 30 commands published twice; `fault` runs once
+/// GeWe has at least ten calls in flight. Asserts no member was called
+/// twice and every command got exactly one unmarked event.
+async fn two_replicas_through(
+    gewe: &FakeGewe,
+    redis: &str,
+    timeout: Duration,
+    fault: impl std::future::Future<Output = ()>,
+) {
+    let mut settings: Settings = test_settings(&gewe.url);
+    settings.redis.url = Some(redis.to_owned());
+    settings.gewe.timeout = timeout;
+    let mut listener = spawn_listener(&settings).await;
+    let (stop_a, a, _) = start_worker(&settings).await;
+    let (stop_b, b, _) = start_worker(&settings).await;
+    let ids: Vec<String> = (0..30).map(|i| unique(&format!("blip-{i}"))).collect();
+    for id in &ids {
+        let body = command(id, &unique("app"));
+        listener.publish(&body).await;
+        listener.publish(&body).await;
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while gewe.calls().len() < 10 {
+        assert!(tokio::time::Instant::now() < deadline, "calls start");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    fault.await;
+    let mut unmarked: HashMap<String, usize> = HashMap::new();
+    let mut events = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while events < ids.len() * 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{events} of {} events arrived",
+            ids.len() * 2
+        );
+        let Some(e) = listener.try_next_event(Duration::from_secs(1)).await else {
+            continue;
+        };
+        events += 1;
+        assert_eq!(e.status(), "succeeded", "{}", e.body);
+        if e.body["duplicate"] != true {
+            *unmarked
+                .entry(e.body["commandId"].as_str().unwrap_or("").to_owned())
+                .or_default() += 1;
+        }
+    }
+    assert!(
+        gewe.called_twice().is_empty(),
+        "called twice: {:?}",
+        gewe.called_twice()
+    );
+    let ids: HashSet<&String> = ids.iter().collect();
+    assert_eq!(
+        unmarked.keys().collect::<HashSet<_>>(),
+        ids,
+        "every command has its event"
+    );
+    assert!(unmarked.values().all(|n| *n == 1), "{unmarked:?}");
+    stop_a.cancel();
+    stop_b.cancel();
+    a.await.expect("join").expect("clean exit");
+    b.await.expect("join").expect("clean exit");
+    listener.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_unreachable_for_six_seconds_while_calls_are_in_flight_calls_nobody_twice() {
+    let gewe = FakeGewe::start(Duration::from_millis(300), fake_gewe::success).await;
+    let proxy = TcpProxy::redis().await;
+    two_replicas_through(&gewe, &proxy.url, Duration::from_secs(2), async {
+        proxy.set(Mode::Cut);
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        proxy.set(Mode::Open);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_and_restarted_empty_while_calls_are_in_flight_calls_nobody_twice() {
+    let gewe = FakeGewe::start(Duration::from_millis(300), fake_gewe::success).await;
+    let mut redis = RedisServer::start().await;
+    let url = redis.url.clone();
+    two_replicas_through(&gewe, &url, Duration::from_secs(2), async {
+        redis.kill();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        redis.restart().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_redis_during_slow_calls_calls_nobody_twice() {
+    // Each call takes 4 s; Redis hangs for 5 s from the first calls on, so
+    // no renewal gets through for longer than the old fixed 10 s lease
+    // allowed for.
+    let gewe = FakeGewe::start(Duration::from_secs(4), fake_gewe::success).await;
+    let proxy = TcpProxy::redis().await;
+    two_replicas_through(&gewe, &proxy.url, Duration::from_secs(6), async {
+        proxy.set(Mode::Frozen);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        proxy.set(Mode::Open);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn readyz_is_503_while_redis_is_unreachable_and_200_again_after() {
+    let gewe = FakeGewe::start(Duration::ZERO, fake_gewe::success).await;
+    let proxy = TcpProxy::redis().await;
+    let mut settings = test_settings(&gewe.url);
+    settings.redis.url = Some(proxy.url.clone());
+    let app = spawn_app(settings).await;
+    wait_for_readyz(app.ops_addr, 200, "ready").await;
+    proxy.set(Mode::Cut);
+    wait_for_readyz(app.ops_addr, 503, "redis unavailable").await;
+    proxy.set(Mode::Open);
+    wait_for_readyz(app.ops_addr, 200, "ready").await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn readyz_is_503_while_redis_refuses_the_password() {
+    let gewe = FakeGewe::start(Duration::ZERO, fake_gewe::success).await;
+    let mut settings = test_settings(&gewe.url);
+    let mut url = url::Url::parse(&redis_url()).expect("redis url");
+    url.set_password(Some("not-the-password"))
+        .expect("password");
+    settings.redis.url = Some(url.to_string());
+    let app = spawn_app(settings).await;
+    wait_for_readyz(app.ops_addr, 503, "redis unavailable").await;
+    let (_, body) = get(app.ops_addr, "/readyz").await;
+    assert!(!body.contains("not-the-password"), "{body}");
+    app.stop().await;
+}
