@@ -1,0 +1,284 @@
+//! Typed, layered configuration (contract §2).
+//!
+//! Layers, later wins: built-in defaults → TOML file (`--config PATH` or
+//! `GEWE_WORKER_CONFIG`) → `GEWE_WORKER__SECTION__KEY` environment variables.
+//! Everything is validated once at start-up so that a bad value stops the
+//! program with a message naming the key, instead of surfacing as a broker or
+//! HTTP error at 3 a.m.
+
+use std::{collections::HashMap, path::Path, time::Duration};
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+mod redact;
+mod sections;
+#[cfg(test)]
+mod tests;
+
+pub use redact::{amqp_env, redact_url_password};
+pub use sections::*;
+
+/// Environment variable prefix for configuration overrides.
+pub const ENV_PREFIX: &str = "GEWE_WORKER";
+/// Environment variable naming the TOML configuration file.
+pub const CONFIG_PATH_ENV: &str = "GEWE_WORKER_CONFIG";
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A layer could not be read or a value has the wrong type; the message
+    /// from `config` names the key.
+    #[error("invalid configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    /// A value parsed but is outside what the worker can work with.
+    #[error("invalid configuration: `{key}` {reason}")]
+    Invalid {
+        /// Dotted configuration key, e.g. `amqp.prefetch`.
+        key: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+impl ConfigError {
+    fn invalid(key: &'static str, reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            key,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The whole configuration of the worker.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Broker connection and topology.
+    pub amqp: AmqpSettings,
+    /// The GeWe API.
+    pub gewe: GeweSettings,
+    /// Retries of transient GeWe failures.
+    pub retry: RetrySettings,
+    /// Per-account pacing of GeWe calls.
+    pub pacing: PacingSettings,
+    /// Idempotency window.
+    pub dedupe: DedupeSettings,
+    /// Optional shared state store.
+    pub redis: RedisSettings,
+    /// Circuit breaker on systemic failures.
+    pub breaker: BreakerSettings,
+    /// Ops HTTP endpoint.
+    pub http: HttpSettings,
+    /// Graceful shutdown.
+    pub shutdown: ShutdownSettings,
+    /// Log output.
+    pub log: LogSettings,
+}
+
+/// Built-in defaults, exactly as in the contract's table.
+const DEFAULTS: &[(&str, &str)] = &[
+    ("amqp.url", "amqp://guest:guest@127.0.0.1:5672/%2f"),
+    ("amqp.command_queue", "gewe.add_friend.commands"),
+    ("amqp.result_exchange", "gewe.add_friend.results"),
+    ("amqp.dead_letter_exchange", "gewe.add_friend.dlx"),
+    ("amqp.dead_letter_queue", "gewe.add_friend.dead"),
+    ("amqp.queue_type", "quorum"),
+    ("amqp.declare", "true"),
+    ("amqp.prefetch", "64"),
+    ("amqp.delivery_limit", "10"),
+    ("gewe.base_url", "http://api.geweapi.com"),
+    ("gewe.timeout", "10s"),
+    ("retry.max_attempts", "5"),
+    ("retry.initial_delay", "500ms"),
+    ("retry.max_delay", "30s"),
+    ("retry.multiplier", "2.0"),
+    ("pacing.per_app_concurrency", "1"),
+    ("pacing.per_app_min_interval", "1s"),
+    ("dedupe.window", "24h"),
+    ("breaker.failure_threshold", "10"),
+    ("breaker.cooldown", "30s"),
+    ("http.listen", "0.0.0.0:8080"),
+    ("shutdown.grace", "30s"),
+];
+
+impl Settings {
+    /// Loads defaults, then the optional TOML file, then the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_from(file, None)
+    }
+
+    /// Like [`Settings::load`], but reads environment overrides from `env`
+    /// instead of the process environment when given (tests use this so they
+    /// never mutate global state).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: Option<HashMap<String, String>>,
+    ) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder();
+        for (key, value) in DEFAULTS {
+            builder = builder.set_default(*key, *value)?;
+        }
+        // Tables with only optional keys must exist for serde to build them.
+        builder = builder
+            .set_default("redis", HashMap::<String, String>::new())?
+            .set_default("log", HashMap::<String, String>::new())?;
+        if let Some(path) = file {
+            builder = builder.add_source(
+                config::File::from(path)
+                    .format(config::FileFormat::Toml)
+                    .required(true),
+            );
+        }
+        let environment = config::Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(false)
+            .source(env);
+        let settings: Settings = builder.add_source(environment).build()?.try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks every constraint the types alone do not express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let a = &self.amqp;
+        match a.url.parse::<lapin::uri::AMQPUri>() {
+            Ok(_) => {}
+            Err(e) => {
+                return Err(ConfigError::invalid(
+                    "amqp.url",
+                    format!("is not an AMQP URL: {e}"),
+                ));
+            }
+        }
+        for (key, value) in [
+            ("amqp.command_queue", &a.command_queue),
+            ("amqp.result_exchange", &a.result_exchange),
+            ("amqp.dead_letter_exchange", &a.dead_letter_exchange),
+            ("amqp.dead_letter_queue", &a.dead_letter_queue),
+        ] {
+            if value.trim().is_empty() || value.len() > 255 {
+                return Err(ConfigError::invalid(key, "must be 1..=255 characters"));
+            }
+        }
+        if a.prefetch == 0 {
+            return Err(ConfigError::invalid(
+                "amqp.prefetch",
+                "must be at least 1 (0 would mean unlimited)",
+            ));
+        }
+        if a.delivery_limit == 0 {
+            return Err(ConfigError::invalid(
+                "amqp.delivery_limit",
+                "must be at least 1",
+            ));
+        }
+        match reqwest::Url::parse(&self.gewe.base_url) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") => {}
+            Ok(_) => {
+                return Err(ConfigError::invalid(
+                    "gewe.base_url",
+                    "must be an http(s) URL",
+                ));
+            }
+            Err(e) => {
+                return Err(ConfigError::invalid(
+                    "gewe.base_url",
+                    format!("is not a URL: {e}"),
+                ));
+            }
+        }
+        if self.gewe.timeout.is_zero() {
+            return Err(ConfigError::invalid(
+                "gewe.timeout",
+                "must be greater than 0",
+            ));
+        }
+        let r = &self.retry;
+        if r.max_attempts == 0 {
+            return Err(ConfigError::invalid(
+                "retry.max_attempts",
+                "must be at least 1",
+            ));
+        }
+        if r.max_delay < r.initial_delay {
+            return Err(ConfigError::invalid(
+                "retry.max_delay",
+                "must not be smaller than retry.initial_delay",
+            ));
+        }
+        if !r.multiplier.is_finite() || r.multiplier < 1.0 {
+            return Err(ConfigError::invalid(
+                "retry.multiplier",
+                "must be a number >= 1.0",
+            ));
+        }
+        if self.pacing.per_app_concurrency == 0 {
+            return Err(ConfigError::invalid(
+                "pacing.per_app_concurrency",
+                "must be at least 1",
+            ));
+        }
+        if self.breaker.failure_threshold == 0 {
+            return Err(ConfigError::invalid(
+                "breaker.failure_threshold",
+                "must be at least 1",
+            ));
+        }
+        if let Some(url) = &self.redis.url {
+            match reqwest::Url::parse(url) {
+                Ok(u) if matches!(u.scheme(), "redis" | "rediss") => {}
+                _ => {
+                    return Err(ConfigError::invalid(
+                        "redis.url",
+                        "must be a redis:// or rediss:// URL",
+                    ));
+                }
+            }
+        }
+        for (key, value, limit) in [
+            ("gewe.timeout", self.gewe.timeout, 10 * 60),
+            ("retry.initial_delay", r.initial_delay, 3600),
+            ("retry.max_delay", r.max_delay, 3600),
+            (
+                "pacing.per_app_min_interval",
+                self.pacing.per_app_min_interval,
+                3600,
+            ),
+            ("dedupe.window", self.dedupe.window, 366 * 24 * 3600),
+            ("breaker.cooldown", self.breaker.cooldown, 3600),
+            ("shutdown.grace", self.shutdown.grace, 3600),
+        ] {
+            let limit = Duration::from_secs(limit);
+            if value > limit {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("must be at most {}", humantime::format_duration(limit)),
+                ));
+            }
+        }
+        if let Some(token) = &self.gewe.token
+            && token.expose_secret().trim().is_empty()
+        {
+            return Err(ConfigError::invalid("gewe.token", "must not be empty"));
+        }
+        Ok(())
+    }
+
+    /// The token, required by `run`: a worker without it could only produce
+    /// `unauthorized` events.
+    pub fn require_token(&self) -> Result<&SecretString, ConfigError> {
+        self.gewe.token.as_ref().ok_or_else(|| {
+            ConfigError::invalid(
+                "gewe.token",
+                "is required (set it in the config file or GEWE_WORKER__GEWE__TOKEN)",
+            )
+        })
+    }
+
+    /// The effective configuration as pretty JSON, secrets redacted.
+    pub fn redacted_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_else(|e| format!("<unprintable: {e}>"))
+    }
+}

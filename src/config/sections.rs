@@ -1,0 +1,149 @@
+//! The sections of the configuration, one struct each (contract §2).
+
+use std::{net::SocketAddr, time::Duration};
+
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+
+use super::redact::{serialize_opt_url_redacted, serialize_secret, serialize_url_redacted};
+
+/// Type of the command queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// Replicated quorum queue (supports `x-delivery-limit`).
+    Quorum,
+    /// Classic queue.
+    Classic,
+}
+
+/// `[amqp]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpSettings {
+    /// Broker URL; may carry a password, so it is redacted when printed.
+    #[serde(serialize_with = "serialize_url_redacted")]
+    pub url: String,
+    /// Queue the worker consumes.
+    pub command_queue: String,
+    /// Topic exchange results are published to.
+    pub result_exchange: String,
+    /// Exchange unprocessable commands are dead-lettered to.
+    pub dead_letter_exchange: String,
+    /// Queue bound to the dead-letter exchange.
+    pub dead_letter_queue: String,
+    /// Type of the command queue.
+    pub queue_type: QueueType,
+    /// Declare the topology at start-up and after reconnects.
+    pub declare: bool,
+    /// Unacknowledged commands held (and processed) at once.
+    pub prefetch: u16,
+    /// Quorum `x-delivery-limit`.
+    pub delivery_limit: u32,
+}
+
+/// `[gewe]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GeweSettings {
+    /// GeWe server, e.g. `http://api.geweapi.com`.
+    pub base_url: String,
+    /// `X-GEWE-TOKEN`; required by `run`.
+    #[serde(default, serialize_with = "serialize_secret")]
+    pub token: Option<SecretString>,
+    /// Timeout of one HTTP attempt.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+/// `[retry]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySettings {
+    /// Attempts per command, the first included.
+    pub max_attempts: u32,
+    /// First backoff.
+    #[serde(with = "humantime_serde")]
+    pub initial_delay: Duration,
+    /// Cap of one backoff (and of an honoured `Retry-After`).
+    #[serde(with = "humantime_serde")]
+    pub max_delay: Duration,
+    /// Growth of the backoff between attempts.
+    pub multiplier: f64,
+}
+
+/// `[pacing]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PacingSettings {
+    /// GeWe calls in flight at once for one `appId`.
+    pub per_app_concurrency: u32,
+    /// Least time between the starts of two calls for one `appId`.
+    #[serde(with = "humantime_serde")]
+    pub per_app_min_interval: Duration,
+}
+
+/// `[dedupe]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DedupeSettings {
+    /// How long a known outcome suppresses new GeWe calls for its commandId.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+}
+
+/// `[redis]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSettings {
+    /// Shared store for dedupe and pacing state.
+    #[serde(default, serialize_with = "serialize_opt_url_redacted")]
+    pub url: Option<String>,
+}
+
+/// `[breaker]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerSettings {
+    /// Consecutive systemic failures that open the breaker.
+    pub failure_threshold: u32,
+    /// Pause before a probe command is let through.
+    #[serde(with = "humantime_serde")]
+    pub cooldown: Duration,
+}
+
+/// `[http]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    /// Address of the ops endpoint.
+    pub listen: SocketAddr,
+}
+
+/// `[shutdown]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownSettings {
+    /// Time to finish in-flight commands on SIGTERM/SIGINT.
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object per line (default when stdout is not a terminal).
+    Json,
+    /// Human-readable lines.
+    Pretty,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    /// Unset means: `json` unless stdout is a terminal.
+    #[serde(default)]
+    pub format: Option<LogFormat>,
+}

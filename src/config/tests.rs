@@ -1,0 +1,107 @@
+//! Loading, layering, validation and redaction of the configuration.
+
+use super::*;
+
+fn env(pairs: &[(&str, &str)]) -> Option<HashMap<String, String>> {
+    Some(
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    )
+}
+
+#[test]
+fn defaults_match_the_contract() {
+    let s = Settings::load_from(None, env(&[])).expect("defaults are valid");
+    assert_eq!(s.amqp.url, "amqp://guest:guest@127.0.0.1:5672/%2f");
+    assert_eq!(s.amqp.command_queue, "gewe.add_friend.commands");
+    assert_eq!(s.amqp.queue_type, QueueType::Quorum);
+    assert_eq!(s.amqp.prefetch, 64);
+    assert_eq!(s.amqp.delivery_limit, 10);
+    assert_eq!(s.retry.initial_delay, Duration::from_millis(500));
+    assert_eq!(s.retry.max_delay, Duration::from_secs(30));
+    assert_eq!(s.pacing.per_app_min_interval, Duration::from_secs(1));
+    assert_eq!(s.dedupe.window, Duration::from_secs(24 * 3600));
+    assert_eq!(s.http.listen.port(), 8080);
+    assert!(s.gewe.token.is_none());
+    assert!(s.require_token().is_err());
+}
+
+#[test]
+fn env_overrides_file_and_durations_are_human() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("w.toml");
+    std::fs::write(
+        &path,
+        "[amqp]\nprefetch = 8\nqueue_type = \"classic\"\n[retry]\ninitial_delay = \"2s\"\n",
+    )
+    .expect("write");
+    let s = Settings::load_from(
+        Some(&path),
+        env(&[
+            ("GEWE_WORKER__AMQP__PREFETCH", "16"),
+            ("GEWE_WORKER__AMQP__COMMAND_QUEUE", "q1"),
+            ("GEWE_WORKER__GEWE__TOKEN", "tok"),
+        ]),
+    )
+    .expect("valid");
+    assert_eq!(s.amqp.prefetch, 16);
+    assert_eq!(s.amqp.queue_type, QueueType::Classic);
+    assert_eq!(s.amqp.command_queue, "q1");
+    assert_eq!(s.retry.initial_delay, Duration::from_secs(2));
+    assert_eq!(
+        s.require_token().map(|t| t.expose_secret().to_owned()).ok(),
+        Some("tok".into())
+    );
+}
+
+#[test]
+fn bad_values_name_their_key() {
+    for (var, value, key) in [
+        ("GEWE_WORKER__AMQP__PREFETCH", "abc", "amqp.prefetch"),
+        ("GEWE_WORKER__AMQP__PREFETCH", "0", "amqp.prefetch"),
+        (
+            "GEWE_WORKER__RETRY__INITIAL_DELAY",
+            "soon",
+            "retry.initial_delay",
+        ),
+        ("GEWE_WORKER__AMQP__QUEUE_TYPE", "stream", "amqp.queue_type"),
+        ("GEWE_WORKER__RETRY__MULTIPLIER", "0.5", "retry.multiplier"),
+        ("GEWE_WORKER__GEWE__BASE_URL", "not a url", "gewe.base_url"),
+        ("GEWE_WORKER__AMQP__URL", "http://x", "amqp.url"),
+        ("GEWE_WORKER__HTTP__LISTEN", "nowhere", "http.listen"),
+        ("GEWE_WORKER__DEDUPE__WINDOW", "2000years", "dedupe.window"),
+        (
+            "GEWE_WORKER__PACING__PER_APP_MIN_INTERVAL",
+            "100000years",
+            "pacing.per_app_min_interval",
+        ),
+        ("GEWE_WORKER__REDIS__URL", "http://redis", "redis.url"),
+    ] {
+        let err = Settings::load_from(None, env(&[(var, value)]))
+            .expect_err(&format!("{var}={value} must be rejected"))
+            .to_string();
+        assert!(
+            err.contains(key),
+            "{var}={value}: {err:?} does not name {key}"
+        );
+    }
+}
+
+#[test]
+fn printed_config_hides_secrets() {
+    let s = Settings::load_from(
+        None,
+        env(&[
+            ("GEWE_WORKER__GEWE__TOKEN", "s3cr3t-token"),
+            ("GEWE_WORKER__AMQP__URL", "amqp://u:hunter2@h:5672/%2f"),
+        ]),
+    )
+    .expect("valid");
+    let printed = s.redacted_json();
+    assert!(!printed.contains("s3cr3t-token"));
+    assert!(!printed.contains("hunter2"));
+    assert!(printed.contains("amqp://u:***@h:5672/%2f"));
+    assert!(!format!("{s:?}").contains("s3cr3t-token"));
+}
