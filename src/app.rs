@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     breaker::Breaker,
+    callbacks::{self, Callbacks, Ingress, IngressLink, Store},
     config::Settings,
     gewe::{Backoff, GeweClient},
     idempotency::{Idempotency, LEASE_OVER_TIMEOUT},
@@ -17,7 +18,7 @@ use crate::{
     processor::{Parts, Processor},
     redact::Redactor,
     redis_client::RedisClient,
-    worker::{self, Readiness},
+    worker::{self, CallbackParts, Readiness},
 };
 
 /// Key prefix of the worker's state in Redis.
@@ -33,6 +34,10 @@ pub struct Application {
     stop_calls: CancellationToken,
     ops_listener: TcpListener,
     ops_addr: SocketAddr,
+    callbacks: CallbackParts,
+    /// `callbacks.listen`, bound, with the endpoint behind it.
+    callback_endpoint: Option<(TcpListener, Arc<Ingress>)>,
+    callback_addr: Option<SocketAddr>,
 }
 
 impl Application {
@@ -64,6 +69,33 @@ impl Application {
         let breaker = Arc::new(Breaker::new(&settings.breaker));
         // Cancelled when shutdown begins: no GeWe call starts after it.
         let stop_calls = CancellationToken::new();
+        let c = &settings.callbacks;
+        let matcher = c.enabled.then(|| {
+            let store = match &redis {
+                Some(client) => Store::in_redis(client.clone(), REDIS_PREFIX, c.match_window),
+                None => Store::in_memory(c.match_window),
+            };
+            Arc::new(Callbacks::new(
+                store,
+                settings.amqp.result_exchange.clone(),
+                stop_calls.clone(),
+            ))
+        });
+        let (callback_endpoint, callback_addr) = match c.listen {
+            Some(addr) => {
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("could not bind callbacks.listen {addr}"))?;
+                let bound = listener.local_addr()?;
+                let ingress = Ingress::new(
+                    Arc::new(IngressLink::new()),
+                    c.exchange.clone(),
+                    c.secret.as_ref(),
+                );
+                (Some((listener, Arc::new(ingress))), Some(bound))
+            }
+            None => (None, None),
+        };
         let processor = Arc::new(Processor::new(Parts {
             result_exchange: settings.amqp.result_exchange.clone(),
             gewe,
@@ -74,6 +106,7 @@ impl Application {
             redactor,
             shutdown: stop_calls.clone(),
             prefetch: settings.amqp.prefetch,
+            callbacks: matcher.clone(),
         }));
         let ops_listener = TcpListener::bind(settings.http.listen)
             .await
@@ -87,12 +120,23 @@ impl Application {
             stop_calls,
             ops_listener,
             ops_addr,
+            callbacks: CallbackParts {
+                matcher,
+                ingress: callback_endpoint.as_ref().map(|(_, i)| i.link()),
+            },
+            callback_endpoint,
+            callback_addr,
         })
     }
 
     /// Where `/healthz`, `/readyz` and `/metrics` are served.
     pub fn ops_addr(&self) -> SocketAddr {
         self.ops_addr
+    }
+
+    /// Where `POST /gewe/callback` is served (`callbacks.listen`).
+    pub fn callback_addr(&self) -> Option<SocketAddr> {
+        self.callback_addr
     }
 
     /// Runs until `shutdown` is cancelled and in-flight work is settled.
@@ -103,7 +147,18 @@ impl Application {
             self.readiness.clone(),
             ops_stop.clone(),
         ));
-        tracing::info!(ops = %self.ops_addr, gewe = %self.processor.gewe().url(), redis = self.redis.as_ref().map(|r| r.url()), "gewe-friend-worker starting");
+        tracing::info!(ops = %self.ops_addr, gewe = %self.processor.gewe().url(), redis = self.redis.as_ref().map(|r| r.url()), callbacks = self.settings.callbacks.enabled, "gewe-friend-worker starting");
+        let endpoint = self.callback_endpoint.map(|(listener, ingress)| {
+            tracing::info!(addr = ?self.callback_addr, exchange = %self.settings.callbacks.exchange, "receiving GeWe callbacks on POST {}", callbacks::ingress::CALLBACK_PATH);
+            tokio::spawn(callbacks::server::serve(
+                listener,
+                callbacks::ingress::router(ingress),
+                callbacks::server::CALLBACK_LIMITS,
+                // GeWe is answered until shutdown begins; then it sends
+                // its callbacks to another replica or again later.
+                shutdown.clone(),
+            ))
+        });
         if let Some(redis) = self.redis.clone() {
             let stop = ops_stop.clone();
             tokio::spawn(async move { redis.probe(stop).await });
@@ -116,9 +171,19 @@ impl Application {
             signal.cancelled().await;
             stop_calls.cancel();
         });
-        let result = worker::run(&self.settings, self.processor, self.readiness, shutdown).await;
+        let result = worker::run(
+            &self.settings,
+            self.processor,
+            self.callbacks,
+            self.readiness,
+            shutdown,
+        )
+        .await;
         ops_stop.cancel();
         let _ = ops.await;
+        if let Some(endpoint) = endpoint {
+            let _ = endpoint.await;
+        }
         result.map_err(Into::into)
     }
 }

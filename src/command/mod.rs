@@ -12,6 +12,7 @@ use lapin::{
     types::{AMQPValue, ShortString},
 };
 
+pub(crate) use decode::json_type;
 pub use decode::{decode, resolve_command_id};
 
 /// Bodies above this size are refused before parsing: no real greeting comes

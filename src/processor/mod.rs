@@ -23,6 +23,7 @@ use tracing::Instrument;
 use crate::{
     breaker::Breaker,
     broker::Publisher,
+    callbacks::Callbacks,
     command::{self, Command, Envelope},
     event::{ResultEvent, now_rfc3339},
     gewe::{Backoff, GeweClient, Tally},
@@ -48,6 +49,8 @@ pub struct Processor {
     /// lost session's calls still finishing never add to a new session's
     /// prefetch.
     slots: Semaphore,
+    /// With `callbacks.enabled`: remembers the `v3` of succeeded events.
+    callbacks: Option<Arc<Callbacks>>,
 }
 
 /// What [`Processor::new`] is made of.
@@ -70,6 +73,8 @@ pub struct Parts {
     pub shutdown: CancellationToken,
     /// `amqp.prefetch`: deliveries processed at once.
     pub prefetch: u16,
+    /// With `callbacks.enabled`: where succeeded commands are remembered.
+    pub callbacks: Option<Arc<Callbacks>>,
 }
 
 /// The broker session a delivery belongs to.
@@ -122,6 +127,7 @@ impl Processor {
             redactor: parts.redactor,
             shutdown: parts.shutdown,
             slots: Semaphore::new(usize::from(parts.prefetch.max(1))),
+            callbacks: parts.callbacks,
         }
     }
 
