@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod callbacks;
 pub mod fake_gewe;
 pub mod logs;
 pub mod process;
@@ -46,6 +47,9 @@ pub fn test_settings(gewe_url: &str) -> Settings {
     s.amqp.result_exchange = format!("test.{id}.results");
     s.amqp.dead_letter_exchange = format!("test.{id}.dlx");
     s.amqp.dead_letter_queue = format!("test.{id}.dead");
+    // Off unless a test turns them on; named, so it only has to.
+    s.callbacks.exchange = format!("test.{id}.callbacks");
+    s.callbacks.queue = format!("test.{id}.callbacks.modcontacts");
     s.amqp.prefetch = 16;
     s.gewe.base_url = gewe_url.to_owned();
     s.gewe.token = Some(SecretString::from(TOKEN));
@@ -66,6 +70,8 @@ pub fn test_settings(gewe_url: &str) -> Settings {
 pub struct TestApp {
     pub settings: Settings,
     pub ops_addr: SocketAddr,
+    /// `POST /gewe/callback`, when `callbacks.listen` is set.
+    pub callback_addr: Option<SocketAddr>,
     pub connection: Connection,
     pub channel: Channel,
     pub events: Consumer,
@@ -102,6 +108,7 @@ pub async fn spawn_app_with(settings: Settings, bind_results: bool) -> TestApp {
         .await
         .expect("application builds");
     app.ops_addr = worker.ops_addr();
+    app.callback_addr = worker.callback_addr();
     app.worker = Some(tokio::spawn(worker.run(app.stop.clone())));
     app
 }
@@ -144,6 +151,9 @@ async fn listener(settings: Settings, bind_results: bool) -> TestApp {
     topology::declare(&channel, &settings.amqp)
         .await
         .expect("topology");
+    topology::declare_callbacks(&channel, &settings.amqp, &settings.callbacks)
+        .await
+        .expect("callbacks topology");
     let listener = channel
         .queue_declare(
             "".into(),
@@ -171,6 +181,7 @@ async fn listener(settings: Settings, bind_results: bool) -> TestApp {
     TestApp {
         settings,
         ops_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        callback_addr: None,
         connection,
         channel,
         events,
@@ -288,6 +299,7 @@ impl TestApp {
             result.expect("worker task").expect("worker exits cleanly");
         }
         topology::remove(&self.channel, &self.settings.amqp).await;
+        topology::remove_callbacks(&self.channel, &self.settings.callbacks).await;
         let _ = self.connection.close(200, "test done".into()).await;
     }
 }
