@@ -21,6 +21,7 @@ pub mod meters;
 pub mod ops;
 pub mod outbound;
 pub mod pacing;
+pub mod park;
 pub mod processor;
 pub mod redact;
 pub mod redis_client;

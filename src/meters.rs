@@ -82,6 +82,8 @@ pub struct Meters {
     pub claims_lost: Counter,
     /// `breaker_state`: 0 closed, 1 half-open, 2 open.
     pub breaker_state: Gauge,
+    /// `commands_parked_total`: commands put in a delay queue (`retry.park`).
+    pub commands_parked: Counter,
     /// `results_published_total{status="succeeded",kind="none"}`.
     results_succeeded: Counter,
     /// `results_published_total{status="failed",kind}` by [`ErrorKind`].
@@ -132,6 +134,7 @@ impl Meters {
             redis_errors: metrics::counter!("redis_errors_total"),
             claims_lost: metrics::counter!("claims_lost_total"),
             breaker_state: metrics::gauge!("breaker_state"),
+            commands_parked: metrics::counter!("commands_parked_total"),
             results_succeeded: metrics::counter!("results_published_total", "status" => "succeeded", "kind" => "none"),
             results_failed: ErrorKind::ALL.map(|k| {
                 metrics::counter!("results_published_total", "status" => "failed", "kind" => k.as_str())
@@ -193,6 +196,10 @@ fn describe() {
     describe_counter!(
         "claims_lost_total",
         "Redis claims on a commandId lost before the command finished."
+    );
+    describe_counter!(
+        "commands_parked_total",
+        "Commands parked in a delay queue to be tried again later (retry.park)."
     );
     describe_gauge!(
         "breaker_state",

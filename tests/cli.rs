@@ -388,6 +388,7 @@ async fn every_documented_metric_is_there_at_zero_before_the_first_command() {
         "broker_reconnects_total",
         "redis_errors_total",
         "claims_lost_total",
+        "commands_parked_total",
         "breaker_state",
         r#"results_published_total{status="succeeded",kind="none"}"#,
         r#"results_published_total{status="failed",kind="upstream_unavailable"}"#,

@@ -16,7 +16,7 @@ use lapin::{
 };
 
 use super::{Publisher, TopologyError, topology};
-use crate::config::{AmqpSettings, redact_url_password};
+use crate::config::{Settings, redact_url_password};
 
 /// Why a session could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -65,9 +65,11 @@ pub struct Session {
 }
 
 impl Session {
-    /// Connects, declares (when `amqp.declare`), applies prefetch and starts
-    /// consuming `amqp.command_queue` with manual acks.
-    pub async fn open(a: &AmqpSettings, consumer_tag: &str) -> Result<Self, SessionError> {
+    /// Connects, declares (when `amqp.declare`; the delay queues of
+    /// `retry.park` too), applies prefetch and starts consuming
+    /// `amqp.command_queue` with manual acks.
+    pub async fn open(settings: &Settings, consumer_tag: &str) -> Result<Self, SessionError> {
+        let a = &settings.amqp;
         let properties = ConnectionProperties::default()
             .with_connection_name(format!("gewe-friend-worker {consumer_tag}").into());
         let connection = Connection::connect(&a.url, properties)
@@ -83,6 +85,7 @@ impl Session {
             .map_err(channel_err("the consuming channel"))?;
         if a.declare {
             topology::declare(&consume_channel, a).await?;
+            topology::declare_parking(&consume_channel, a, &settings.retry.park).await?;
         }
         consume_channel
             .basic_qos(a.prefetch, BasicQosOptions::default())

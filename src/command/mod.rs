@@ -14,6 +14,8 @@ use lapin::{
 
 pub use decode::{decode, resolve_command_id};
 
+use crate::park;
+
 /// Bodies above this size are refused before parsing: no real greeting comes
 /// close, and parsing megabytes per message would let one publisher stall
 /// the worker.
@@ -35,6 +37,10 @@ pub struct Envelope {
     pub reply_to: Option<String>,
     /// `traceparent` header (W3C trace context), if any.
     pub traceparent: Option<String>,
+    /// `x-gewe-parked`: times this command was parked so far (`retry.park`).
+    pub parked: u32,
+    /// `x-gewe-attempts`: GeWe attempts made on earlier tries.
+    pub prior_attempts: u32,
 }
 
 impl Envelope {
@@ -50,11 +56,14 @@ impl Envelope {
                 _ => None,
             })
         });
+        let headers = p.headers().as_ref();
         Self {
             message_id: s(p.message_id()),
             correlation_id: s(p.correlation_id()),
             reply_to: s(p.reply_to()),
             traceparent,
+            parked: park::read_counter(headers, park::PARKED_HEADER),
+            prior_attempts: park::read_counter(headers, park::ATTEMPTS_HEADER),
         }
     }
 }

@@ -11,6 +11,7 @@ use std::{collections::HashMap, path::Path, time::Duration};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
+mod durations;
 mod redact;
 mod sections;
 #[cfg(test)]
@@ -76,6 +77,9 @@ pub struct Settings {
     pub log: LogSettings,
 }
 
+/// Most delays `retry.park` may list.
+const MAX_PARKS: usize = 20;
+
 /// Built-in defaults, exactly as in the contract's table.
 const DEFAULTS: &[(&str, &str)] = &[
     ("amqp.url", "amqp://guest:guest@127.0.0.1:5672/%2f"),
@@ -93,6 +97,7 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("retry.initial_delay", "500ms"),
     ("retry.max_delay", "30s"),
     ("retry.multiplier", "2.0"),
+    ("retry.park", ""),
     ("pacing.per_app_concurrency", "1"),
     ("pacing.per_app_min_interval", "1s"),
     ("dedupe.window", "24h"),
@@ -213,6 +218,26 @@ impl Settings {
                 "retry.multiplier",
                 "must be a number >= 1.0",
             ));
+        }
+        if r.park.len() > MAX_PARKS {
+            return Err(ConfigError::invalid(
+                "retry.park",
+                format!("may list at most {MAX_PARKS} delays"),
+            ));
+        }
+        for delay in &r.park {
+            if *delay < Duration::from_secs(1) || *delay > Duration::from_secs(7 * 24 * 3600) {
+                return Err(ConfigError::invalid(
+                    "retry.park",
+                    "delays must be between 1s and 7days",
+                ));
+            }
+            if crate::park::queue_name(&self.amqp.command_queue, *delay).len() > 255 {
+                return Err(ConfigError::invalid(
+                    "retry.park",
+                    "makes a delay queue name longer than 255 bytes (shorten amqp.command_queue)",
+                ));
+            }
         }
         if self.pacing.per_app_concurrency == 0 {
             return Err(ConfigError::invalid(

@@ -105,3 +105,37 @@ fn printed_config_hides_secrets() {
     assert!(printed.contains("amqp://u:***@h:5672/%2f"));
     assert!(!format!("{s:?}").contains("s3cr3t-token"));
 }
+
+#[test]
+fn park_delays_come_as_a_toml_list_or_a_comma_separated_variable() {
+    let none = Settings::load_from(None, env(&[])).expect("defaults");
+    assert!(none.retry.park.is_empty(), "parking is off by default");
+    let from_env = Settings::load_from(None, env(&[("GEWE_WORKER__RETRY__PARK", "1m,10m,1h")]))
+        .expect("valid");
+    assert_eq!(
+        from_env.retry.park,
+        [60, 600, 3600].map(Duration::from_secs).to_vec()
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("w.toml");
+    std::fs::write(&path, "[retry]\npark = [\"30s\", \"2m\"]\n").expect("write");
+    let from_file = Settings::load_from(Some(&path), env(&[])).expect("valid");
+    assert_eq!(
+        from_file.retry.park,
+        [30, 120].map(Duration::from_secs).to_vec()
+    );
+    assert!(from_file.redacted_json().contains(r#""park": ["#));
+    for bad in [
+        "soon",
+        "1m,,2m",
+        "0s",
+        "500ms",
+        "8days",
+        &["1m"; 21].join(","),
+    ] {
+        let err = Settings::load_from(None, env(&[("GEWE_WORKER__RETRY__PARK", bad)]))
+            .expect_err(bad)
+            .to_string();
+        assert!(err.contains("retry.park"), "{bad}: {err}");
+    }
+}

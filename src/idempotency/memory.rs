@@ -136,6 +136,7 @@ mod tests {
                 result: Ok("v3".into()),
                 attempts: 1,
             },
+            0,
         )
     }
 

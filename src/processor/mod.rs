@@ -11,6 +11,7 @@
 //! the only one not marked `duplicate`.
 
 mod attempt;
+mod park;
 mod settle;
 
 use std::sync::Arc;
@@ -30,6 +31,7 @@ use crate::{
     idempotency::{Fingerprint, Found, Idempotency, Record, Stored},
     meters::{Requeue, meters},
     pacing::Pacer,
+    park::Parking,
     redact::Redactor,
     trace_context::TraceParent,
 };
@@ -42,6 +44,7 @@ pub struct Processor {
     pacer: Pacer,
     idempotency: Idempotency,
     breaker: Arc<Breaker>,
+    parking: Parking,
     redactor: Redactor,
     shutdown: CancellationToken,
     /// One permit per delivery being processed, across broker sessions: a
@@ -64,6 +67,8 @@ pub struct Parts {
     pub idempotency: Idempotency,
     /// Circuit breaker on systemic failures.
     pub breaker: Arc<Breaker>,
+    /// Delay queues for commands tried again later (`retry.park`).
+    pub parking: Parking,
     /// Token remover.
     pub redactor: Redactor,
     /// Cancelled on shutdown: no new GeWe call starts after it.
@@ -119,6 +124,7 @@ impl Processor {
             pacer: parts.pacer,
             idempotency: parts.idempotency,
             breaker: parts.breaker,
+            parking: parts.parking,
             redactor: parts.redactor,
             shutdown: parts.shutdown,
             slots: Semaphore::new(usize::from(parts.prefetch.max(1))),
@@ -196,8 +202,12 @@ impl Processor {
     /// A valid command: its outcome is found or made, then announced.
     async fn carry_out(&self, cmd: &Command, d: &Inbound) {
         let fingerprint = Fingerprint::of(cmd);
-        // Kept across a lost claim, so `attempts` counts every request.
-        let mut tally = Tally::default();
+        // Kept across a lost claim and parked tries, so `attempts` counts
+        // every request.
+        let mut tally = Tally {
+            attempts: d.envelope.prior_attempts,
+            counted: 0,
+        };
         loop {
             let found = match self
                 .idempotency
@@ -229,7 +239,7 @@ impl Processor {
                             return self.give_back(d, interrupted).await;
                         }
                     };
-                    let record = Record::new(fingerprint, outcome);
+                    let record = Record::new(fingerprint, outcome, d.envelope.parked);
                     // GeWe answered: keep the answer before anything is
                     // published, so no redelivery calls again.
                     if record.is_definitive() {
@@ -255,9 +265,15 @@ impl Processor {
                 claim.release().await;
                 return self.give_back(d, Interrupted::SessionLost).await;
             }
+            if let Some(slot) = self.park_slot(&record, d) {
+                // Not stored: the next try calls GeWe again.
+                claim.release().await;
+                return self.park(slot, record.outcome.attempts, d).await;
+            }
             let event = ResultEvent::of_outcome(
                 cmd,
                 &record.outcome,
+                record.parked,
                 d.received_at.clone(),
                 record.completed_at(),
                 false,
@@ -285,6 +301,7 @@ impl Processor {
         let event = ResultEvent::of_outcome(
             cmd,
             &record.outcome,
+            record.parked,
             d.received_at.clone(),
             record.completed_at(),
             true,

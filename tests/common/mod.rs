@@ -144,6 +144,9 @@ async fn listener(settings: Settings, bind_results: bool) -> TestApp {
     topology::declare(&channel, &settings.amqp)
         .await
         .expect("topology");
+    topology::declare_parking(&channel, &settings.amqp, &settings.retry.park)
+        .await
+        .expect("delay queues");
     let listener = channel
         .queue_declare(
             "".into(),
@@ -278,6 +281,36 @@ impl TestApp {
         out
     }
 
+    /// Stops the worker (keeping the topology), asserting a clean exit.
+    pub async fn stop_worker(&mut self) {
+        let worker = self.worker.take().expect("a running worker");
+        self.stop.cancel();
+        tokio::time::timeout(WAIT, worker)
+            .await
+            .expect("worker stops in time")
+            .expect("worker task")
+            .expect("worker exits cleanly");
+    }
+
+    /// Takes the next command still in the command queue (the worker must
+    /// be stopped), proving it was neither lost nor acked.
+    pub async fn command_left_in_queue(&self) -> Value {
+        let channel = self.connection.create_channel().await.expect("channel");
+        let mut queue = channel
+            .basic_consume(
+                self.settings.amqp.command_queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume the command queue");
+        let delivery =
+            next_acked(&mut queue, || "a command is still in the queue".to_owned()).await;
+        let _ = channel.close(200, "done".into()).await;
+        serde_json::from_slice(&delivery.data).expect("json")
+    }
+
     /// Stops the worker, asserts it exited cleanly, removes the topology.
     pub async fn stop(mut self) {
         self.stop.cancel();
@@ -288,6 +321,12 @@ impl TestApp {
             result.expect("worker task").expect("worker exits cleanly");
         }
         topology::remove(&self.channel, &self.settings.amqp).await;
+        topology::remove_parking(
+            &self.channel,
+            &self.settings.amqp,
+            &self.settings.retry.park,
+        )
+        .await;
         let _ = self.connection.close(200, "test done".into()).await;
     }
 }
