@@ -40,6 +40,16 @@ pub enum ErrorKind {
     UnexpectedResponse,
 }
 
+impl Status {
+    /// `succeeded` or `failed`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Succeeded => "succeeded",
+            Status::Failed => "failed",
+        }
+    }
+}
+
 impl ErrorKind {
     /// Every kind, in [`ErrorKind::index`] order.
     pub const ALL: [ErrorKind; 6] = [

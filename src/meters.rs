@@ -92,6 +92,9 @@ pub struct Meters {
     gewe_success: Counter,
     /// `gewe_requests_total{outcome}` by [`ErrorKind`].
     gewe_failed: [Counter; ErrorKind::ALL.len()],
+    /// `gewe_requests_total{outcome="local_error"}`: requests that never
+    /// left (out of file descriptors).
+    pub gewe_local_errors: Counter,
     /// `commands_requeued_total{reason}`.
     requeued: [Counter; Requeue::ALL.len()],
 }
@@ -141,6 +144,7 @@ impl Meters {
             }),
             gewe_success: requests("success"),
             gewe_failed: ErrorKind::ALL.map(|k| requests(k.as_str())),
+            gewe_local_errors: requests("local_error"),
             requeued: Requeue::ALL.map(|r| metrics::counter!("commands_requeued_total", "reason" => r.label())),
         };
         // Touch every series so it is rendered before its first event.

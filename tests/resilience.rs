@@ -175,12 +175,7 @@ async fn two_replicas_with_redis_keep_one_interval_per_account() {
 
 #[tokio::test]
 async fn without_redis_no_gewe_call_is_made_and_the_command_waits_in_the_queue() {
-    let gewe = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(gewe_ok("never")))
-        .expect(0)
-        .mount(&gewe)
-        .await;
+    let gewe = gewe_never_called().await;
     let mut settings = test_settings(&gewe.uri());
     settings.redis.url = Some("redis://127.0.0.1:1/0".to_owned());
     let mut app = spawn_app(settings).await;

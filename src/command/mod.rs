@@ -41,6 +41,8 @@ pub struct Envelope {
     pub parked: u32,
     /// `x-gewe-attempts`: GeWe attempts made on earlier tries.
     pub prior_attempts: u32,
+    /// `x-delivery-count` (quorum queues): earlier deliveries of this one.
+    pub delivery_count: u32,
 }
 
 impl Envelope {
@@ -64,6 +66,7 @@ impl Envelope {
             traceparent,
             parked: park::read_counter(headers, park::PARKED_HEADER),
             prior_attempts: park::read_counter(headers, park::ATTEMPTS_HEADER),
+            delivery_count: park::read_counter(headers, "x-delivery-count"),
         }
     }
 }
@@ -120,7 +123,7 @@ pub enum InvalidCommand {
     /// `commandId` longer than [`MAX_COMMAND_ID_CHARS`] characters or
     /// [`MAX_COMMAND_ID_BYTES`] bytes.
     #[error(
-        "field `commandId` is longer than {MAX_COMMAND_ID_CHARS} characters or {MAX_COMMAND_ID_BYTES} bytes"
+        "field `commandId` is longer than {MAX_COMMAND_ID_CHARS} characters or {MAX_COMMAND_ID_BYTES} bytes of UTF-8 (it becomes the event's AMQP correlation_id); this event carries it cut to that length"
     )]
     CommandIdTooLong,
 }
@@ -140,7 +143,8 @@ impl Command {
 /// What could be read from a rejected message, for its error event.
 #[derive(Debug, Clone, Default)]
 pub struct Partial {
-    /// Best available id (see [`resolve_command_id`]).
+    /// Best available id: the body's (cut to the limits when too long),
+    /// else the envelope's (see [`resolve_command_id`]).
     pub command_id: String,
     /// `appId`, when it was a string.
     pub app_id: Option<String>,

@@ -29,9 +29,11 @@ pub const CONFIG_PATH_ENV: &str = "GEWE_WORKER_CONFIG";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// A layer could not be read or a value has the wrong type; the message
-    /// from `config` names the key.
+    /// from `config` names the key. Only its text is kept, with the source
+    /// lines that TOML errors quote removed and every secret value found in
+    /// the layers masked: the offending line may hold a password.
     #[error("invalid configuration: {0}")]
-    Load(#[from] config::ConfigError),
+    Load(String),
     /// A value parsed but is outside what the worker can work with.
     #[error("invalid configuration: `{key}` {reason}")]
     Invalid {
@@ -40,6 +42,12 @@ pub enum ConfigError {
         /// What is wrong with it.
         reason: String,
     },
+}
+
+impl From<config::ConfigError> for ConfigError {
+    fn from(e: config::ConfigError) -> Self {
+        Self::Load(redact::error_text(&e, &[]))
+    }
 }
 
 impl ConfigError {
@@ -76,6 +84,9 @@ pub struct Settings {
     /// Log output.
     pub log: LogSettings,
 }
+
+/// Shortest accepted `gewe.token`.
+const MIN_TOKEN_CHARS: usize = 8;
 
 /// Most delays `retry.park` may list.
 const MAX_PARKS: usize = 20;
@@ -140,7 +151,11 @@ impl Settings {
             .separator("__")
             .try_parsing(false)
             .source(env);
-        let settings: Settings = builder.add_source(environment).build()?.try_deserialize()?;
+        let layers = builder.add_source(environment).build()?;
+        let secrets = redact::secret_values(&layers);
+        let settings: Settings = layers
+            .try_deserialize()
+            .map_err(|e| ConfigError::Load(redact::error_text(&e, &secrets)))?;
         settings.validate()?;
         Ok(settings)
     }
@@ -283,10 +298,21 @@ impl Settings {
                 ));
             }
         }
-        if let Some(token) = &self.gewe.token
-            && token.expose_secret().trim().is_empty()
-        {
-            return Err(ConfigError::invalid("gewe.token", "must not be empty"));
+        if let Some(token) = &self.gewe.token {
+            let token = token.expose_secret();
+            if token.trim().is_empty() {
+                return Err(ConfigError::invalid("gewe.token", "must not be empty"));
+            }
+            // Every text that leaves the worker has the token masked; a short
+            // one would be masked inside unrelated words and numbers too.
+            if token.chars().count() < MIN_TOKEN_CHARS {
+                return Err(ConfigError::invalid(
+                    "gewe.token",
+                    format!(
+                        "must be at least {MIN_TOKEN_CHARS} characters (GeWe's tokens are longer; a short one would be masked inside unrelated log text)"
+                    ),
+                ));
+            }
         }
         Ok(())
     }

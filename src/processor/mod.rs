@@ -47,6 +47,7 @@ pub struct Processor {
     parking: Parking,
     redactor: Redactor,
     shutdown: CancellationToken,
+    delivery_limit: Option<u32>,
     /// One permit per delivery being processed, across broker sessions: a
     /// lost session's calls still finishing never add to a new session's
     /// prefetch.
@@ -75,6 +76,8 @@ pub struct Parts {
     pub shutdown: CancellationToken,
     /// `amqp.prefetch`: deliveries processed at once.
     pub prefetch: u16,
+    /// `amqp.delivery_limit` when the queue enforces it (quorum).
+    pub delivery_limit: Option<u32>,
 }
 
 /// The broker session a delivery belongs to.
@@ -127,6 +130,7 @@ impl Processor {
             parking: parts.parking,
             redactor: parts.redactor,
             shutdown: parts.shutdown,
+            delivery_limit: parts.delivery_limit,
             slots: Semaphore::new(usize::from(parts.prefetch.max(1))),
         }
     }

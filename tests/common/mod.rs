@@ -112,6 +112,11 @@ pub async fn spawn_listener(settings: &Settings) -> TestApp {
     listener(settings.clone(), true).await
 }
 
+/// Like [`spawn_listener`], but nothing is bound to the result exchange.
+pub async fn spawn_unbound_listener(settings: &Settings) -> TestApp {
+    listener(settings.clone(), false).await
+}
+
 /// A connection and a confirm-mode channel on it.
 pub async fn confirm_channel(url: &str) -> (Connection, Channel) {
     let connection = Connection::connect(url, ConnectionProperties::default())
@@ -195,6 +200,17 @@ pub fn command(id: &str, app_id: &str) -> Value {
         "memberWxid": format!("wxid_{id}"),
         "content": "hello from the group"
     })
+}
+
+/// A GeWe mock that fails the test (when dropped) if it is ever called.
+pub async fn gewe_never_called() -> wiremock::MockServer {
+    let gewe = wiremock::MockServer::start().await;
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .respond_with(wiremock::ResponseTemplate::new(200).set_body_json(gewe_ok("never")))
+        .expect(0)
+        .mount(&gewe)
+        .await;
+    gewe
 }
 
 /// A GeWe success body.
