@@ -9,15 +9,18 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     breaker::Breaker,
     callbacks::{self, Callbacks, Ingress, IngressLink, Store},
-    config::Settings,
+    config::{QueueType, Settings},
     gewe::{Backoff, GeweClient},
+    http_server,
     idempotency::{Idempotency, LEASE_OVER_TIMEOUT},
     meters::meters,
     ops,
     pacing::{Pacer, SharedPacing},
+    park::Parking,
     processor::{Parts, Processor},
     redact::Redactor,
     redis_client::RedisClient,
+    resources,
     worker::{self, CallbackParts, Readiness},
 };
 
@@ -47,7 +50,14 @@ impl Application {
         let _ = meters();
         let token = settings.require_token()?;
         let redactor = Redactor::new(secrecy::ExposeSecret::expose_secret(token));
-        let gewe = GeweClient::new(&settings.gewe.base_url, token, settings.gewe.timeout)?;
+        let fd_limit = resources::fd_limit();
+        let gewe = GeweClient::new(
+            &settings.gewe.base_url,
+            token,
+            settings.gewe.timeout,
+            max_idle_connections(settings.amqp.prefetch, fd_limit),
+        )?;
+        warn_if_descriptors_could_run_out(&settings, fd_limit);
         let redis = match &settings.redis.url {
             Some(url) => Some(Arc::new(RedisClient::new(url)?)),
             None => None,
@@ -103,9 +113,12 @@ impl Application {
             pacer: Pacer::new(&settings.pacing, pacing),
             idempotency,
             breaker: breaker.clone(),
+            parking: Parking::new(&settings.amqp.command_queue, &settings.retry.park),
             redactor,
             shutdown: stop_calls.clone(),
             prefetch: settings.amqp.prefetch,
+            delivery_limit: (settings.amqp.queue_type == QueueType::Quorum)
+                .then_some(settings.amqp.delivery_limit),
             callbacks: matcher.clone(),
         }));
         let ops_listener = TcpListener::bind(settings.http.listen)
@@ -145,15 +158,16 @@ impl Application {
         let ops = tokio::spawn(ops::serve(
             self.ops_listener,
             self.readiness.clone(),
+            ops::limits(resources::fd_limit()),
             ops_stop.clone(),
         ));
         tracing::info!(ops = %self.ops_addr, gewe = %self.processor.gewe().url(), redis = self.redis.as_ref().map(|r| r.url()), callbacks = self.settings.callbacks.enabled, "gewe-friend-worker starting");
         let endpoint = self.callback_endpoint.map(|(listener, ingress)| {
             tracing::info!(addr = ?self.callback_addr, exchange = %self.settings.callbacks.exchange, "receiving GeWe callbacks on POST {}", callbacks::ingress::CALLBACK_PATH);
-            tokio::spawn(callbacks::server::serve(
+            tokio::spawn(http_server::serve(
                 listener,
                 callbacks::ingress::router(ingress),
-                callbacks::server::CALLBACK_LIMITS,
+                callbacks::ingress::LIMITS,
                 // GeWe is answered until shutdown begins; then it sends
                 // its callbacks to another replica or again later.
                 shutdown.clone(),
@@ -185,6 +199,41 @@ impl Application {
             let _ = endpoint.await;
         }
         result.map_err(Into::into)
+    }
+}
+
+/// Descriptors the worker needs besides GeWe connections: the broker and
+/// Redis connections, the runtime, logs, and a margin.
+const BASE_DESCRIPTORS: u64 = 64;
+
+/// Idle GeWe connections kept: one per command in flight, but never more
+/// than a quarter of the descriptors.
+fn max_idle_connections(prefetch: u16, fd_limit: Option<u64>) -> usize {
+    let by_limit = fd_limit.map_or(usize::MAX, |l| usize::try_from(l / 4).unwrap_or(usize::MAX));
+    usize::from(prefetch).min(by_limit).max(1)
+}
+
+/// Warns when the worker's own bounds could exceed the open-file limit:
+/// then a local shortage, not GeWe, would slow it down.
+fn warn_if_descriptors_could_run_out(settings: &Settings, fd_limit: Option<u64>) {
+    let Some(limit) = fd_limit else { return };
+    let ops_connections = ops::limits(fd_limit).max_connections;
+    let callback_connections = settings
+        .callbacks
+        .listen
+        .map_or(0, |_| callbacks::ingress::LIMITS.max_connections);
+    let needed = u64::from(settings.amqp.prefetch)
+        + (ops_connections + callback_connections) as u64
+        + BASE_DESCRIPTORS;
+    if needed > limit {
+        tracing::warn!(
+            limit,
+            needed,
+            prefetch = settings.amqp.prefetch,
+            ops_connections,
+            callback_connections,
+            "the open-file limit may be too low: raise the hard limit (ulimit -n, LimitNOFILE) or lower amqp.prefetch"
+        );
     }
 }
 

@@ -40,6 +40,16 @@ pub enum ErrorKind {
     UnexpectedResponse,
 }
 
+impl Status {
+    /// `succeeded` or `failed`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Succeeded => "succeeded",
+            Status::Failed => "failed",
+        }
+    }
+}
+
 impl ErrorKind {
     /// Every kind, in [`ErrorKind::index`] order.
     pub const ALL: [ErrorKind; 6] = [
@@ -169,14 +179,24 @@ pub struct ResultEvent {
     /// Set when this republishes an outcome already known for the commandId.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub duplicate: bool,
+    /// Times the command was parked before this outcome (`retry.park`);
+    /// absent when it never was.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub parked: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl ResultEvent {
-    /// The event for `cmd`'s GeWe outcome, known at `completed_at`;
-    /// `duplicate` when it republishes an outcome already announced.
+    /// The event for `cmd`'s GeWe outcome, known at `completed_at` after
+    /// `parked` earlier tries; `duplicate` when it republishes an outcome
+    /// already announced.
     pub fn of_outcome(
         cmd: &Command,
         outcome: &CallOutcome,
+        parked: u32,
         received_at: String,
         completed_at: String,
         duplicate: bool,
@@ -197,6 +217,7 @@ impl ResultEvent {
             received_at,
             completed_at,
             duplicate,
+            parked,
         }
     }
 
@@ -215,6 +236,7 @@ impl ResultEvent {
             received_at,
             completed_at: now_rfc3339(),
             duplicate: false,
+            parked: 0,
         }
     }
 
@@ -266,6 +288,7 @@ mod tests {
             received_at: "t0".into(),
             completed_at: "t1".into(),
             duplicate: false,
+            parked: 0,
         };
         let v = serde_json::to_value(&e).expect("serialises");
         assert_eq!(v["status"], "failed");

@@ -11,7 +11,7 @@ use gewe_friend_worker::{
     config::Settings,
     demo,
     redact::Redactor,
-    simulator, telemetry,
+    resources, simulator, telemetry,
 };
 use secrecy::ExposeSecret;
 
@@ -47,6 +47,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => {
             telemetry::init(settings.log.format, redactor, "info");
+            prepare_process();
             let app = Application::build(settings).await?;
             app.run(app::shutdown_on_signals()).await
         }
@@ -68,6 +69,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             // The demo prints every result itself; expected failures
             // (refusals, an offline account) need no warning lines around them.
             telemetry::init(settings.log.format, redactor, "error");
+            prepare_process();
             demo::run(settings, args.timeout).await
         }
         Command::SimulateGewe(args) => {
@@ -94,6 +96,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// For the long-running commands: panics logged as JSON lines, as many
+/// descriptors as allowed, and the broker library's fallback runtime built
+/// before descriptors can run short.
+fn prepare_process() {
+    telemetry::log_panics();
+    resources::raise_fd_limit();
+    resources::prewarm_broker_runtime();
 }
 
 async fn publish(settings: &Settings, args: PublishArgs) -> anyhow::Result<()> {

@@ -128,6 +128,8 @@ pub struct Meters {
     pub claims_lost: Counter,
     /// `breaker_state`: 0 closed, 1 half-open, 2 open.
     pub breaker_state: Gauge,
+    /// `commands_parked_total`: commands put in a delay queue (`retry.park`).
+    pub commands_parked: Counter,
     /// `callbacks_accept_delay_seconds`: from a command's `completedAt` to
     /// its `acceptedAt`.
     pub accept_delay: Histogram,
@@ -145,6 +147,9 @@ pub struct Meters {
     gewe_success: Counter,
     /// `gewe_requests_total{outcome}` by [`ErrorKind`].
     gewe_failed: [Counter; ErrorKind::ALL.len()],
+    /// `gewe_requests_total{outcome="local_error"}`: requests that never
+    /// left (out of file descriptors).
+    pub gewe_local_errors: Counter,
     /// `commands_requeued_total{reason}`.
     requeued: [Counter; Requeue::ALL.len()],
 }
@@ -201,12 +206,14 @@ impl Meters {
             redis_errors: metrics::counter!("redis_errors_total"),
             claims_lost: metrics::counter!("claims_lost_total"),
             breaker_state: metrics::gauge!("breaker_state"),
+            commands_parked: metrics::counter!("commands_parked_total"),
             results_succeeded: metrics::counter!("results_published_total", "status" => "succeeded", "kind" => "none"),
             results_failed: ErrorKind::ALL.map(|k| {
                 metrics::counter!("results_published_total", "status" => "failed", "kind" => k.as_str())
             }),
             gewe_success: requests("success"),
             gewe_failed: ErrorKind::ALL.map(|k| requests(k.as_str())),
+            gewe_local_errors: requests("local_error"),
             requeued: Requeue::ALL.map(|r| metrics::counter!("commands_requeued_total", "reason" => r.label())),
             accept_delay: metrics::histogram!("callbacks_accept_delay_seconds"),
             results_accepted: metrics::counter!("results_published_total", "status" => "accepted", "kind" => "none"),
@@ -268,6 +275,10 @@ fn describe() {
     describe_counter!(
         "claims_lost_total",
         "Redis claims on a commandId lost before the command finished."
+    );
+    describe_counter!(
+        "commands_parked_total",
+        "Commands parked in a delay queue to be tried again later (retry.park)."
     );
     describe_gauge!(
         "breaker_state",

@@ -1,4 +1,5 @@
-//! Ops HTTP endpoint (contract §5): `/healthz`, `/readyz`, `/metrics`.
+//! Ops HTTP endpoint (contract §5): `/healthz`, `/readyz`, `/metrics`,
+//! served within [`limits`] (see [`crate::http_server`]).
 
 use std::{sync::Arc, time::Duration};
 
@@ -7,7 +8,11 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{meters, worker::Readiness};
+use crate::{
+    http_server::{self, Limits},
+    meters,
+    worker::Readiness,
+};
 
 #[derive(Clone)]
 struct Ops {
@@ -58,17 +63,33 @@ async fn upkeep(handle: PrometheusHandle, shutdown: CancellationToken) {
     }
 }
 
-/// Serves the ops endpoint on `listener` until `shutdown`, keeping the
-/// metrics recorder's memory bounded meanwhile.
-pub async fn serve(listener: TcpListener, readiness: Arc<Readiness>, shutdown: CancellationToken) {
+/// Most connections the ops port keeps open at once.
+const MAX_CONNECTIONS: usize = 1024;
+
+/// What the ops port allows: enough connections that a few hundred idle or
+/// slow ones cannot starve the probes (but never more than a quarter of
+/// the open-file limit), each bounded in time and size.
+pub fn limits(fd_limit: Option<u64>) -> Limits {
+    let by_limit = fd_limit.map_or(usize::MAX, |l| usize::try_from(l / 4).unwrap_or(usize::MAX));
+    Limits {
+        max_connections: MAX_CONNECTIONS.min(by_limit).max(8),
+        header_read_timeout: Duration::from_secs(5),
+        max_connection_age: Duration::from_secs(120),
+        max_body_bytes: 1024,
+        max_head_bytes: 8 * 1024,
+    }
+}
+
+/// Serves the ops endpoint on `listener` within `limits` until `shutdown`,
+/// keeping the metrics recorder's memory bounded meanwhile.
+pub async fn serve(
+    listener: TcpListener,
+    readiness: Arc<Readiness>,
+    limits: Limits,
+    shutdown: CancellationToken,
+) {
     if let Some(handle) = meters::recorder() {
         tokio::spawn(upkeep(handle, shutdown.clone()));
     }
-    let app = router(readiness);
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
-    {
-        tracing::error!(error = %e, "ops endpoint stopped");
-    }
+    http_server::serve(listener, router(readiness), limits, shutdown).await;
 }

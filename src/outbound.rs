@@ -24,6 +24,19 @@ pub enum OutboundError {
 }
 
 impl OutboundError {
+    /// Whether no queue would take the event (nothing bound for it).
+    pub fn is_unroutable(&self) -> bool {
+        match self {
+            OutboundError::Publish(PublishError::Unroutable { .. }) => true,
+            OutboundError::Publish(
+                PublishError::Nacked { .. }
+                | PublishError::Broker { .. }
+                | PublishError::NotConfirmed,
+            )
+            | OutboundError::Encode(_) => false,
+        }
+    }
+
     /// Whether the publishing channel is unusable afterwards, so only a
     /// new session can publish again.
     pub fn breaks_channel(&self) -> bool {

@@ -127,7 +127,7 @@ pub async fn run(
     while !shutdown.is_cancelled() {
         let opened = tokio::select! {
             () = shutdown.cancelled() => break,
-            s = Session::open(&settings.amqp, &settings.callbacks, &consumer_tag) => s,
+            s = Session::open(settings, &consumer_tag) => s,
         };
         match opened {
             Ok(session) => {

@@ -95,7 +95,7 @@ async fn check_config_rejects_bad_values_naming_the_key() {
         if let Some(f) = file {
             cmd.arg("--config").arg(f);
         }
-        cmd.env("GEWE_WORKER__GEWE__TOKEN", "t");
+        cmd.env("GEWE_WORKER__GEWE__TOKEN", "t-123456");
         for (k, v) in &env {
             cmd.env(k, v);
         }
@@ -317,12 +317,7 @@ async fn the_token_never_leaves_the_process_and_sigterm_exits_zero() {
             .contains("***")
     );
 
-    let pid = child.id().expect("pid").to_string();
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill");
-    assert!(killed.success());
+    sigterm(&child);
     let status = tokio::time::timeout(WAIT, child.wait())
         .await
         .expect("exits within grace")
@@ -412,11 +407,7 @@ async fn a_sigkilled_worker_loses_nothing_and_with_redis_repeats_no_stored_call(
         assert_eq!(e.status(), "succeeded", "{}", e.body);
         seen.insert(e.body["commandId"].as_str().unwrap_or("").to_owned());
     }
-    let pid = second.id().expect("pid").to_string();
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill");
+    sigterm(&second);
     let status = tokio::time::timeout(WAIT, second.wait())
         .await
         .expect("exits")
@@ -471,6 +462,7 @@ async fn every_documented_metric_is_there_at_zero_before_the_first_command() {
         "broker_reconnects_total",
         "redis_errors_total",
         "claims_lost_total",
+        "commands_parked_total",
         "breaker_state",
         r#"results_published_total{status="succeeded",kind="none"}"#,
         r#"results_published_total{status="failed",kind="upstream_unavailable"}"#,
@@ -498,5 +490,49 @@ async fn every_documented_metric_is_there_at_zero_before_the_first_command() {
     }
     worker.start_kill().expect("kill");
     let _ = worker.wait().await;
+    listener.stop().await;
+}
+
+#[tokio::test]
+async fn a_message_id_that_cannot_serve_as_command_id_is_logged() {
+    let gewe = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path(ADD_MEMBER_PATH))
+        .respond_with(ResponseTemplate::new(200).set_body_json(gewe_ok("v3_m")))
+        .mount(&gewe)
+        .await;
+    let settings = test_settings(&gewe.uri());
+    let mut listener = spawn_listener(&settings).await;
+    let mut cmd = worker_command(&settings, &gewe.uri());
+    cmd.env("GEWE_WORKER__HTTP__LISTEN", "127.0.0.1:0")
+        .stderr(std::process::Stdio::piped());
+    let worker = cmd.spawn().expect("worker starts");
+    let mut body = command("unused", "app-m");
+    body.as_object_mut().expect("object").remove("commandId");
+    let long = "m".repeat(200);
+    listener
+        .publish_raw(
+            body.to_string().as_bytes(),
+            lapin::BasicProperties::default().with_message_id(long.as_str().into()),
+        )
+        .await;
+    let e = listener.next_event().await;
+    assert_eq!(e.status(), "succeeded");
+    assert_eq!(
+        e.body["commandId"].as_str().map(str::len),
+        Some(36),
+        "a generated id"
+    );
+    sigterm(&worker);
+    let out = tokio::time::timeout(WAIT, worker.wait_with_output())
+        .await
+        .expect("exits")
+        .expect("output");
+    let logs = text(&out.stderr);
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("cannot serve as one") && l.contains("message_id")),
+        "the unusable message_id is logged:\n{logs}"
+    );
     listener.stop().await;
 }

@@ -53,6 +53,7 @@ fn record(member: &str, v3: &str) -> Record {
             result: Ok(v3.to_owned()),
             attempts: 1,
         },
+        0,
     )
 }
 

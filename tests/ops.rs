@@ -261,3 +261,66 @@ async fn traceparent_is_continued_on_the_result_event() {
     );
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_keep_answering_under_idle_and_slow_header_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gewe = MockServer::start().await;
+    let app = spawn_app(test_settings(&gewe.uri())).await;
+    wait_for_status(app.ops_addr, "/readyz", 200).await;
+    // 500 connections that say nothing, 200 that send a header byte by byte.
+    let mut idle = Vec::new();
+    for _ in 0..500 {
+        idle.push(
+            tokio::net::TcpStream::connect(app.ops_addr)
+                .await
+                .expect("connect"),
+        );
+    }
+    let mut slow = Vec::new();
+    for _ in 0..200 {
+        let mut s = tokio::net::TcpStream::connect(app.ops_addr)
+            .await
+            .expect("connect");
+        s.write_all(b"GET /healthz HTTP/1.1\r\nX-Slow: ")
+            .await
+            .expect("write");
+        slow.push(s);
+    }
+    for route in ["/healthz", "/readyz"] {
+        let started = std::time::Instant::now();
+        let (status, _) = tokio::time::timeout(Duration::from_secs(2), get(app.ops_addr, route))
+            .await
+            .unwrap_or_else(|_| panic!("{route} answers within 2 s under 700 open connections"));
+        assert_eq!(status, 200, "{route}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+    // Connections that never finish their request head are closed.
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(15), slow[0].read(&mut buf))
+        .await
+        .expect("a slow-header connection is closed after the header-read timeout");
+    assert!(
+        matches!(closed, Ok(0) | Err(_)) || String::from_utf8_lossy(&buf).contains("408"),
+        "closed: {closed:?}"
+    );
+    // A head over the limit is refused.
+    let mut big = tokio::net::TcpStream::connect(app.ops_addr)
+        .await
+        .expect("connect");
+    let request = format!(
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(64 * 1024)
+    );
+    let _ = big.write_all(request.as_bytes()).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), big.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
+        "an oversized head is refused, not served: {answer:?}"
+    );
+    drop(idle);
+    drop(slow);
+    app.stop().await;
+}

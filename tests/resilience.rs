@@ -175,12 +175,7 @@ async fn two_replicas_with_redis_keep_one_interval_per_account() {
 
 #[tokio::test]
 async fn without_redis_no_gewe_call_is_made_and_the_command_waits_in_the_queue() {
-    let gewe = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(gewe_ok("never")))
-        .expect(0)
-        .mount(&gewe)
-        .await;
+    let gewe = gewe_never_called().await;
     let mut settings = test_settings(&gewe.uri());
     settings.redis.url = Some("redis://127.0.0.1:1/0".to_owned());
     let mut app = spawn_app(settings).await;
@@ -196,26 +191,9 @@ async fn without_redis_no_gewe_call_is_made_and_the_command_waits_in_the_queue()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let worker = app.worker.take().expect("worker");
-    app.stop.cancel();
-    worker.await.expect("join").expect("clean exit");
+    app.stop_worker().await;
     // Still in the queue, unacknowledged and unanswered.
-    let channel = app.connection.create_channel().await.expect("channel");
-    let mut queue = channel
-        .basic_consume(
-            app.settings.amqp.command_queue.as_str().into(),
-            "".into(),
-            Default::default(),
-            Default::default(),
-        )
-        .await
-        .expect("consume");
-    let back = tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut queue))
-        .await
-        .expect("the command is still there")
-        .expect("open")
-        .expect("delivery");
-    let body: serde_json::Value = serde_json::from_slice(&back.data).expect("json");
+    let body = app.command_left_in_queue().await;
     assert_eq!(body["commandId"], id.as_str());
     app.stop().await;
 }

@@ -613,3 +613,26 @@ async fn a_queue_declared_with_other_arguments_is_named_in_the_error() {
     gewe_friend_worker::broker::topology::remove(&ch, &settings.amqp).await;
     let _ = conn.close(200, "done".into()).await;
 }
+
+#[tokio::test]
+async fn an_overlong_command_id_is_refused_with_an_event_the_publisher_can_match() {
+    let gewe = gewe_never_called().await;
+    let mut app = spawn_app(test_settings(&gewe.uri())).await;
+    // 128 characters, as the README allows, but 384 bytes of UTF-8: more
+    // than the 255 an AMQP correlation_id can carry.
+    let id = format!("{}{}", uuid::Uuid::new_v4().simple(), "好".repeat(96));
+    assert_eq!(id.chars().count(), 128);
+    app.publish(&command(&id, "app-long")).await;
+    let e = app.next_event().await;
+    assert_eq!(e.kind(), Some("invalid_command"));
+    let carried = e.body["commandId"].as_str().expect("commandId");
+    assert!(
+        carried.len() > 32 && id.starts_with(carried),
+        "the event carries the id cut to the limit: {carried}"
+    );
+    assert!(carried.len() <= 255);
+    let message = e.body["error"]["message"].as_str().unwrap_or("");
+    assert!(message.contains("255 bytes"), "{message}");
+    app.dead_letters(1).await;
+    app.stop().await;
+}

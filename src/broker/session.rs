@@ -19,7 +19,7 @@ use lapin::{
 };
 
 use super::{Publisher, TopologyError, topology};
-use crate::config::{AmqpSettings, CallbacksSettings, redact_url_password};
+use crate::config::{CallbacksSettings, Settings, redact_url_password};
 
 /// Unacknowledged callbacks held at once. Handling one is a few Redis round
 /// trips and at most one confirmed publish, so a small window keeps both
@@ -92,14 +92,12 @@ pub struct Session {
 }
 
 impl Session {
-    /// Connects, declares (when `amqp.declare`), applies prefetch and starts
-    /// consuming `amqp.command_queue` with manual acks, and
+    /// Connects, declares (when `amqp.declare`; the delay queues of
+    /// `retry.park` and the callbacks' objects too), applies prefetch and
+    /// starts consuming `amqp.command_queue` with manual acks, and
     /// `callbacks.queue` too with `callbacks.enabled`.
-    pub async fn open(
-        a: &AmqpSettings,
-        c: &CallbacksSettings,
-        consumer_tag: &str,
-    ) -> Result<Self, SessionError> {
+    pub async fn open(settings: &Settings, consumer_tag: &str) -> Result<Self, SessionError> {
+        let (a, c) = (&settings.amqp, &settings.callbacks);
         let properties = ConnectionProperties::default()
             .with_connection_name(format!("gewe-friend-worker {consumer_tag}").into());
         let connection = Connection::connect(&a.url, properties)
@@ -114,6 +112,7 @@ impl Session {
             .map_err(channel_err("the consuming channel"))?;
         if a.declare {
             topology::declare(&consume_channel, a).await?;
+            topology::declare_parking(&consume_channel, a, &settings.retry.park).await?;
             topology::declare_callbacks(&consume_channel, a, c).await?;
         }
         consume_channel

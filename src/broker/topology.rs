@@ -15,7 +15,12 @@ use lapin::{
     types::{AMQPValue, FieldTable, LongString, ShortString},
 };
 
-use crate::config::{AmqpSettings, CallbacksSettings, QueueType};
+use std::time::Duration;
+
+use crate::{
+    config::{AmqpSettings, CallbacksSettings, QueueType},
+    park,
+};
 
 /// The `TypeName` of GeWe's contact-change callback, and the routing key the
 /// callbacks queue is bound with (contract §6).
@@ -243,6 +248,44 @@ pub async fn remove_callbacks(channel: &Channel, c: &CallbacksSettings) {
             ExchangeDeleteOptions::default(),
         )
         .await;
+}
+
+/// Declares the delay queues of `retry.park` (see [`crate::park`]), with the
+/// same clear errors when one exists with other arguments.
+pub async fn declare_parking(
+    channel: &Channel,
+    a: &AmqpSettings,
+    delays: &[Duration],
+) -> Result<(), TopologyError> {
+    let durable_queue = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    for delay in delays {
+        let name = park::queue_name(&a.command_queue, *delay);
+        channel
+            .queue_declare(
+                ShortString::from(name.as_str()),
+                durable_queue,
+                park::queue_arguments(&a.command_queue, *delay, a.queue_type),
+            )
+            .await
+            .map_err(|e| TopologyError::from_lapin(format!("queue '{name}'"), e))?;
+    }
+    Ok(())
+}
+
+/// Deletes the delay queues [`declare_parking`] creates (best effort).
+pub async fn remove_parking(channel: &Channel, a: &AmqpSettings, delays: &[Duration]) {
+    for delay in delays {
+        let name = park::queue_name(&a.command_queue, *delay);
+        let _ = channel
+            .queue_delete(
+                ShortString::from(name.as_str()),
+                QueueDeleteOptions::default(),
+            )
+            .await;
+    }
 }
 
 /// Deletes everything [`declare`] creates (best effort: objects already gone

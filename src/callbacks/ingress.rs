@@ -4,7 +4,7 @@
 //!
 //! Answers: 401 without the right `secret` query parameter (when one is
 //! configured; compared in constant time, checked before the body is
-//! read), 413 for a body over 1 MiB, 400 for a body that is not a JSON
+//! read), 413 for a body over 1 MiB (as declared, or as sent), 400 for a body that is not a JSON
 //! object or has no `TypeName`, 503 when the broker did not confirm or the
 //! worker has no broker session, 408 when the whole request took longer
 //! than 30 s. The URI (which carries the secret) is never logged.
@@ -18,7 +18,7 @@ use std::{sync::Arc, time::Duration};
 use axum::{
     Router,
     body::Bytes,
-    extract::{DefaultBodyLimit, Request, State},
+    extract::{Request, State},
     http::StatusCode,
     middleware::{self, Next},
     response::{IntoResponse, Response},
@@ -36,6 +36,7 @@ use super::{callback, consume::RECEIVED_AT_HEADER};
 use crate::{
     broker::{PublishError, Publisher},
     event::now_rfc3339,
+    http_server::Limits,
     meters::meters,
 };
 
@@ -43,6 +44,15 @@ use crate::{
 pub const CALLBACK_PATH: &str = "/gewe/callback";
 /// Largest body accepted (contract §6: bodies over 1 MiB are refused).
 pub const MAX_CALLBACK_BYTES: usize = 1024 * 1024;
+/// The listener's limits: GeWe sends small bodies over a few connections;
+/// anything slower or wider is not GeWe.
+pub const LIMITS: Limits = Limits {
+    max_connections: 256,
+    header_read_timeout: Duration::from_secs(10),
+    max_connection_age: Duration::from_secs(120),
+    max_body_bytes: MAX_CALLBACK_BYTES,
+    max_head_bytes: 16 * 1024,
+};
 /// How long the broker gets to confirm a callback.
 const CONFIRM_LIMIT: Duration = Duration::from_secs(10);
 /// How long one request may take, body upload included.
@@ -176,11 +186,10 @@ impl Ingress {
     }
 }
 
-/// The endpoint's router.
+/// The endpoint's router (the body limit is [`LIMITS`]' own).
 pub fn router(ingress: Arc<Ingress>) -> Router {
     Router::new()
         .route(CALLBACK_PATH, post(receive))
-        .layer(DefaultBodyLimit::max(MAX_CALLBACK_BYTES))
         .route_layer(middleware::from_fn_with_state(ingress.clone(), guard))
         .with_state(ingress)
 }

@@ -10,14 +10,13 @@
 //!   remembered `v3` of the same account into one `add_friend.accepted`
 //!   event ([`consume`], [`accepted`], [`callback`]);
 //! - receiving: with `callbacks.listen`, `POST /gewe/callback` publishes
-//!   GeWe's callbacks to `callbacks.exchange` ([`ingress`], on the hardened
-//!   listener of [`server`]).
+//!   GeWe's callbacks to `callbacks.exchange` ([`ingress`], served by
+//!   [`crate::http_server`] within [`ingress::LIMITS`]).
 
 pub mod accepted;
 pub mod callback;
 mod consume;
 pub mod ingress;
-pub mod server;
 pub mod store;
 
 use std::time::Duration;

@@ -15,7 +15,7 @@ use super::{
 pub fn decode(body: &[u8], envelope: &Envelope) -> Result<Command, Box<Rejected>> {
     let reject = |reason, partial| Box::new(Rejected { reason, partial });
     let fallback = || Partial {
-        command_id: resolve_command_id(None, envelope),
+        command_id: resolve_command_id(envelope),
         ..Partial::default()
     };
     if body.len() > MAX_BODY_BYTES {
@@ -40,7 +40,7 @@ pub fn decode(body: &[u8], envelope: &Envelope) -> Result<Command, Box<Rejected>
 fn decode_slow(text: &str, envelope: &Envelope) -> Result<Command, Box<Rejected>> {
     let reject = |reason, partial| Box::new(Rejected { reason, partial });
     let fallback = || Partial {
-        command_id: resolve_command_id(None, envelope),
+        command_id: resolve_command_id(envelope),
         ..Partial::default()
     };
     let value: Value = serde_json::from_str(text)
@@ -52,33 +52,31 @@ fn decode_slow(text: &str, envelope: &Envelope) -> Result<Command, Box<Rejected>
         ));
     };
 
-    let given_id = obj.get("commandId").and_then(Value::as_str);
+    let given = obj.get("commandId");
+    let command_id = match given {
+        None | Some(Value::Null) => Ok(resolve_command_id(envelope)),
+        Some(Value::String(id)) if id.trim().is_empty() => Err(InvalidCommand::Empty("commandId")),
+        Some(Value::String(id)) if !valid_command_id(id) => Err(InvalidCommand::CommandIdTooLong),
+        Some(Value::String(id)) => Ok(id.clone()),
+        Some(other) => Err(InvalidCommand::NotAString {
+            field: "commandId",
+            got: json_type(other),
+        }),
+    };
     let partial = Partial {
-        command_id: match given_id {
-            Some(id) if valid_command_id(id) => id.to_owned(),
-            _ => resolve_command_id(None, envelope),
+        command_id: match (&command_id, given) {
+            (Ok(id), _) => id.clone(),
+            // Too long: the event carries it cut to the limit, so the
+            // publisher can still match it.
+            (Err(_), Some(Value::String(id))) if !id.trim().is_empty() => cut_command_id(id),
+            (Err(_), _) => resolve_command_id(envelope),
         },
         app_id: string_field(&obj, "appId"),
         chatroom_id: string_field(&obj, "chatroomId"),
         member_wxid: string_field(&obj, "memberWxid"),
     };
     let checked = || -> Result<Command, InvalidCommand> {
-        let command_id = match obj.get("commandId") {
-            None | Some(Value::Null) => resolve_command_id(None, envelope),
-            Some(Value::String(id)) if id.trim().is_empty() => {
-                return Err(InvalidCommand::Empty("commandId"));
-            }
-            Some(Value::String(id)) if !valid_command_id(id) => {
-                return Err(InvalidCommand::CommandIdTooLong);
-            }
-            Some(Value::String(id)) => id.clone(),
-            Some(other) => {
-                return Err(InvalidCommand::NotAString {
-                    field: "commandId",
-                    got: json_type(other),
-                });
-            }
-        };
+        let command_id = command_id.clone()?;
         Ok(Command {
             command_id,
             app_id: required(&obj, "appId")?,
@@ -132,7 +130,7 @@ fn decode_valid(text: &str, envelope: &Envelope) -> Option<Command> {
         return None;
     }
     let command_id = match wire.command_id {
-        None => resolve_command_id(None, envelope),
+        None => resolve_command_id(envelope),
         Some(id) if valid_command_id(&id) => id.into_owned(),
         Some(_) => return None,
     };
@@ -145,16 +143,41 @@ fn decode_valid(text: &str, envelope: &Envelope) -> Option<Command> {
     })
 }
 
-/// `commandId` from the body, else `message_id`, else `correlation_id`, else
-/// a fresh UUID, as the contract orders them.
-pub fn resolve_command_id(given: Option<&str>, envelope: &Envelope) -> String {
-    given
-        .into_iter()
-        .chain(envelope.message_id.as_deref())
-        .chain(envelope.correlation_id.as_deref())
-        .find(|id| valid_command_id(id))
-        .map(str::to_owned)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+/// For a command without `commandId`: its `message_id`, else its
+/// `correlation_id`, else a fresh UUID, as the contract orders them. A
+/// property that is set but cannot serve (blank, or longer than the limits)
+/// is logged: the id generated instead cannot recognise a redelivery.
+pub fn resolve_command_id(envelope: &Envelope) -> String {
+    for (property, value) in [
+        ("message_id", envelope.message_id.as_deref()),
+        ("correlation_id", envelope.correlation_id.as_deref()),
+    ] {
+        let Some(value) = value else { continue };
+        if valid_command_id(value) {
+            return value.to_owned();
+        }
+        tracing::warn!(
+            property,
+            chars = value.chars().count(),
+            bytes = value.len(),
+            max_chars = MAX_COMMAND_ID_CHARS,
+            max_bytes = MAX_COMMAND_ID_BYTES,
+            "a command without commandId has a property that cannot serve as one (blank or too long); falling back further"
+        );
+    }
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// `id` cut to the commandId limits at a character boundary.
+fn cut_command_id(id: &str) -> String {
+    let mut cut = String::new();
+    for c in id.chars().take(MAX_COMMAND_ID_CHARS) {
+        if cut.len() + c.len_utf8() > MAX_COMMAND_ID_BYTES {
+            break;
+        }
+        cut.push(c);
+    }
+    cut
 }
 
 fn valid_command_id(id: &str) -> bool {
@@ -336,6 +359,21 @@ mod tests {
             decode(&big, &env).map_err(|r| r.reason),
             Err(InvalidCommand::TooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn a_command_id_over_the_limits_is_refused_but_kept_cut_to_them() {
+        let long = "好".repeat(128);
+        let body = format!(
+            r#"{{"commandId":"{long}","appId":"a","chatroomId":"c","memberWxid":"m","content":"x"}}"#
+        );
+        let rejected = decode(body.as_bytes(), &Envelope::default()).expect_err("too long");
+        assert_eq!(rejected.reason, InvalidCommand::CommandIdTooLong);
+        let cut = rejected.partial.command_id;
+        assert!(long.starts_with(&cut), "a prefix the publisher can match");
+        assert_eq!(cut.chars().count(), 85, "255 bytes of 3-byte characters");
+        let ascii = "x".repeat(200);
+        assert_eq!(cut_command_id(&ascii).len(), MAX_COMMAND_ID_CHARS);
     }
 
     #[test]

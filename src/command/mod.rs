@@ -15,6 +15,8 @@ use lapin::{
 pub(crate) use decode::json_type;
 pub use decode::{decode, resolve_command_id};
 
+use crate::park;
+
 /// Bodies above this size are refused before parsing: no real greeting comes
 /// close, and parsing megabytes per message would let one publisher stall
 /// the worker.
@@ -36,6 +38,12 @@ pub struct Envelope {
     pub reply_to: Option<String>,
     /// `traceparent` header (W3C trace context), if any.
     pub traceparent: Option<String>,
+    /// `x-gewe-parked`: times this command was parked so far (`retry.park`).
+    pub parked: u32,
+    /// `x-gewe-attempts`: GeWe attempts made on earlier tries.
+    pub prior_attempts: u32,
+    /// `x-delivery-count` (quorum queues): earlier deliveries of this one.
+    pub delivery_count: u32,
 }
 
 impl Envelope {
@@ -51,11 +59,15 @@ impl Envelope {
                 _ => None,
             })
         });
+        let headers = p.headers().as_ref();
         Self {
             message_id: s(p.message_id()),
             correlation_id: s(p.correlation_id()),
             reply_to: s(p.reply_to()),
             traceparent,
+            parked: park::read_counter(headers, park::PARKED_HEADER),
+            prior_attempts: park::read_counter(headers, park::ATTEMPTS_HEADER),
+            delivery_count: park::read_counter(headers, "x-delivery-count"),
         }
     }
 }
@@ -112,7 +124,7 @@ pub enum InvalidCommand {
     /// `commandId` longer than [`MAX_COMMAND_ID_CHARS`] characters or
     /// [`MAX_COMMAND_ID_BYTES`] bytes.
     #[error(
-        "field `commandId` is longer than {MAX_COMMAND_ID_CHARS} characters or {MAX_COMMAND_ID_BYTES} bytes"
+        "field `commandId` is longer than {MAX_COMMAND_ID_CHARS} characters or {MAX_COMMAND_ID_BYTES} bytes of UTF-8 (it becomes the event's AMQP correlation_id); this event carries it cut to that length"
     )]
     CommandIdTooLong,
 }
@@ -132,7 +144,8 @@ impl Command {
 /// What could be read from a rejected message, for its error event.
 #[derive(Debug, Clone, Default)]
 pub struct Partial {
-    /// Best available id (see [`resolve_command_id`]).
+    /// Best available id: the body's (cut to the limits when too long),
+    /// else the envelope's (see [`resolve_command_id`]).
     pub command_id: String,
     /// `appId`, when it was a string.
     pub app_id: Option<String>,

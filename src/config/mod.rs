@@ -11,6 +11,7 @@ use std::{collections::HashMap, path::Path, time::Duration};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
+mod durations;
 mod redact;
 mod sections;
 #[cfg(test)]
@@ -28,9 +29,11 @@ pub const CONFIG_PATH_ENV: &str = "GEWE_WORKER_CONFIG";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// A layer could not be read or a value has the wrong type; the message
-    /// from `config` names the key.
+    /// from `config` names the key. Only its text is kept, with the source
+    /// lines that TOML errors quote removed and every secret value found in
+    /// the layers masked: the offending line may hold a password.
     #[error("invalid configuration: {0}")]
-    Load(#[from] config::ConfigError),
+    Load(String),
     /// A value parsed but is outside what the worker can work with.
     #[error("invalid configuration: `{key}` {reason}")]
     Invalid {
@@ -39,6 +42,12 @@ pub enum ConfigError {
         /// What is wrong with it.
         reason: String,
     },
+}
+
+impl From<config::ConfigError> for ConfigError {
+    fn from(e: config::ConfigError) -> Self {
+        Self::Load(redact::error_text(&e, &[]))
+    }
 }
 
 impl ConfigError {
@@ -78,6 +87,12 @@ pub struct Settings {
     pub callbacks: CallbacksSettings,
 }
 
+/// Shortest accepted `gewe.token`.
+const MIN_TOKEN_CHARS: usize = 8;
+
+/// Most delays `retry.park` may list.
+const MAX_PARKS: usize = 20;
+
 /// Built-in defaults, exactly as in the contract's table.
 const DEFAULTS: &[(&str, &str)] = &[
     ("amqp.url", "amqp://guest:guest@127.0.0.1:5672/%2f"),
@@ -95,6 +110,7 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("retry.initial_delay", "500ms"),
     ("retry.max_delay", "30s"),
     ("retry.multiplier", "2.0"),
+    ("retry.park", ""),
     ("pacing.per_app_concurrency", "1"),
     ("pacing.per_app_min_interval", "1s"),
     ("dedupe.window", "24h"),
@@ -141,7 +157,11 @@ impl Settings {
             .separator("__")
             .try_parsing(false)
             .source(env);
-        let settings: Settings = builder.add_source(environment).build()?.try_deserialize()?;
+        let layers = builder.add_source(environment).build()?;
+        let secrets = redact::secret_values(&layers);
+        let settings: Settings = layers
+            .try_deserialize()
+            .map_err(|e| ConfigError::Load(redact::error_text(&e, &secrets)))?;
         settings.validate()?;
         Ok(settings)
     }
@@ -222,6 +242,26 @@ impl Settings {
                 "must be a number >= 1.0",
             ));
         }
+        if r.park.len() > MAX_PARKS {
+            return Err(ConfigError::invalid(
+                "retry.park",
+                format!("may list at most {MAX_PARKS} delays"),
+            ));
+        }
+        for delay in &r.park {
+            if *delay < Duration::from_secs(1) || *delay > Duration::from_secs(7 * 24 * 3600) {
+                return Err(ConfigError::invalid(
+                    "retry.park",
+                    "delays must be between 1s and 7days",
+                ));
+            }
+            if crate::park::queue_name(&self.amqp.command_queue, *delay).len() > 255 {
+                return Err(ConfigError::invalid(
+                    "retry.park",
+                    "makes a delay queue name longer than 255 bytes (shorten amqp.command_queue)",
+                ));
+            }
+        }
         if self.pacing.per_app_concurrency == 0 {
             return Err(ConfigError::invalid(
                 "pacing.per_app_concurrency",
@@ -271,10 +311,21 @@ impl Settings {
                 ));
             }
         }
-        if let Some(token) = &self.gewe.token
-            && token.expose_secret().trim().is_empty()
-        {
-            return Err(ConfigError::invalid("gewe.token", "must not be empty"));
+        if let Some(token) = &self.gewe.token {
+            let token = token.expose_secret();
+            if token.trim().is_empty() {
+                return Err(ConfigError::invalid("gewe.token", "must not be empty"));
+            }
+            // Every text that leaves the worker has the token masked; a short
+            // one would be masked inside unrelated words and numbers too.
+            if token.chars().count() < MIN_TOKEN_CHARS {
+                return Err(ConfigError::invalid(
+                    "gewe.token",
+                    format!(
+                        "must be at least {MIN_TOKEN_CHARS} characters (GeWe's tokens are longer; a short one would be masked inside unrelated log text)"
+                    ),
+                ));
+            }
         }
         self.validate_callbacks()
     }

@@ -71,3 +71,61 @@ pub fn redact_url_password(url: &str) -> String {
         None => url.to_owned(),
     }
 }
+
+/// Configuration keys whose values are secrets.
+const SECRET_KEYS: &[&str] = &["gewe.token", "callbacks.secret"];
+/// Configuration keys whose values are URLs (lists of them) with passwords.
+const URL_KEYS: &[&str] = &["amqp.url", "redis.url"];
+/// Shorter secrets are not masked in error texts: masking them would mangle
+/// unrelated words (and the token must be longer anyway).
+const MIN_MASKED: usize = 4;
+
+/// Every secret value the layers hold, as far as they can be read: the
+/// secret keys' values and the passwords of URL keys.
+pub(super) fn secret_values(layers: &config::Config) -> Vec<String> {
+    let mut secrets: Vec<String> = SECRET_KEYS
+        .iter()
+        .filter_map(|key| layers.get_string(key).ok())
+        .collect();
+    for key in URL_KEYS {
+        let Ok(urls) = layers.get_string(key) else {
+            continue;
+        };
+        for url in urls.split(',') {
+            if let Ok(parsed) = url::Url::parse(url.trim())
+                && let Some(password) = parsed.password()
+            {
+                secrets.push(password.to_owned());
+                if let Ok(decoded) = percent_encoding::percent_decode_str(password).decode_utf8() {
+                    secrets.push(decoded.into_owned());
+                }
+            }
+        }
+    }
+    secrets.retain(|s| s.len() >= MIN_MASKED);
+    secrets
+}
+
+/// The text of a configuration error without the source lines TOML errors
+/// quote (`2 | url = "amqp://user:password@…"`) and with `secrets` masked.
+pub(super) fn error_text(error: &dyn std::fmt::Display, secrets: &[String]) -> String {
+    let text = error.to_string();
+    let mut kept: Vec<&str> = text
+        .lines()
+        .filter(|line| !is_quoted_source(line))
+        .collect();
+    kept.dedup_by(|a, b| a.trim().is_empty() && b.trim().is_empty());
+    let mut text = kept.join("\n");
+    for secret in secrets {
+        text = text.replace(secret.as_str(), "***");
+    }
+    text
+}
+
+/// `  |`, `2 | url = …`, `  |     ^`: a line of a TOML error's excerpt.
+fn is_quoted_source(line: &str) -> bool {
+    let rest = line
+        .trim_start()
+        .trim_start_matches(|c: char| c.is_ascii_digit());
+    rest.trim_start().starts_with('|')
+}

@@ -70,6 +70,10 @@ pub struct RetrySettings {
     pub max_delay: Duration,
     /// Growth of the backoff between attempts.
     pub multiplier: f64,
+    /// Delays to park a command in the broker for, one per try, when it
+    /// ended `app_offline` or `upstream_unavailable`; empty: no parking.
+    #[serde(default, with = "super::durations")]
+    pub park: Vec<Duration>,
 }
 
 /// `[pacing]`

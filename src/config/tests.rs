@@ -70,7 +70,7 @@ fn env_overrides_file_and_durations_are_human() {
         env(&[
             ("GEWE_WORKER__AMQP__PREFETCH", "16"),
             ("GEWE_WORKER__AMQP__COMMAND_QUEUE", "q1"),
-            ("GEWE_WORKER__GEWE__TOKEN", "tok"),
+            ("GEWE_WORKER__GEWE__TOKEN", "tok-12345"),
         ]),
     )
     .expect("valid");
@@ -80,7 +80,7 @@ fn env_overrides_file_and_durations_are_human() {
     assert_eq!(s.retry.initial_delay, Duration::from_secs(2));
     assert_eq!(
         s.require_token().map(|t| t.expose_secret().to_owned()).ok(),
-        Some("tok".into())
+        Some("tok-12345".into())
     );
 }
 
@@ -149,4 +149,77 @@ fn printed_config_hides_secrets() {
     assert!(!printed.contains("hunter2"));
     assert!(printed.contains("amqp://u:***@h:5672/%2f"));
     assert!(!format!("{s:?}").contains("s3cr3t-token"));
+}
+
+#[test]
+fn park_delays_come_as_a_toml_list_or_a_comma_separated_variable() {
+    let none = Settings::load_from(None, env(&[])).expect("defaults");
+    assert!(none.retry.park.is_empty(), "parking is off by default");
+    let from_env = Settings::load_from(None, env(&[("GEWE_WORKER__RETRY__PARK", "1m,10m,1h")]))
+        .expect("valid");
+    assert_eq!(
+        from_env.retry.park,
+        [60, 600, 3600].map(Duration::from_secs).to_vec()
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("w.toml");
+    std::fs::write(&path, "[retry]\npark = [\"30s\", \"2m\"]\n").expect("write");
+    let from_file = Settings::load_from(Some(&path), env(&[])).expect("valid");
+    assert_eq!(
+        from_file.retry.park,
+        [30, 120].map(Duration::from_secs).to_vec()
+    );
+    assert!(from_file.redacted_json().contains(r#""park": ["#));
+    for bad in [
+        "soon",
+        "1m,,2m",
+        "0s",
+        "500ms",
+        "8days",
+        &["1m"; 21].join(","),
+    ] {
+        let err = Settings::load_from(None, env(&[("GEWE_WORKER__RETRY__PARK", bad)]))
+            .expect_err(bad)
+            .to_string();
+        assert!(err.contains("retry.park"), "{bad}: {err}");
+    }
+}
+
+#[test]
+fn configuration_errors_never_print_secret_values() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("w.toml");
+    // A TOML syntax error on the line that holds the password.
+    std::fs::write(
+        &path,
+        "[amqp]\nurl = \"amqp://worker:hunter2-secret@rabbit:5672/%2f\nprefetch = 8\n",
+    )
+    .expect("write");
+    let err = Settings::load_from(Some(&path), env(&[]))
+        .expect_err("not TOML")
+        .to_string();
+    assert!(!err.contains("hunter2-secret"), "{err}");
+    assert!(err.contains("line 2"), "still says where: {err}");
+    // A broker URL that does not parse names its key, not its password.
+    let err = Settings::load_from(
+        None,
+        env(&[(
+            "GEWE_WORKER__AMQP__URL",
+            "amqp://worker:hunter2-secret@rabbit:port/%2f",
+        )]),
+    )
+    .expect_err("bad port")
+    .to_string();
+    assert!(!err.contains("hunter2-secret"), "{err}");
+    assert!(err.contains("amqp.url"), "{err}");
+}
+
+#[test]
+fn a_token_too_short_to_mask_safely_is_refused() {
+    let err = Settings::load_from(None, env(&[("GEWE_WORKER__GEWE__TOKEN", "2026")]))
+        .expect_err("too short")
+        .to_string();
+    assert!(err.contains("gewe.token"), "{err}");
+    assert!(!err.contains("2026"), "{err}");
+    assert!(Settings::load_from(None, env(&[("GEWE_WORKER__GEWE__TOKEN", "20261127")])).is_ok());
 }

@@ -25,6 +25,13 @@ pub enum Verdict {
     },
     /// A final failure: retrying cannot help.
     Permanent(EventError),
+    /// The request never left this machine (out of file descriptors): not
+    /// GeWe's failure, so it neither counts for the breaker nor uses up an
+    /// attempt; the command tries again after a backoff.
+    Local {
+        /// What ran out, for the log.
+        message: String,
+    },
     /// A transient failure: try again after backoff (or `retry_after`).
     Transient {
         /// The error to report if no attempt is left.
@@ -35,10 +42,11 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    /// The error kind of a failed attempt; `None` for a success.
+    /// The error kind of a failed attempt; `None` for a success or a
+    /// local failure (GeWe said nothing).
     pub fn failure(&self) -> Option<ErrorKind> {
         match self {
-            Verdict::Success { .. } => None,
+            Verdict::Success { .. } | Verdict::Local { .. } => None,
             Verdict::Permanent(e) | Verdict::Transient { error: e, .. } => Some(e.kind),
         }
     }
@@ -49,6 +57,11 @@ impl Verdict {
 pub fn classify(result: &Result<Answer, TransportError>, redactor: &Redactor) -> Verdict {
     let answer = match result {
         Ok(answer) => answer,
+        Err(e @ TransportError::LocalResources(_)) => {
+            return Verdict::Local {
+                message: redactor.redact(&e.to_string()).into_owned(),
+            };
+        }
         Err(
             e @ (TransportError::Timeout(_) | TransportError::Connect(_) | TransportError::Body(_)),
         ) => {
@@ -217,11 +230,7 @@ mod tests {
     }
 
     fn kind(v: &Verdict) -> Option<ErrorKind> {
-        match v {
-            Verdict::Success { .. } => None,
-            Verdict::Permanent(e) => Some(e.kind),
-            Verdict::Transient { error, .. } => Some(error.kind),
-        }
+        v.failure()
     }
 
     #[test]
@@ -363,6 +372,8 @@ mod tests {
         ] {
             assert!(matches!(classify(&Err(e), &r), Verdict::Transient { .. }));
         }
+        let local = TransportError::LocalResources("Too many open files (os error 24)".into());
+        assert!(matches!(classify(&Err(local), &r), Verdict::Local { .. }));
     }
 
     #[test]

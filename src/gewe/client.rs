@@ -11,7 +11,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 
 use super::{ADD_MEMBER_PATH, TOKEN_HEADER};
-use crate::command::Command;
+use crate::{command::Command, resources};
 
 /// Could not build the client from configuration.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +39,10 @@ pub enum TransportError {
     /// The response started but its body could not be read.
     #[error("GeWe's response was cut off: {0}")]
     Body(String),
+    /// This process (or the system) is out of file descriptors: the request
+    /// never left, and GeWe is not to blame.
+    #[error("no file descriptor left to reach GeWe (a local shortage, not GeWe's): {0}")]
+    LocalResources(String),
 }
 
 /// An HTTP response from GeWe, not yet interpreted.
@@ -76,6 +80,7 @@ impl GeweClient {
         base_url: &str,
         token: &SecretString,
         timeout: Duration,
+        max_idle: usize,
     ) -> Result<Self, ClientBuildError> {
         let mut token_value =
             HeaderValue::from_str(token.expose_secret()).map_err(|_| ClientBuildError::BadToken)?;
@@ -89,6 +94,9 @@ impl GeweClient {
             .timeout(timeout)
             .connect_timeout(timeout)
             .pool_idle_timeout(Duration::from_secs(60))
+            // Calls in flight are bounded by the prefetch already; idle
+            // connections are bounded here, each one a descriptor.
+            .pool_max_idle_per_host(max_idle)
             // reqwest strips only Authorization/Cookie on cross-host
             // redirects: following one would hand X-GEWE-TOKEN to that host.
             .redirect(reqwest::redirect::Policy::none())
@@ -150,7 +158,9 @@ impl GeweClient {
     fn transport_error(&self, e: reqwest::Error, reading_body: bool) -> TransportError {
         // reqwest's Display includes the URL, never the headers, so no token.
         let text = error_chain(&e);
-        if e.is_timeout() {
+        if resources::is_fd_exhaustion(&e) {
+            TransportError::LocalResources(text)
+        } else if e.is_timeout() {
             TransportError::Timeout(self.timeout)
         } else if reading_body {
             TransportError::Body(text)

@@ -112,19 +112,35 @@ impl Backoff {
         probe: bool,
         rng: &mut impl Rng,
     ) -> Step {
-        tally.attempts = tally.attempts.saturating_add(1);
-        if !probe {
-            tally.counted = tally.counted.saturating_add(1);
-        }
         match verdict {
-            Verdict::Success { v3 } => Step::Done(Ok(v3)),
-            Verdict::Permanent(error) => Step::Done(Err(Box::new(error))),
-            Verdict::Transient { error, .. } if !probe && tally.counted >= self.max_attempts => {
+            // Nothing reached GeWe: no attempt to count, none used up.
+            Verdict::Local { .. } => Step::Retry(self.delay(tally.counted.max(1), None, rng)),
+            Verdict::Success { v3 } => {
+                tally.count(probe);
+                Step::Done(Ok(v3))
+            }
+            Verdict::Permanent(error) => {
+                tally.count(probe);
                 Step::Done(Err(Box::new(error)))
             }
-            Verdict::Transient { retry_after, .. } => {
-                Step::Retry(self.delay(tally.counted.max(1), retry_after, rng))
+            Verdict::Transient { error, retry_after } => {
+                tally.count(probe);
+                if !probe && tally.counted >= self.max_attempts {
+                    Step::Done(Err(Box::new(error)))
+                } else {
+                    Step::Retry(self.delay(tally.counted.max(1), retry_after, rng))
+                }
             }
+        }
+    }
+}
+
+impl Tally {
+    /// One more attempt reached GeWe.
+    fn count(&mut self, probe: bool) {
+        self.attempts = self.attempts.saturating_add(1);
+        if !probe {
+            self.counted = self.counted.saturating_add(1);
         }
     }
 }
@@ -255,6 +271,30 @@ mod tests {
             result.map_err(|e| e.kind),
             Err(ErrorKind::UpstreamUnavailable)
         );
+    }
+
+    #[test]
+    fn a_local_shortage_is_retried_without_counting_an_attempt() {
+        let local = || Verdict::Local {
+            message: "Too many open files".into(),
+        };
+        let (result, tally, waits) = run(
+            policy(1),
+            vec![
+                (local(), false),
+                (local(), false),
+                (Verdict::Success { v3: "v3".into() }, false),
+            ],
+        );
+        assert_eq!(result, Ok("v3".into()));
+        assert_eq!(
+            tally,
+            Tally {
+                attempts: 1,
+                counted: 1
+            }
+        );
+        assert_eq!(waits.len(), 2);
     }
 
     #[test]

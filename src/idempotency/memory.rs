@@ -140,6 +140,7 @@ mod tests {
                 result: Ok("v3".into()),
                 attempts: 1,
             },
+            0,
         )
     }
 

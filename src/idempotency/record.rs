@@ -66,11 +66,18 @@ pub struct Record {
     pub outcome: CallOutcome,
     /// When the outcome was known, in milliseconds since the Unix epoch.
     pub completed_at_ms: u64,
+    /// Times the command was parked before this outcome (`retry.park`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub parked: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl Record {
-    /// An outcome known now.
-    pub fn new(fingerprint: Fingerprint, outcome: CallOutcome) -> Self {
+    /// An outcome known now, after `parked` earlier tries.
+    pub fn new(fingerprint: Fingerprint, outcome: CallOutcome, parked: u32) -> Self {
         let completed_at_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -79,6 +86,7 @@ impl Record {
             fingerprint,
             outcome,
             completed_at_ms,
+            parked,
         }
     }
 
@@ -137,6 +145,7 @@ mod tests {
                 result: Ok("v3".into()),
                 attempts: 2,
             },
+            1,
         );
         let json = serde_json::to_string(&record).expect("encodes");
         let back: Record = serde_json::from_str(&json).expect("decodes");

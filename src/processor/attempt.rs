@@ -100,10 +100,18 @@ impl Processor {
             .gewe_request_duration
             .record(started.elapsed().as_secs_f64());
         let verdict = classify(&result, &self.redactor);
-        let failure = verdict.failure();
-        meters().gewe_request(failure).increment(1);
         let probe = admission.is_probe();
-        admission.record(failure);
+        if let Verdict::Local { message } = &verdict {
+            // Not GeWe's doing: the breaker hears nothing of it (a dropped
+            // admission hands a probe's turn on).
+            meters().gewe_local_errors.increment(1);
+            tracing::warn!(error = %message, "the request could not leave this process; trying again later");
+            drop(admission);
+        } else {
+            let failure = verdict.failure();
+            meters().gewe_request(failure).increment(1);
+            admission.record(failure);
+        }
         drop(turn);
         Ok((verdict, probe))
     }

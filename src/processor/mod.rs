@@ -11,6 +11,7 @@
 //! the only one not marked `duplicate`.
 
 mod attempt;
+mod park;
 mod settle;
 
 use std::sync::Arc;
@@ -31,6 +32,7 @@ use crate::{
     idempotency::{Fingerprint, Found, Idempotency, Record, Stored},
     meters::{Requeue, meters},
     pacing::Pacer,
+    park::Parking,
     redact::Redactor,
     trace_context::TraceParent,
 };
@@ -43,8 +45,10 @@ pub struct Processor {
     pacer: Pacer,
     idempotency: Idempotency,
     breaker: Arc<Breaker>,
+    parking: Parking,
     redactor: Redactor,
     shutdown: CancellationToken,
+    delivery_limit: Option<u32>,
     /// One permit per delivery being processed, across broker sessions: a
     /// lost session's calls still finishing never add to a new session's
     /// prefetch.
@@ -67,12 +71,16 @@ pub struct Parts {
     pub idempotency: Idempotency,
     /// Circuit breaker on systemic failures.
     pub breaker: Arc<Breaker>,
+    /// Delay queues for commands tried again later (`retry.park`).
+    pub parking: Parking,
     /// Token remover.
     pub redactor: Redactor,
     /// Cancelled on shutdown: no new GeWe call starts after it.
     pub shutdown: CancellationToken,
     /// `amqp.prefetch`: deliveries processed at once.
     pub prefetch: u16,
+    /// `amqp.delivery_limit` when the queue enforces it (quorum).
+    pub delivery_limit: Option<u32>,
     /// With `callbacks.enabled`: where succeeded commands are remembered.
     pub callbacks: Option<Arc<Callbacks>>,
 }
@@ -124,8 +132,10 @@ impl Processor {
             pacer: parts.pacer,
             idempotency: parts.idempotency,
             breaker: parts.breaker,
+            parking: parts.parking,
             redactor: parts.redactor,
             shutdown: parts.shutdown,
+            delivery_limit: parts.delivery_limit,
             slots: Semaphore::new(usize::from(parts.prefetch.max(1))),
             callbacks: parts.callbacks,
         }
@@ -202,8 +212,12 @@ impl Processor {
     /// A valid command: its outcome is found or made, then announced.
     async fn carry_out(&self, cmd: &Command, d: &Inbound) {
         let fingerprint = Fingerprint::of(cmd);
-        // Kept across a lost claim, so `attempts` counts every request.
-        let mut tally = Tally::default();
+        // Kept across a lost claim and parked tries, so `attempts` counts
+        // every request.
+        let mut tally = Tally {
+            attempts: d.envelope.prior_attempts,
+            counted: 0,
+        };
         loop {
             let found = match self
                 .idempotency
@@ -235,7 +249,7 @@ impl Processor {
                             return self.give_back(d, interrupted).await;
                         }
                     };
-                    let record = Record::new(fingerprint, outcome);
+                    let record = Record::new(fingerprint, outcome, d.envelope.parked);
                     // GeWe answered: keep the answer before anything is
                     // published, so no redelivery calls again.
                     if record.is_definitive() {
@@ -261,9 +275,15 @@ impl Processor {
                 claim.release().await;
                 return self.give_back(d, Interrupted::SessionLost).await;
             }
+            if let Some(slot) = self.park_slot(&record, d) {
+                // Not stored: the next try calls GeWe again.
+                claim.release().await;
+                return self.park(slot, record.outcome.attempts, d).await;
+            }
             let event = ResultEvent::of_outcome(
                 cmd,
                 &record.outcome,
+                record.parked,
                 d.received_at.clone(),
                 record.completed_at(),
                 false,
@@ -291,6 +311,7 @@ impl Processor {
         let event = ResultEvent::of_outcome(
             cmd,
             &record.outcome,
+            record.parked,
             d.received_at.clone(),
             record.completed_at(),
             true,

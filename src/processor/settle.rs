@@ -10,7 +10,7 @@ use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 
 use super::{Inbound, Processor};
 use crate::{
-    event::ResultEvent,
+    event::{ErrorKind, ResultEvent},
     meters::{Requeue, meters},
     outbound::publish_event,
 };
@@ -41,7 +41,21 @@ impl Processor {
             }
             Err(e) => {
                 meters().results_publish_failures.increment(1);
-                tracing::error!(error = %e, "result event not confirmed; requeueing the command");
+                // One line per command, saying what the lost event said: a
+                // success must never go silent.
+                let status = event.status.as_str();
+                let kind = event.error_kind().map(ErrorKind::as_str);
+                let v3 = event.v3.as_deref();
+                let then = if self.is_last_delivery(d) {
+                    "the broker dead-letters the command now: its last delivery under amqp.delivery_limit"
+                } else {
+                    "the command goes back to the queue"
+                };
+                if e.is_unroutable() {
+                    tracing::warn!(status, kind, v3, %then, "result event unroutable: no queue is bound to the result exchange for it");
+                } else {
+                    tracing::error!(error = %e, status, kind, v3, %then, "result event not confirmed");
+                }
                 if e.breaks_channel() {
                     // Only a new session can publish again.
                     d.session.broken.cancel();
@@ -49,6 +63,14 @@ impl Processor {
                 false
             }
         }
+    }
+
+    /// Whether a requeue now makes the broker dead-letter the delivery:
+    /// a quorum queue delivers a message while its `x-delivery-count` (0 on
+    /// the first delivery) is at most the limit. Classic queues have none.
+    fn is_last_delivery(&self, d: &Inbound) -> bool {
+        self.delivery_limit
+            .is_some_and(|limit| d.envelope.delivery_count >= limit)
     }
 
     /// Acks a delivery whose event was confirmed.

@@ -119,6 +119,11 @@ pub async fn spawn_listener(settings: &Settings) -> TestApp {
     listener(settings.clone(), true).await
 }
 
+/// Like [`spawn_listener`], but nothing is bound to the result exchange.
+pub async fn spawn_unbound_listener(settings: &Settings) -> TestApp {
+    listener(settings.clone(), false).await
+}
+
 /// A connection and a confirm-mode channel on it.
 pub async fn confirm_channel(url: &str) -> (Connection, Channel) {
     let connection = Connection::connect(url, ConnectionProperties::default())
@@ -151,6 +156,9 @@ async fn listener(settings: Settings, bind_results: bool) -> TestApp {
     topology::declare(&channel, &settings.amqp)
         .await
         .expect("topology");
+    topology::declare_parking(&channel, &settings.amqp, &settings.retry.park)
+        .await
+        .expect("delay queues");
     topology::declare_callbacks(&channel, &settings.amqp, &settings.callbacks)
         .await
         .expect("callbacks topology");
@@ -203,6 +211,17 @@ pub fn command(id: &str, app_id: &str) -> Value {
         "memberWxid": format!("wxid_{id}"),
         "content": "hello from the group"
     })
+}
+
+/// A GeWe mock that fails the test (when dropped) if it is ever called.
+pub async fn gewe_never_called() -> wiremock::MockServer {
+    let gewe = wiremock::MockServer::start().await;
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .respond_with(wiremock::ResponseTemplate::new(200).set_body_json(gewe_ok("never")))
+        .expect(0)
+        .mount(&gewe)
+        .await;
+    gewe
 }
 
 /// A GeWe success body.
@@ -289,6 +308,36 @@ impl TestApp {
         out
     }
 
+    /// Stops the worker (keeping the topology), asserting a clean exit.
+    pub async fn stop_worker(&mut self) {
+        let worker = self.worker.take().expect("a running worker");
+        self.stop.cancel();
+        tokio::time::timeout(WAIT, worker)
+            .await
+            .expect("worker stops in time")
+            .expect("worker task")
+            .expect("worker exits cleanly");
+    }
+
+    /// Takes the next command still in the command queue (the worker must
+    /// be stopped), proving it was neither lost nor acked.
+    pub async fn command_left_in_queue(&self) -> Value {
+        let channel = self.connection.create_channel().await.expect("channel");
+        let mut queue = channel
+            .basic_consume(
+                self.settings.amqp.command_queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume the command queue");
+        let delivery =
+            next_acked(&mut queue, || "a command is still in the queue".to_owned()).await;
+        let _ = channel.close(200, "done".into()).await;
+        serde_json::from_slice(&delivery.data).expect("json")
+    }
+
     /// Stops the worker, asserts it exited cleanly, removes the topology.
     pub async fn stop(mut self) {
         self.stop.cancel();
@@ -299,6 +348,12 @@ impl TestApp {
             result.expect("worker task").expect("worker exits cleanly");
         }
         topology::remove(&self.channel, &self.settings.amqp).await;
+        topology::remove_parking(
+            &self.channel,
+            &self.settings.amqp,
+            &self.settings.retry.park,
+        )
+        .await;
         topology::remove_callbacks(&self.channel, &self.settings.callbacks).await;
         let _ = self.connection.close(200, "test done".into()).await;
     }

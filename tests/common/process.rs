@@ -57,3 +57,13 @@ pub fn free_addr() -> SocketAddr {
         .and_then(|l| l.local_addr())
         .expect("a free port")
 }
+
+/// Sends SIGTERM to `child`, as an orchestrator stops it.
+pub fn sigterm(child: &tokio::process::Child) {
+    let pid = child.id().expect("the child is running").to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill -TERM {pid}");
+}
