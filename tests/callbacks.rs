@@ -304,29 +304,8 @@ async fn a_callbacks_queue_declared_with_other_arguments_is_named_in_the_error()
     let gewe = gewe().await;
     let mut settings = callback_settings(&gewe.uri());
     settings.callbacks.listen = None;
-    let (connection, channel) = confirm_channel(&settings.amqp.url).await;
-    channel
-        .queue_declare(
-            settings.callbacks.queue.as_str().into(),
-            lapin::options::QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            lapin::types::FieldTable::default(),
-        )
-        .await
-        .expect("pre-declare a classic queue without arguments");
-    let app = gewe_friend_worker::app::Application::build(settings.clone())
-        .await
-        .expect("builds");
-    let err = tokio::time::timeout(WAIT, app.run(tokio_util::sync::CancellationToken::new()))
-        .await
-        .expect("fails fast")
-        .expect_err("a mismatch is fatal at start-up");
-    let text = format!("{err:#}");
-    assert!(text.contains(&settings.callbacks.queue), "{text}");
+    let queue = settings.callbacks.queue.clone();
+    let text = start_up_error_with_a_classic(&settings, &queue).await;
+    assert!(text.contains(&queue), "{text}");
     assert!(text.contains("argument 'x-"), "{text}");
-    gewe_friend_worker::broker::topology::remove(&channel, &settings.amqp).await;
-    gewe_friend_worker::broker::topology::remove_callbacks(&channel, &settings.callbacks).await;
-    let _ = connection.close(200, "done".into()).await;
 }

@@ -447,3 +447,30 @@ pub async fn wait_for_readyz(ops: SocketAddr, status: u16, needle: &str) {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+/// Pre-declares `queue` as a plain classic queue, runs a worker on
+/// `settings`, and returns the error it stops with at start-up (a topology
+/// mismatch is fatal then); removes what was declared.
+pub async fn start_up_error_with_a_classic(settings: &Settings, queue: &str) -> String {
+    let (connection, channel) = confirm_channel(&settings.amqp.url).await;
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("pre-declare a classic queue");
+    let app = Application::build(settings.clone()).await.expect("builds");
+    let err = tokio::time::timeout(WAIT, app.run(CancellationToken::new()))
+        .await
+        .expect("fails fast")
+        .expect_err("a mismatch is fatal at start-up");
+    topology::remove(&channel, &settings.amqp).await;
+    topology::remove_callbacks(&channel, &settings.callbacks).await;
+    let _ = connection.close(200, "done".into()).await;
+    format!("{err:#}")
+}
