@@ -61,8 +61,10 @@ pub fn test_settings(gewe_url: &str) -> Settings {
     s.pacing.per_app_concurrency = 64;
     s.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     s.shutdown.grace = Duration::from_secs(5);
-    // Outcomes the tests leave in Redis expire soon after the run.
+    // Outcomes (and remembered v3s) the tests leave in Redis expire soon
+    // after the run.
     s.dedupe.window = Duration::from_secs(600);
+    s.callbacks.match_window = Duration::from_secs(600);
     s
 }
 
