@@ -8,8 +8,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     breaker::Breaker,
+    callbacks::{self, Callbacks, Ingress, IngressLink, Store},
     config::{QueueType, Settings},
     gewe::{Backoff, GeweClient},
+    http_server,
     idempotency::{Idempotency, LEASE_OVER_TIMEOUT},
     meters::meters,
     ops,
@@ -19,7 +21,7 @@ use crate::{
     redact::Redactor,
     redis_client::RedisClient,
     resources,
-    worker::{self, Readiness},
+    worker::{self, CallbackParts, Readiness},
 };
 
 /// Key prefix of the worker's state in Redis.
@@ -35,6 +37,10 @@ pub struct Application {
     stop_calls: CancellationToken,
     ops_listener: TcpListener,
     ops_addr: SocketAddr,
+    callbacks: CallbackParts,
+    /// `callbacks.listen`, bound, with the endpoint behind it.
+    callback_endpoint: Option<(TcpListener, Arc<Ingress>)>,
+    callback_addr: Option<SocketAddr>,
 }
 
 impl Application {
@@ -73,6 +79,33 @@ impl Application {
         let breaker = Arc::new(Breaker::new(&settings.breaker));
         // Cancelled when shutdown begins: no GeWe call starts after it.
         let stop_calls = CancellationToken::new();
+        let c = &settings.callbacks;
+        let matcher = c.enabled.then(|| {
+            let store = match &redis {
+                Some(client) => Store::in_redis(client.clone(), REDIS_PREFIX, c.match_window),
+                None => Store::in_memory(c.match_window),
+            };
+            Arc::new(Callbacks::new(
+                store,
+                settings.amqp.result_exchange.clone(),
+                stop_calls.clone(),
+            ))
+        });
+        let (callback_endpoint, callback_addr) = match c.listen {
+            Some(addr) => {
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("could not bind callbacks.listen {addr}"))?;
+                let bound = listener.local_addr()?;
+                let ingress = Ingress::new(
+                    Arc::new(IngressLink::new()),
+                    c.exchange.clone(),
+                    c.secret.as_ref(),
+                );
+                (Some((listener, Arc::new(ingress))), Some(bound))
+            }
+            None => (None, None),
+        };
         let processor = Arc::new(Processor::new(Parts {
             result_exchange: settings.amqp.result_exchange.clone(),
             gewe,
@@ -86,6 +119,7 @@ impl Application {
             prefetch: settings.amqp.prefetch,
             delivery_limit: (settings.amqp.queue_type == QueueType::Quorum)
                 .then_some(settings.amqp.delivery_limit),
+            callbacks: matcher.clone(),
         }));
         let ops_listener = TcpListener::bind(settings.http.listen)
             .await
@@ -99,12 +133,23 @@ impl Application {
             stop_calls,
             ops_listener,
             ops_addr,
+            callbacks: CallbackParts {
+                matcher,
+                ingress: callback_endpoint.as_ref().map(|(_, i)| i.link()),
+            },
+            callback_endpoint,
+            callback_addr,
         })
     }
 
     /// Where `/healthz`, `/readyz` and `/metrics` are served.
     pub fn ops_addr(&self) -> SocketAddr {
         self.ops_addr
+    }
+
+    /// Where `POST /gewe/callback` is served (`callbacks.listen`).
+    pub fn callback_addr(&self) -> Option<SocketAddr> {
+        self.callback_addr
     }
 
     /// Runs until `shutdown` is cancelled and in-flight work is settled.
@@ -116,7 +161,18 @@ impl Application {
             ops::limits(resources::fd_limit()),
             ops_stop.clone(),
         ));
-        tracing::info!(ops = %self.ops_addr, gewe = %self.processor.gewe().url(), redis = self.redis.as_ref().map(|r| r.url()), "gewe-friend-worker starting");
+        tracing::info!(ops = %self.ops_addr, gewe = %self.processor.gewe().url(), redis = self.redis.as_ref().map(|r| r.url()), callbacks = self.settings.callbacks.enabled, "gewe-friend-worker starting");
+        let endpoint = self.callback_endpoint.map(|(listener, ingress)| {
+            tracing::info!(addr = ?self.callback_addr, exchange = %self.settings.callbacks.exchange, "receiving GeWe callbacks on POST {}", callbacks::ingress::CALLBACK_PATH);
+            tokio::spawn(http_server::serve(
+                listener,
+                callbacks::ingress::router(ingress),
+                callbacks::ingress::LIMITS,
+                // GeWe is answered until shutdown begins; then it sends
+                // its callbacks to another replica or again later.
+                shutdown.clone(),
+            ))
+        });
         if let Some(redis) = self.redis.clone() {
             let stop = ops_stop.clone();
             tokio::spawn(async move { redis.probe(stop).await });
@@ -129,9 +185,19 @@ impl Application {
             signal.cancelled().await;
             stop_calls.cancel();
         });
-        let result = worker::run(&self.settings, self.processor, self.readiness, shutdown).await;
+        let result = worker::run(
+            &self.settings,
+            self.processor,
+            self.callbacks,
+            self.readiness,
+            shutdown,
+        )
+        .await;
         ops_stop.cancel();
         let _ = ops.await;
+        if let Some(endpoint) = endpoint {
+            let _ = endpoint.await;
+        }
         result.map_err(Into::into)
     }
 }
@@ -152,13 +218,20 @@ fn max_idle_connections(prefetch: u16, fd_limit: Option<u64>) -> usize {
 fn warn_if_descriptors_could_run_out(settings: &Settings, fd_limit: Option<u64>) {
     let Some(limit) = fd_limit else { return };
     let ops_connections = ops::limits(fd_limit).max_connections;
-    let needed = u64::from(settings.amqp.prefetch) + ops_connections as u64 + BASE_DESCRIPTORS;
+    let callback_connections = settings
+        .callbacks
+        .listen
+        .map_or(0, |_| callbacks::ingress::LIMITS.max_connections);
+    let needed = u64::from(settings.amqp.prefetch)
+        + (ops_connections + callback_connections) as u64
+        + BASE_DESCRIPTORS;
     if needed > limit {
         tracing::warn!(
             limit,
             needed,
             prefetch = settings.amqp.prefetch,
             ops_connections,
+            callback_connections,
             "the open-file limit may be too low: raise the hard limit (ulimit -n, LimitNOFILE) or lower amqp.prefetch"
         );
     }

@@ -84,6 +84,14 @@ pub struct SimulateArgs {
     /// Answer every request with this failure.
     #[arg(long, value_enum)]
     pub fail_with: Option<Failure>,
+    /// Also play the member who accepts: after each success, POST GeWe's
+    /// ModContacts callback carrying its v3 to URL (e.g. a worker's
+    /// http://HOST:8081/gewe/callback?secret=S).
+    #[arg(long, value_name = "URL")]
+    pub callback_url: Option<url::Url>,
+    /// With --callback-url: time from a success to its callback.
+    #[arg(long, value_name = "DUR", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub accept_after: Duration,
 }
 
 fn parse_seconds(s: &str) -> Result<Duration, String> {

@@ -3,13 +3,17 @@
 //! Runs the real worker against the in-process GeWe simulator on a private,
 //! uniquely named topology (so it never touches a real deployment's queues),
 //! publishes a few commands and prints each result event as it arrives,
-//! then removes what it declared.
+//! then removes what it declared. Callbacks are on: the simulator plays the
+//! members, who accept [`ACCEPT_AFTER`] after each success by posting
+//! GeWe's callback to the worker's own callback endpoint, so every
+//! `succeeded` is followed by an `accepted`.
 
 use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context, bail};
 use lapin::{Connection, ConnectionProperties};
 use secrecy::SecretString;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -20,22 +24,20 @@ use crate::{
     simulator,
 };
 
+/// Time from a success to the simulated member's acceptance.
+const ACCEPT_AFTER: Duration = Duration::from_secs(1);
+
 /// Runs the demo; `Ok` only if every expected result arrived.
 pub async fn run(mut settings: Settings, timeout: Duration) -> anyhow::Result<()> {
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
     let token = format!("demo-token-{run_id}");
+    let callback_secret = format!("demo-secret-{run_id}");
     let stop = CancellationToken::new();
-    let (gewe_addr, _sim) = simulator::spawn(
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-        simulator::Options {
-            token: Some(token.clone()),
-            latency: Duration::from_millis(50),
-            ..simulator::Options::default()
-        },
-        stop.clone(),
-    )
-    .await
-    .context("could not start the GeWe simulator")?;
+    let local = SocketAddr::from(([127, 0, 0, 1], 0));
+    let gewe_listener = TcpListener::bind(local)
+        .await
+        .context("could not start the GeWe simulator")?;
+    let gewe_addr = gewe_listener.local_addr()?;
 
     let a = &mut settings.amqp;
     a.command_queue = format!("gewe.demo.{run_id}.commands");
@@ -43,11 +45,17 @@ pub async fn run(mut settings: Settings, timeout: Duration) -> anyhow::Result<()
     a.dead_letter_exchange = format!("gewe.demo.{run_id}.dlx");
     a.dead_letter_queue = format!("gewe.demo.{run_id}.dead");
     a.declare = true;
+    let c = &mut settings.callbacks;
+    c.enabled = true;
+    c.exchange = format!("gewe.demo.{run_id}.callbacks");
+    c.queue = format!("gewe.demo.{run_id}.callbacks.modcontacts");
+    c.listen = Some(local);
+    c.secret = Some(SecretString::from(callback_secret.clone()));
     settings.gewe.base_url = format!("http://{gewe_addr}");
-    settings.gewe.token = Some(SecretString::from(token));
+    settings.gewe.token = Some(SecretString::from(token.clone()));
     settings.pacing.per_app_min_interval = Duration::from_millis(200);
     settings.retry.initial_delay = Duration::from_millis(100);
-    settings.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    settings.http.listen = local;
 
     println!(
         "gewe-friend-worker demo: worker + GeWe simulator at http://{gewe_addr} (no real WeChat account is touched)"
@@ -69,9 +77,35 @@ pub async fn run(mut settings: Settings, timeout: Duration) -> anyhow::Result<()
         })?;
     let setup_channel = setup.create_channel().await?;
     topology::declare(&setup_channel, &settings.amqp).await?;
+    topology::declare_callbacks(&setup_channel, &settings.amqp, &settings.callbacks).await?;
     let mut client = CommandClient::connect(&settings.amqp, Listen::ResultExchange).await?;
 
     let app = Application::build(settings.clone()).await?;
+    let callback_addr = app
+        .callback_addr()
+        .context("the demo worker has no callback endpoint")?;
+    let callback_url = url::Url::parse(&format!(
+        "http://{callback_addr}{}?secret={callback_secret}",
+        crate::callbacks::ingress::CALLBACK_PATH
+    ))?;
+    let _sim = simulator::serve(
+        gewe_listener,
+        simulator::Options {
+            token: Some(token),
+            latency: Duration::from_millis(50),
+            accept: Some(simulator::AcceptPlan {
+                url: callback_url.clone(),
+                accept_after: ACCEPT_AFTER,
+            }),
+            ..simulator::Options::default()
+        },
+        stop.clone(),
+    );
+    println!(
+        "callbacks: the simulated members accept {} after each success and GeWe's callback goes to {}",
+        humantime::format_duration(ACCEPT_AFTER),
+        simulator::without_query(&callback_url)
+    );
     let worker = tokio::spawn(app.run(stop.clone()));
 
     let commands = demo_commands(&run_id);
@@ -92,21 +126,31 @@ pub async fn run(mut settings: Settings, timeout: Duration) -> anyhow::Result<()
 
     let expected = commands.len() + 1;
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut received = 0;
+    let (mut received, mut succeeded, mut accepted) = (0, 0, 0);
+    // Every success is followed by its member's acceptance.
     let outcome = loop {
-        if received == expected {
+        if received == expected && accepted == succeeded {
             break Ok(());
         }
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         match client.next_result(left).await {
             Ok(event) => {
-                received += 1;
                 let status = event["status"].as_str().unwrap_or("?");
-                let kind = event["error"]["kind"]
-                    .as_str()
-                    .map(|k| format!(" ({k})"))
-                    .unwrap_or_default();
-                println!("← result {received}/{expected}: {status}{kind}");
+                if status == "accepted" {
+                    accepted += 1;
+                    let friend = event["friendWxid"].as_str().unwrap_or("?");
+                    println!(
+                        "← accepted {accepted}/{succeeded}: {friend} accepted the friend request"
+                    );
+                } else {
+                    received += 1;
+                    succeeded += usize::from(status == "succeeded");
+                    let kind = event["error"]["kind"]
+                        .as_str()
+                        .map(|k| format!(" ({k})"))
+                        .unwrap_or_default();
+                    println!("← result {received}/{expected}: {status}{kind}");
+                }
                 println!("{}\n", serde_json::to_string_pretty(&event)?);
             }
             Err(e) => break Err(e),
@@ -121,6 +165,7 @@ pub async fn run(mut settings: Settings, timeout: Duration) -> anyhow::Result<()
     }
     client.close().await;
     let dead = topology::remove(&setup_channel, &settings.amqp).await;
+    topology::remove_callbacks(&setup_channel, &settings.callbacks).await;
     let _ = setup.close(200, "demo done".into()).await;
 
     outcome?;
@@ -131,7 +176,9 @@ pub async fn run(mut settings: Settings, timeout: Duration) -> anyhow::Result<()
     if received != expected {
         bail!("only {received} of {expected} results arrived");
     }
-    println!("demo finished: {expected} commands, {expected} result events");
+    println!(
+        "demo finished: {expected} commands, {expected} result events, {accepted} friend requests accepted"
+    );
     Ok(())
 }
 

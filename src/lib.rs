@@ -8,6 +8,7 @@
 pub mod app;
 pub mod breaker;
 pub mod broker;
+pub mod callbacks;
 pub mod cli;
 pub mod client;
 pub mod command;

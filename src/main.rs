@@ -82,6 +82,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     latency: args.latency,
                     fail_rate: args.fail_rate,
                     fail_with: args.fail_with,
+                    accept: args.callback_url.map(|url| simulator::AcceptPlan {
+                        url,
+                        accept_after: args.accept_after,
+                    }),
                 },
                 stop,
             )

@@ -58,6 +58,52 @@ impl Requeue {
     }
 }
 
+/// What became of one GeWe callback taken from the callbacks queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallbackOutcome {
+    /// It matched a succeeded command: its `add_friend.accepted` event was
+    /// confirmed.
+    Matched,
+    /// It matched nothing (another type, a chatroom, a profile change,
+    /// another account, an unknown or expired `v3`); acknowledged.
+    Unmatched,
+    /// It matched a command whose accepted event was already published.
+    Repeated,
+    /// Not a JSON object: dead-lettered.
+    Invalid,
+}
+
+impl CallbackOutcome {
+    const ALL: [CallbackOutcome; 4] = [
+        CallbackOutcome::Matched,
+        CallbackOutcome::Unmatched,
+        CallbackOutcome::Repeated,
+        CallbackOutcome::Invalid,
+    ];
+
+    /// Label value of `callbacks_total{outcome}`.
+    pub fn label(self) -> &'static str {
+        match self {
+            CallbackOutcome::Matched => "matched",
+            CallbackOutcome::Unmatched => "unmatched",
+            CallbackOutcome::Repeated => "repeated",
+            CallbackOutcome::Invalid => "invalid",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            CallbackOutcome::Matched => 0,
+            CallbackOutcome::Unmatched => 1,
+            CallbackOutcome::Repeated => 2,
+            CallbackOutcome::Invalid => 3,
+        }
+    }
+}
+
+/// Statuses `POST /gewe/callback` answers with.
+pub const CALLBACK_HTTP_STATUSES: [u16; 6] = [200, 400, 401, 408, 413, 503];
+
 /// Registered metric handles.
 pub struct Meters {
     /// `commands_received_total`.
@@ -84,6 +130,15 @@ pub struct Meters {
     pub breaker_state: Gauge,
     /// `commands_parked_total`: commands put in a delay queue (`retry.park`).
     pub commands_parked: Counter,
+    /// `callbacks_accept_delay_seconds`: from a command's `completedAt` to
+    /// its `acceptedAt`.
+    pub accept_delay: Histogram,
+    /// `results_published_total{status="accepted",kind="none"}`.
+    pub results_accepted: Counter,
+    /// `callbacks_total{outcome}`.
+    callbacks: [Counter; CallbackOutcome::ALL.len()],
+    /// `callback_requests_total{status}`, by [`CALLBACK_HTTP_STATUSES`].
+    callback_requests: [Counter; CALLBACK_HTTP_STATUSES.len()],
     /// `results_published_total{status="succeeded",kind="none"}`.
     results_succeeded: Counter,
     /// `results_published_total{status="failed",kind}` by [`ErrorKind`].
@@ -121,6 +176,20 @@ impl Meters {
         &self.requeued[reason.index()]
     }
 
+    /// `callbacks_total{outcome}`.
+    pub fn callback(&self, outcome: CallbackOutcome) -> &Counter {
+        &self.callbacks[outcome.index()]
+    }
+
+    /// `callback_requests_total{status}`; `None` for a status the endpoint
+    /// never answers with.
+    pub fn callback_request(&self, status: u16) -> Option<&Counter> {
+        CALLBACK_HTTP_STATUSES
+            .iter()
+            .position(|s| *s == status)
+            .map(|i| &self.callback_requests[i])
+    }
+
     fn register() -> Self {
         describe();
         let requests =
@@ -146,6 +215,12 @@ impl Meters {
             gewe_failed: ErrorKind::ALL.map(|k| requests(k.as_str())),
             gewe_local_errors: requests("local_error"),
             requeued: Requeue::ALL.map(|r| metrics::counter!("commands_requeued_total", "reason" => r.label())),
+            accept_delay: metrics::histogram!("callbacks_accept_delay_seconds"),
+            results_accepted: metrics::counter!("results_published_total", "status" => "accepted", "kind" => "none"),
+            callbacks: CallbackOutcome::ALL
+                .map(|o| metrics::counter!("callbacks_total", "outcome" => o.label())),
+            callback_requests: CALLBACK_HTTP_STATUSES
+                .map(|s| metrics::counter!("callback_requests_total", "status" => s.to_string())),
         };
         // Touch every series so it is rendered before its first event.
         meters.commands_in_flight.set(0.0);
@@ -209,7 +284,38 @@ fn describe() {
         "breaker_state",
         "Circuit breaker: 0 closed, 1 half-open, 2 open."
     );
+    describe_counter!(
+        "callbacks_total",
+        "GeWe callbacks taken from the callbacks queue, by outcome."
+    );
+    describe_histogram!(
+        "callbacks_accept_delay_seconds",
+        Unit::Seconds,
+        "Time from a command's completedAt to its acceptedAt."
+    );
+    describe_counter!(
+        "callback_requests_total",
+        "POST /gewe/callback requests, by the HTTP status answered."
+    );
 }
+
+/// Buckets of `callbacks_accept_delay_seconds`: members accept after
+/// seconds (the simulator) to weeks, not within the `_seconds` default's 30 s.
+const ACCEPT_DELAY_BUCKETS: [f64; 13] = [
+    1.0,
+    10.0,
+    60.0,
+    300.0,
+    900.0,
+    3600.0,
+    3.0 * 3600.0,
+    6.0 * 3600.0,
+    12.0 * 3600.0,
+    86400.0,
+    3.0 * 86400.0,
+    7.0 * 86400.0,
+    30.0 * 86400.0,
+];
 
 static RECORDER: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 static METERS: OnceLock<Meters> = OnceLock::new();
@@ -224,6 +330,12 @@ pub fn recorder() -> Option<PrometheusHandle> {
                     &[
                         0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                     ],
+                )
+                .ok()?
+                // A full name wins over a suffix.
+                .set_buckets_for_metric(
+                    Matcher::Full("callbacks_accept_delay_seconds".to_owned()),
+                    &ACCEPT_DELAY_BUCKETS,
                 )
                 .ok()?;
             match builder.install_recorder() {

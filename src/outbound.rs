@@ -89,8 +89,23 @@ pub async fn publish_event(
 pub fn event_properties(envelope: &Envelope, event: &ResultEvent) -> BasicProperties {
     let correlation = envelope
         .correlation_id
-        .clone()
-        .unwrap_or_else(|| event.command_id.clone());
+        .as_deref()
+        .unwrap_or(&event.command_id);
+    properties(
+        correlation,
+        event.routing_key(),
+        envelope.traceparent.as_deref(),
+    )
+}
+
+/// Contract §4 properties of any event on the result exchange:
+/// `correlation_id`, a fresh `message_id`, `type` = `routing_key`,
+/// persistent JSON with a `timestamp`, and the trace context when given.
+pub fn properties(
+    correlation_id: &str,
+    routing_key: &str,
+    traceparent: Option<&str>,
+) -> BasicProperties {
     let timestamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -99,17 +114,14 @@ pub fn event_properties(envelope: &Envelope, event: &ResultEvent) -> BasicProper
         .with_content_type("application/json".into())
         .with_delivery_mode(2)
         .with_message_id(uuid::Uuid::new_v4().to_string().into())
-        .with_type(event.routing_key().into())
+        .with_type(routing_key.into())
         .with_timestamp(timestamp);
-    if let Ok(c) = ShortString::try_new(correlation) {
+    if let Ok(c) = ShortString::try_new(correlation_id) {
         props = props.with_correlation_id(c);
     }
-    if let Some(tp) = &envelope.traceparent {
+    if let Some(tp) = traceparent {
         let mut headers = FieldTable::default();
-        headers.insert(
-            "traceparent".into(),
-            AMQPValue::LongString(tp.as_str().into()),
-        );
+        headers.insert("traceparent".into(), AMQPValue::LongString(tp.into()));
         props = props.with_headers(headers);
     }
     props

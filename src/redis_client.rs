@@ -7,11 +7,11 @@
 //! idempotency nor pacing could be guaranteed.
 
 use std::{
-    sync::{Mutex, PoisonError},
+    sync::{LazyLock, Mutex, PoisonError},
     time::Duration,
 };
 
-use redis::{FromRedisValue, ScriptInvocation, aio::ConnectionManager};
+use redis::{FromRedisValue, Script, ScriptInvocation, aio::ConnectionManager};
 use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 
@@ -19,6 +19,22 @@ use crate::{config::redact_url_password, meters::meters};
 
 /// How often the health probe pings Redis.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// KEYS: a claim. ARGV: its owner. Deletes the claim only if it is still
+/// that owner's (a claim that expired may be someone else's by now).
+pub static RELEASE_IF_OWNED: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#,
+    )
+});
+
+/// A TTL or lease in Redis' milliseconds; never 0, which Redis refuses.
+pub fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
 
 /// Redis could not be used.
 #[derive(Debug, thiserror::Error)]

@@ -6,6 +6,11 @@
 //! `appId` containing `offline` is offline, one containing `nodevice` is
 //! unknown; `--fail-with` forces one failure for every request and
 //! `--fail-rate` answers that share of requests with HTTP 503.
+//!
+//! With an [`AcceptPlan`] (`--callback-url`, `--accept-after`) it also plays
+//! the member: some time after each success it posts GeWe's `ModContacts`
+//! callback carrying that success's `v3`, as GeWe does when the member
+//! accepts the friend request.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -43,6 +48,35 @@ pub enum Failure {
     RateLimited,
 }
 
+/// Where and when the simulated members accept.
+#[derive(Clone)]
+pub struct AcceptPlan {
+    /// The callback URL (it may carry a secret in its query).
+    pub url: url::Url,
+    /// Time from a success to its callback.
+    pub accept_after: Duration,
+}
+
+impl std::fmt::Debug for AcceptPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AcceptPlan")
+            .field("url", &without_query(&self.url))
+            .field("accept_after", &self.accept_after)
+            .finish()
+    }
+}
+
+/// `url` without its query, which may carry the callback secret.
+pub fn without_query(url: &url::Url) -> String {
+    let mut shown = url.clone();
+    shown.set_query(None);
+    shown.to_string()
+}
+
+/// Posts attempted per callback, and the pause between them.
+const CALLBACK_TRIES: u32 = 5;
+const CALLBACK_RETRY_PAUSE: Duration = Duration::from_secs(1);
+
 /// Simulator behaviour.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -54,6 +88,8 @@ pub struct Options {
     pub fail_rate: f64,
     /// Forced failure for every request.
     pub fail_with: Option<Failure>,
+    /// Members accept, and GeWe's callback is posted.
+    pub accept: Option<AcceptPlan>,
 }
 
 impl Default for Options {
@@ -63,15 +99,32 @@ impl Default for Options {
             latency: Duration::ZERO,
             fail_rate: 0.0,
             fail_with: None,
+            accept: None,
         }
     }
 }
 
-/// The simulator's HTTP app.
-pub fn router(options: Options) -> Router {
+struct Sim {
+    options: Options,
+    /// Posts callbacks.
+    client: reqwest::Client,
+    /// Ends pending callbacks too.
+    shutdown: CancellationToken,
+}
+
+/// The simulator's HTTP app; pending callbacks stop on `shutdown`.
+pub fn router(options: Options, shutdown: CancellationToken) -> Router {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap_or_default();
     Router::new()
         .route(ADD_MEMBER_PATH, post(add_member))
-        .with_state(Arc::new(options))
+        .with_state(Arc::new(Sim {
+            options,
+            client,
+            shutdown,
+        }))
 }
 
 /// Binds `addr` and serves until `shutdown`; returns the bound address and
@@ -83,20 +136,94 @@ pub async fn spawn(
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    let app = router(options);
-    let task = tokio::spawn(async move {
+    Ok((local, serve(listener, options, shutdown)))
+}
+
+/// Serves on a bound `listener` until `shutdown` (the demo binds first, to
+/// tell the worker where GeWe is before the worker tells GeWe where to
+/// post callbacks).
+pub fn serve(
+    listener: TcpListener,
+    options: Options,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    let app = router(options, shutdown.clone());
+    tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
             .await
+    })
+}
+
+/// GeWe's `ModContacts` callback for a member who accepted the request
+/// that got `v3` (contract §6).
+pub fn mod_contacts(app_id: &str, member_wxid: &str, v3: &str) -> Value {
+    json!({
+        "TypeName": "ModContacts",
+        "Appid": app_id,
+        "Wxid": format!("wxid_sim_{app_id}"),
+        "Data": {
+            "UserName": {"string": member_wxid},
+            "NickName": {"string": member_wxid.trim_start_matches("wxid_")},
+            "EncryptUserName": v3,
+            "Sex": 0,
+            "ContactType": 0,
+            "Alias": ""
+        }
+    })
+}
+
+/// After the plan's delay, posts the member's acceptance; retried a few
+/// times when the URL does not answer 2xx.
+fn accept_later(sim: Arc<Sim>, callback: Value) {
+    let Some(plan) = sim.options.accept.clone() else {
+        return;
+    };
+    tokio::spawn(async move {
+        let wait = |d| {
+            let stop = sim.shutdown.clone();
+            async move {
+                tokio::select! {
+                    () = stop.cancelled() => false,
+                    () = tokio::time::sleep(d) => true,
+                }
+            }
+        };
+        if !wait(plan.accept_after).await {
+            return;
+        }
+        let shown = without_query(&plan.url);
+        for attempt in 1..=CALLBACK_TRIES {
+            match sim
+                .client
+                .post(plan.url.clone())
+                .json(&callback)
+                .send()
+                .await
+            {
+                Ok(r) if r.status().is_success() => return,
+                Ok(r) => {
+                    tracing::warn!(url = %shown, status = r.status().as_u16(), attempt, "callback refused")
+                }
+                // The error's own text would name the URL, secret and all.
+                Err(e) => {
+                    tracing::warn!(url = %shown, error = %e.without_url(), attempt, "callback not delivered")
+                }
+            }
+            if !wait(CALLBACK_RETRY_PAUSE).await {
+                return;
+            }
+        }
+        tracing::warn!(url = %shown, "gave up posting a callback");
     });
-    Ok((local, task))
 }
 
 async fn add_member(
-    State(options): State<Arc<Options>>,
+    State(sim): State<Arc<Sim>>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
+    let options = &sim.options;
     if !options.latency.is_zero() {
         tokio::time::sleep(options.latency).await;
     }
@@ -137,6 +264,7 @@ async fn add_member(
     match failure {
         None => {
             let v3 = format!("v3_{}@stranger", uuid::Uuid::new_v4().simple());
+            accept_later(sim.clone(), mod_contacts(app_id, member, &v3));
             gewe(json!({"ret": 200, "msg": "操作成功", "data": {"v3": v3}}))
         }
         Some(Failure::Token) => {

@@ -2,8 +2,9 @@
 //!
 //! [`run`] keeps one [`Session`] alive at a time: it opens it, hands every
 //! delivery to a task of the [`Processor`] (the broker's prefetch bounds how
-//! many run at once), and when the session dies opens a new one after a
-//! capped backoff. Shutdown is a [`CancellationToken`] passed in: on cancel
+//! many run at once), every callback (with `callbacks.enabled`) to a task of
+//! [`Callbacks`], lends the session to the callback endpoint, and when the
+//! session dies opens a new one after a capped backoff. Shutdown is a [`CancellationToken`] passed in: on cancel
 //! the consumer is cancelled, in-flight commands get `shutdown.grace` to
 //! finish, and closing the connection hands whatever is left back to the
 //! queue.
@@ -21,7 +22,11 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     breaker::{self, Breaker},
-    broker::{Session, SessionError},
+    broker::{
+        Session, SessionError,
+        session::{CALLBACK_PREFETCH, Next},
+    },
+    callbacks::{Callbacks, IngressLink},
     config::Settings,
     meters::meters,
     processor::{Processor, SessionHandle},
@@ -90,6 +95,15 @@ pub enum WorkerError {
     Startup(SessionError),
 }
 
+/// The callbacks side of every session.
+#[derive(Clone, Default)]
+pub struct CallbackParts {
+    /// Handles callbacks from `callbacks.queue` (`callbacks.enabled`).
+    pub matcher: Option<Arc<Callbacks>>,
+    /// The callback endpoint's view of the session (`callbacks.listen`).
+    pub ingress: Option<Arc<IngressLink>>,
+}
+
 enum SessionEnd {
     Shutdown,
     Lost(String),
@@ -99,6 +113,7 @@ enum SessionEnd {
 pub async fn run(
     settings: &Settings,
     processor: Arc<Processor>,
+    callbacks: CallbackParts,
     readiness: Arc<Readiness>,
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
@@ -121,11 +136,17 @@ pub async fn run(
                 }
                 started = true;
                 tracing::info!(queue = %settings.amqp.command_queue, prefetch = settings.amqp.prefetch, "consuming commands");
+                if settings.callbacks.enabled {
+                    tracing::info!(queue = %settings.callbacks.queue, prefetch = CALLBACK_PREFETCH, "consuming callbacks");
+                }
                 readiness.set_consuming(true);
                 let opened_at = tokio::time::Instant::now();
                 let end = consume(
                     session,
-                    &processor,
+                    Handlers {
+                        commands: &processor,
+                        callbacks: &callbacks,
+                    },
                     &tasks,
                     &readiness,
                     settings.shutdown.grace,
@@ -168,9 +189,18 @@ pub async fn run(
     Ok(())
 }
 
+/// Where a session's deliveries go.
+struct Handlers<'a> {
+    commands: &'a Arc<Processor>,
+    callbacks: &'a CallbackParts,
+}
+
 async fn consume(
     mut session: Session,
-    processor: &Arc<Processor>,
+    Handlers {
+        commands,
+        callbacks,
+    }: Handlers<'_>,
     all_tasks: &TaskTracker,
     readiness: &Readiness,
     grace: Duration,
@@ -183,21 +213,36 @@ async fn consume(
         broken: CancellationToken::new(),
         lost: CancellationToken::new(),
     };
+    if let Some(link) = &callbacks.ingress {
+        link.attach(session.connection()).await;
+    }
     let end = loop {
         tokio::select! {
             () = shutdown.cancelled() => break SessionEnd::Shutdown,
             () = handle.broken.cancelled() => break SessionEnd::Lost("the publishing channel failed".to_owned()),
-            next = session.next_delivery() => match next {
-                Some(Ok(delivery)) => {
-                    let work = processor.clone().handle(delivery, handle.clone());
+            next = session.next() => match next {
+                Next::Command(Ok(delivery)) => {
+                    let work = commands.clone().handle(delivery, handle.clone());
                     // Boxed so spawning moves a pointer, not the whole state machine.
                     all_tasks.spawn(tasks.track_future(Box::pin(work)));
                 }
-                Some(Err(e)) => break SessionEnd::Lost(e.to_string()),
-                None => break SessionEnd::Lost("the broker cancelled the consumer".to_owned()),
+                Next::Callback(Ok(delivery)) => match &callbacks.matcher {
+                    Some(matcher) => {
+                        let work = matcher.clone().handle(delivery, handle.clone());
+                        all_tasks.spawn(tasks.track_future(Box::pin(work)));
+                    }
+                    // Not consumed without a matcher; left unacked, the
+                    // broker takes it back with the session.
+                    None => tracing::error!("a callback arrived but callbacks are not enabled"),
+                },
+                Next::Command(Err(e)) | Next::Callback(Err(e)) => break SessionEnd::Lost(e.to_string()),
+                Next::Cancelled(why) => break SessionEnd::Lost(why.to_owned()),
             },
         }
     };
+    if let Some(link) = &callbacks.ingress {
+        link.detach().await;
+    }
     tasks.close();
     readiness.set_consuming(false);
     match &end {

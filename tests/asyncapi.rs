@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::*;
+use common::{callbacks, *};
 use gewe_friend_worker::gewe::ADD_MEMBER_PATH;
 use lapin::BasicProperties;
 use serde_json::{Value, json};
@@ -120,5 +120,44 @@ async fn published_events_and_commands_match_the_asyncapi_schemas() {
         !commands.is_valid(&json!({"appId": "a"})),
         "a command without its fields is rejected"
     );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn accepted_events_and_gewe_callbacks_match_the_asyncapi_schemas() {
+    let accepted = schema("AcceptedEvent");
+    let results = schema("ResultEvent");
+    let callbacks = schema("ModContactsCallback");
+    let gewe = callbacks::gewe().await;
+    let mut app = spawn_app(callbacks::callback_settings(&gewe.uri())).await;
+    let id = format!("schema-accepted-{}", uuid::Uuid::new_v4().simple());
+    app.publish(&command(&id, "wx_schema")).await;
+    let succeeded = app.next_event().await;
+    assert_valid(&results, &succeeded.body);
+
+    // The body the simulator posts, as GeWe would.
+    let callback = callbacks::accepted_callback("wx_schema", &id);
+    assert_valid(&callbacks, &callback);
+    let addr = app.callback_addr.expect("endpoint");
+    let status = callbacks::post(addr, &callbacks::with_secret(), callback.to_string()).await;
+    assert_eq!(status, 200);
+    let event = app.next_event().await;
+    assert_eq!(event.routing_key, "add_friend.accepted");
+    assert_valid(&accepted, &event.body);
+
+    // Strict enough to notice drift, and kept apart from the other events.
+    assert!(
+        !results.is_valid(&event.body),
+        "an accepted event is not a ResultEvent"
+    );
+    let mut drifted = event.body.clone();
+    drifted
+        .as_object_mut()
+        .expect("object")
+        .remove("acceptedAt");
+    assert!(!accepted.is_valid(&drifted), "acceptedAt is required");
+    let mut other = callback.clone();
+    other["TypeName"] = json!("AddMsg");
+    assert!(!callbacks.is_valid(&other), "another TypeName is rejected");
     app.stop().await;
 }

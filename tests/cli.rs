@@ -38,7 +38,9 @@ async fn check_config_prints_the_effective_config_without_secrets() {
             "GEWE_WORKER__AMQP__URL",
             "amqp://user:hunter2@broker:5672/%2f",
         )
-        .env("GEWE_WORKER__AMQP__PREFETCH", "32");
+        .env("GEWE_WORKER__AMQP__PREFETCH", "32")
+        .env("GEWE_WORKER__CALLBACKS__SECRET", "cb-hunter3")
+        .env("GEWE_WORKER__CALLBACKS__LISTEN", "0.0.0.0:8081");
     let out = output(cmd, WAIT).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
@@ -50,7 +52,13 @@ async fn check_config_prints_the_effective_config_without_secrets() {
     );
     assert_eq!(printed["gewe"]["token"], "***");
     assert_eq!(printed["amqp"]["url"], "amqp://user:***@broker:5672/%2f");
-    assert!(!stdout.contains("very-secret-token") && !stdout.contains("hunter2"));
+    assert_eq!(printed["callbacks"]["secret"], "***");
+    assert_eq!(printed["callbacks"]["listen"], "0.0.0.0:8081");
+    assert!(
+        !stdout.contains("very-secret-token")
+            && !stdout.contains("hunter2")
+            && !stdout.contains("cb-hunter3")
+    );
 }
 
 #[tokio::test]
@@ -138,7 +146,7 @@ async fn demo_runs_end_to_end_and_exits_zero() {
         text(&out.stderr)
     );
     assert!(
-        stdout.contains("demo finished: 6 commands, 6 result events"),
+        stdout.contains("demo finished: 6 commands, 6 result events, 3 friend requests accepted"),
         "{stdout}"
     );
     for needle in [
@@ -146,9 +154,84 @@ async fn demo_runs_end_to_end_and_exits_zero() {
         "\"kind\": \"rejected\"",
         "\"kind\": \"app_offline\"",
         "\"kind\": \"invalid_command\"",
+        "\"status\": \"accepted\"",
     ] {
         assert!(stdout.contains(needle), "demo output shows {needle}");
     }
+    // Each member's acceptance comes after the request's success.
+    for member in ["alice", "bob", "carol"] {
+        let line = |what: &str| {
+            stdout
+                .find(&format!("\"{what}\": \"wxid_demo_{member}\""))
+                .unwrap_or_else(|| panic!("no {what} {member}: {stdout}"))
+        };
+        assert!(line("memberWxid") < line("friendWxid"), "{stdout}");
+    }
+}
+
+#[tokio::test]
+async fn simulate_gewe_plays_the_member_who_accepts() {
+    let receiver = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/gewe/callback"))
+        .and(wiremock::matchers::query_param("secret", "s3"))
+        .respond_with(ResponseTemplate::new(200))
+        .expect(1)
+        .mount(&receiver)
+        .await;
+    let listen = free_addr();
+    let mut sim = program();
+    sim.args([
+        "simulate-gewe",
+        "--listen",
+        &listen.to_string(),
+        "--callback-url",
+        &format!("{}/gewe/callback?secret=s3", receiver.uri()),
+        "--accept-after",
+        "300ms",
+    ]);
+    let _sim = sim.spawn().expect("the simulator starts");
+    let client = reqwest::Client::new();
+    let request = json!({"appId": "wx_sim", "chatroomId": "1@chatroom",
+                         "memberWxid": "wxid_member", "content": "hi"});
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let (answer, asked_at): (Value, _) = loop {
+        let asked_at = tokio::time::Instant::now();
+        let sent = client
+            .post(format!("http://{listen}{ADD_MEMBER_PATH}"))
+            .header("X-GEWE-TOKEN", "any")
+            .json(&request)
+            .send()
+            .await;
+        if let Ok(response) = sent {
+            break (response.json().await.expect("GeWe's JSON"), asked_at);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the simulator listens"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let v3 = answer["data"]["v3"].as_str().expect("a v3").to_owned();
+    let callback = loop {
+        let requests = receiver.received_requests().await.unwrap_or_default();
+        if let Some(r) = requests.first() {
+            break serde_json::from_slice::<Value>(&r.body).expect("JSON");
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the callback arrives"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        asked_at.elapsed() >= Duration::from_millis(300),
+        "not before --accept-after"
+    );
+    assert_eq!(callback["TypeName"], "ModContacts");
+    assert_eq!(callback["Appid"], "wx_sim");
+    assert_eq!(callback["Data"]["EncryptUserName"], v3.as_str());
+    assert_eq!(callback["Data"]["UserName"]["string"], "wxid_member");
 }
 
 #[tokio::test]
@@ -389,6 +472,16 @@ async fn every_documented_metric_is_there_at_zero_before_the_first_command() {
         r#"commands_requeued_total{reason="publish_failed"}"#,
         r#"commands_requeued_total{reason="shutdown"}"#,
         r#"commands_requeued_total{reason="session_lost"}"#,
+        r#"results_published_total{status="accepted",kind="none"}"#,
+        r#"callbacks_total{outcome="matched"}"#,
+        r#"callbacks_total{outcome="unmatched"}"#,
+        r#"callbacks_total{outcome="repeated"}"#,
+        r#"callbacks_total{outcome="invalid"}"#,
+        "callbacks_accept_delay_seconds_count",
+        r#"callback_requests_total{status="200"}"#,
+        r#"callback_requests_total{status="401"}"#,
+        r#"callback_requests_total{status="413"}"#,
+        r#"callback_requests_total{status="503"}"#,
     ] {
         assert!(has(name), "/metrics lacks {name} at start-up:\n{text}");
     }

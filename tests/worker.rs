@@ -585,33 +585,10 @@ async fn an_unroutable_result_is_never_a_silent_success() {
 async fn a_queue_declared_with_other_arguments_is_named_in_the_error() {
     let gewe = MockServer::start().await;
     let settings = test_settings(&gewe.uri());
-    let conn =
-        lapin::Connection::connect(&settings.amqp.url, lapin::ConnectionProperties::default())
-            .await
-            .expect("connect");
-    let ch = conn.create_channel().await.expect("channel");
-    ch.queue_declare(
-        settings.amqp.command_queue.as_str().into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .expect("pre-declare a classic queue");
-    let app = gewe_friend_worker::app::Application::build(settings.clone())
-        .await
-        .expect("builds");
-    let err = tokio::time::timeout(WAIT, app.run(tokio_util::sync::CancellationToken::new()))
-        .await
-        .expect("fails fast")
-        .expect_err("mismatch is fatal at start-up");
-    let text = format!("{err:#}");
-    assert!(text.contains(&settings.amqp.command_queue), "{text}");
+    let queue = settings.amqp.command_queue.clone();
+    let text = start_up_error_with_a_classic(&settings, &queue).await;
+    assert!(text.contains(&queue), "{text}");
     assert!(text.contains("argument 'x-"), "{text}");
-    gewe_friend_worker::broker::topology::remove(&ch, &settings.amqp).await;
-    let _ = conn.close(200, "done".into()).await;
 }
 
 #[tokio::test]

@@ -78,6 +78,11 @@ impl Publisher {
         Ok(Self { channel })
     }
 
+    /// Whether the channel can still publish.
+    pub fn is_open(&self) -> bool {
+        self.channel.status().connected()
+    }
+
     /// Publishes `body` and waits for the broker's confirm.
     pub async fn publish(
         &self,

@@ -1,11 +1,14 @@
 //! One broker session: a connection, a consuming channel with its prefetch,
-//! and a confirm-mode publishing channel.
+//! a confirm-mode publishing channel and, with `callbacks.enabled`, a second
+//! consuming channel for GeWe's callbacks with its own prefetch.
 //!
 //! A session is never repaired in place: when anything in it breaks, the
 //! worker drops it and opens a new one, which re-declares the topology and
 //! re-applies `basic_qos` (lapin's own recovery would not restore prefetch).
 //! Deliveries of the dead channel are never acked on the new one; the broker
 //! redelivers them.
+
+use std::sync::Arc;
 
 use futures_util::StreamExt;
 use lapin::{
@@ -16,7 +19,29 @@ use lapin::{
 };
 
 use super::{Publisher, TopologyError, topology};
-use crate::config::{Settings, redact_url_password};
+use crate::config::{CallbacksSettings, Settings, redact_url_password};
+
+/// Unacknowledged callbacks held at once. Handling one is a few Redis round
+/// trips and at most one confirmed publish, so a small window keeps both
+/// busy without holding many callbacks unacked; it is independent of
+/// `amqp.prefetch`, so a backlog of commands never starves callbacks.
+pub const CALLBACK_PREFETCH: u16 = 32;
+
+/// What [`Session::next`] took from the broker.
+pub enum Next {
+    /// A command (or the consumer's error).
+    Command(Result<Delivery, lapin::Error>),
+    /// A GeWe callback (or the consumer's error).
+    Callback(Result<Delivery, lapin::Error>),
+    /// The broker cancelled a consumer (its queue was deleted, say).
+    Cancelled(&'static str),
+}
+
+/// The callbacks consumer and its channel.
+struct Callbacks {
+    channel: Channel,
+    consumer: Consumer,
+}
 
 /// Why a session could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -57,19 +82,22 @@ impl SessionError {
 
 /// A live session.
 pub struct Session {
-    /// Closing it requeues every unacked delivery.
-    connection: Connection,
+    /// Closing it requeues every unacked delivery. Shared with the callback
+    /// endpoint, which opens its own publishing channel on it.
+    connection: Arc<Connection>,
     consume_channel: Channel,
     consumer: Consumer,
     publisher: Publisher,
+    callbacks: Option<Callbacks>,
 }
 
 impl Session {
     /// Connects, declares (when `amqp.declare`; the delay queues of
-    /// `retry.park` too), applies prefetch and starts consuming
-    /// `amqp.command_queue` with manual acks.
+    /// `retry.park` and the callbacks' objects too), applies prefetch and
+    /// starts consuming `amqp.command_queue` with manual acks, and
+    /// `callbacks.queue` too with `callbacks.enabled`.
     pub async fn open(settings: &Settings, consumer_tag: &str) -> Result<Self, SessionError> {
-        let a = &settings.amqp;
+        let (a, c) = (&settings.amqp, &settings.callbacks);
         let properties = ConnectionProperties::default()
             .with_connection_name(format!("gewe-friend-worker {consumer_tag}").into());
         let connection = Connection::connect(&a.url, properties)
@@ -78,7 +106,6 @@ impl Session {
                 url: redact_url_password(&a.url),
                 source,
             })?;
-        let channel_err = |what| move |source| SessionError::Channel { what, source };
         let consume_channel = connection
             .create_channel()
             .await
@@ -86,6 +113,7 @@ impl Session {
         if a.declare {
             topology::declare(&consume_channel, a).await?;
             topology::declare_parking(&consume_channel, a, &settings.retry.park).await?;
+            topology::declare_callbacks(&consume_channel, a, c).await?;
         }
         consume_channel
             .basic_qos(a.prefetch, BasicQosOptions::default())
@@ -94,31 +122,88 @@ impl Session {
         let publisher = Publisher::open(&connection)
             .await
             .map_err(channel_err("the publishing channel"))?;
-        let consumer = consume_channel
-            .basic_consume(
-                ShortString::from(a.command_queue.as_str()),
-                ShortString::from(consumer_tag),
-                BasicConsumeOptions {
-                    no_ack: false,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            )
+        let consumer = consume(&consume_channel, &a.command_queue, consumer_tag)
             .await
             .map_err(channel_err("the consumer"))?;
+        let callbacks = if c.enabled {
+            Some(Callbacks::open(&connection, c, consumer_tag).await?)
+        } else {
+            None
+        };
         Ok(Self {
-            connection,
+            connection: Arc::new(connection),
             consume_channel,
             consumer,
             publisher,
+            callbacks,
         })
     }
 }
 
+impl Callbacks {
+    async fn open(
+        connection: &Connection,
+        c: &CallbacksSettings,
+        consumer_tag: &str,
+    ) -> Result<Self, SessionError> {
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(channel_err("the callbacks channel"))?;
+        channel
+            .basic_qos(CALLBACK_PREFETCH, BasicQosOptions::default())
+            .await
+            .map_err(channel_err("basic.qos of the callbacks channel"))?;
+        let consumer = consume(&channel, &c.queue, &format!("{consumer_tag}-callbacks"))
+            .await
+            .map_err(channel_err("the callbacks consumer"))?;
+        Ok(Self { channel, consumer })
+    }
+}
+
+fn channel_err(what: &'static str) -> impl FnOnce(lapin::Error) -> SessionError {
+    move |source| SessionError::Channel { what, source }
+}
+
+/// Starts consuming `queue` with manual acks.
+async fn consume(channel: &Channel, queue: &str, tag: &str) -> Result<Consumer, lapin::Error> {
+    channel
+        .basic_consume(
+            ShortString::from(queue),
+            ShortString::from(tag),
+            BasicConsumeOptions {
+                no_ack: false,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+}
+
 impl Session {
-    /// The next delivery; `None` when the broker cancelled the consumer.
-    pub async fn next_delivery(&mut self) -> Option<Result<Delivery, lapin::Error>> {
-        self.consumer.next().await
+    /// The next command or callback.
+    pub async fn next(&mut self) -> Next {
+        let callback = async {
+            match &mut self.callbacks {
+                Some(c) => c.consumer.next().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            command = self.consumer.next() => match command {
+                Some(d) => Next::Command(d),
+                None => Next::Cancelled("the broker cancelled the command consumer"),
+            },
+            callback = callback => match callback {
+                Some(d) => Next::Callback(d),
+                None => Next::Cancelled("the broker cancelled the callbacks consumer"),
+            },
+        }
+    }
+
+    /// The connection, for the callback endpoint's own publishing channel.
+    pub fn connection(&self) -> Arc<Connection> {
+        self.connection.clone()
     }
 
     /// The session's confirm-mode publishing channel.
@@ -128,6 +213,11 @@ impl Session {
 
     /// Stops the broker from sending more deliveries (shutdown).
     pub async fn cancel_consumer(&self) -> Result<(), lapin::Error> {
+        if let Some(c) = &self.callbacks {
+            c.channel
+                .basic_cancel(c.consumer.tag(), BasicCancelOptions::default())
+                .await?;
+        }
         self.consume_channel
             .basic_cancel(self.consumer.tag(), BasicCancelOptions::default())
             .await

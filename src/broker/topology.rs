@@ -18,9 +18,13 @@ use lapin::{
 use std::time::Duration;
 
 use crate::{
-    config::{AmqpSettings, QueueType},
+    config::{AmqpSettings, CallbacksSettings, QueueType},
     park,
 };
+
+/// The `TypeName` of GeWe's contact-change callback, and the routing key the
+/// callbacks queue is bound with (contract §6).
+pub const MOD_CONTACTS: &str = "ModContacts";
 
 /// Why the topology could not be declared.
 #[derive(Debug, thiserror::Error)]
@@ -172,6 +176,78 @@ pub async fn declare(channel: &Channel, a: &AmqpSettings) -> Result<(), Topology
         .await
         .map_err(|e| TopologyError::from_lapin(queue(&a.command_queue), e))?;
     Ok(())
+}
+
+/// Declares the callbacks exchange (topic, durable) when callbacks are
+/// consumed or received over HTTP, and with `callbacks.enabled` the
+/// callbacks queue, bound to it with [`MOD_CONTACTS`]. The queue has the
+/// command queue's arguments: the same type, delivery limit and dead-letter
+/// exchange, so a callback that is not a JSON object lands in
+/// `amqp.dead_letter_queue` too. Kept apart from [`declare`] so each
+/// feature's objects read on their own; called right after it.
+pub async fn declare_callbacks(
+    channel: &Channel,
+    a: &AmqpSettings,
+    c: &CallbacksSettings,
+) -> Result<(), TopologyError> {
+    if !c.enabled && c.listen.is_none() {
+        return Ok(());
+    }
+    channel
+        .exchange_declare(
+            ShortString::from(c.exchange.as_str()),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| TopologyError::from_lapin(format!("exchange '{}'", c.exchange), e))?;
+    if !c.enabled {
+        return Ok(());
+    }
+    let queue = format!("queue '{}'", c.queue);
+    channel
+        .queue_declare(
+            ShortString::from(c.queue.as_str()),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            command_queue_arguments(a),
+        )
+        .await
+        .map_err(|e| TopologyError::from_lapin(queue.clone(), e))?;
+    channel
+        .queue_bind(
+            ShortString::from(c.queue.as_str()),
+            ShortString::from(c.exchange.as_str()),
+            MOD_CONTACTS.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| TopologyError::from_lapin(queue, e))?;
+    Ok(())
+}
+
+/// Deletes what [`declare_callbacks`] creates (best effort), for private
+/// topologies like [`remove`].
+pub async fn remove_callbacks(channel: &Channel, c: &CallbacksSettings) {
+    let _ = channel
+        .queue_delete(
+            ShortString::from(c.queue.as_str()),
+            QueueDeleteOptions::default(),
+        )
+        .await;
+    let _ = channel
+        .exchange_delete(
+            ShortString::from(c.exchange.as_str()),
+            ExchangeDeleteOptions::default(),
+        )
+        .await;
 }
 
 /// Declares the delay queues of `retry.park` (see [`crate::park`]), with the

@@ -202,7 +202,8 @@ fn string_field(obj: &Map<String, Value>, field: &str) -> Option<String> {
     obj.get(field).and_then(Value::as_str).map(str::to_owned)
 }
 
-fn json_type(v: &Value) -> &'static str {
+/// The JSON type of `v`, as messages name it ("an array").
+pub(crate) fn json_type(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

@@ -12,6 +12,7 @@ use lapin::{
     types::{AMQPValue, ShortString},
 };
 
+pub(crate) use decode::json_type;
 pub use decode::{decode, resolve_command_id};
 
 use crate::park;

@@ -83,6 +83,8 @@ pub struct Settings {
     pub shutdown: ShutdownSettings,
     /// Log output.
     pub log: LogSettings,
+    /// GeWe callbacks.
+    pub callbacks: CallbacksSettings,
 }
 
 /// Shortest accepted `gewe.token`.
@@ -116,6 +118,10 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("breaker.cooldown", "30s"),
     ("http.listen", "0.0.0.0:8080"),
     ("shutdown.grace", "30s"),
+    ("callbacks.enabled", "false"),
+    ("callbacks.exchange", "gewe.callbacks"),
+    ("callbacks.queue", "gewe.add_friend.callbacks"),
+    ("callbacks.match_window", "30d"),
 ];
 
 impl Settings {
@@ -177,6 +183,8 @@ impl Settings {
             ("amqp.result_exchange", &a.result_exchange),
             ("amqp.dead_letter_exchange", &a.dead_letter_exchange),
             ("amqp.dead_letter_queue", &a.dead_letter_queue),
+            ("callbacks.exchange", &self.callbacks.exchange),
+            ("callbacks.queue", &self.callbacks.queue),
         ] {
             if value.trim().is_empty() || value.len() > 255 {
                 return Err(ConfigError::invalid(key, "must be 1..=255 characters"));
@@ -289,6 +297,11 @@ impl Settings {
             ("dedupe.window", self.dedupe.window, 366 * 24 * 3600),
             ("breaker.cooldown", self.breaker.cooldown, 3600),
             ("shutdown.grace", self.shutdown.grace, 3600),
+            (
+                "callbacks.match_window",
+                self.callbacks.match_window,
+                366 * 24 * 3600,
+            ),
         ] {
             let limit = Duration::from_secs(limit);
             if value > limit {
@@ -313,6 +326,25 @@ impl Settings {
                     ),
                 ));
             }
+        }
+        self.validate_callbacks()
+    }
+
+    fn validate_callbacks(&self) -> Result<(), ConfigError> {
+        let c = &self.callbacks;
+        if c.match_window.is_zero() {
+            return Err(ConfigError::invalid(
+                "callbacks.match_window",
+                "must be greater than 0",
+            ));
+        }
+        if let Some(secret) = &c.secret
+            && secret.expose_secret().trim().is_empty()
+        {
+            return Err(ConfigError::invalid(
+                "callbacks.secret",
+                "must not be empty",
+            ));
         }
         Ok(())
     }

@@ -133,6 +133,27 @@ pub struct ShutdownSettings {
     pub grace: Duration,
 }
 
+/// `[callbacks]`: GeWe's friend-accepted callbacks (contract §6).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallbacksSettings {
+    /// Consume callbacks and publish `add_friend.accepted` events.
+    pub enabled: bool,
+    /// Topic exchange callbacks are published to (routing key = `TypeName`).
+    pub exchange: String,
+    /// Queue the worker consumes callbacks from, bound with `ModContacts`.
+    pub queue: String,
+    /// Where `POST /gewe/callback` is served; off when unset.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// Required as the query parameter `secret` when set; never printed.
+    #[serde(default, serialize_with = "serialize_secret")]
+    pub secret: Option<SecretString>,
+    /// How long the `v3` of a succeeded command is kept for matching.
+    #[serde(with = "humantime_serde")]
+    pub match_window: Duration,
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]

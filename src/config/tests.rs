@@ -26,6 +26,34 @@ fn defaults_match_the_contract() {
     assert_eq!(s.http.listen.port(), 8080);
     assert!(s.gewe.token.is_none());
     assert!(s.require_token().is_err());
+    let c = &s.callbacks;
+    assert!(!c.enabled);
+    assert_eq!(c.exchange, "gewe.callbacks");
+    assert_eq!(c.queue, "gewe.add_friend.callbacks");
+    assert!(c.listen.is_none());
+    assert!(c.secret.is_none());
+    assert_eq!(c.match_window, Duration::from_secs(30 * 24 * 3600));
+}
+
+#[test]
+fn callbacks_are_configured_from_the_environment() {
+    let s = Settings::load_from(
+        None,
+        env(&[
+            ("GEWE_WORKER__CALLBACKS__ENABLED", "true"),
+            ("GEWE_WORKER__CALLBACKS__LISTEN", "0.0.0.0:8081"),
+            ("GEWE_WORKER__CALLBACKS__SECRET", "cb-s3cret"),
+            ("GEWE_WORKER__CALLBACKS__MATCH_WINDOW", "7d"),
+        ]),
+    )
+    .expect("valid");
+    assert!(s.callbacks.enabled);
+    assert_eq!(s.callbacks.listen.map(|l| l.port()), Some(8081));
+    assert_eq!(s.callbacks.match_window, Duration::from_secs(7 * 24 * 3600));
+    let printed = s.redacted_json();
+    assert!(!printed.contains("cb-s3cret"), "{printed}");
+    assert!(printed.contains(r#""secret": "***""#), "{printed}");
+    assert!(!format!("{s:?}").contains("cb-s3cret"));
 }
 
 #[test]
@@ -78,6 +106,23 @@ fn bad_values_name_their_key() {
             "pacing.per_app_min_interval",
         ),
         ("GEWE_WORKER__REDIS__URL", "http://redis", "redis.url"),
+        (
+            "GEWE_WORKER__CALLBACKS__ENABLED",
+            "maybe",
+            "callbacks.enabled",
+        ),
+        (
+            "GEWE_WORKER__CALLBACKS__LISTEN",
+            "anywhere",
+            "callbacks.listen",
+        ),
+        ("GEWE_WORKER__CALLBACKS__SECRET", " ", "callbacks.secret"),
+        ("GEWE_WORKER__CALLBACKS__QUEUE", "", "callbacks.queue"),
+        (
+            "GEWE_WORKER__CALLBACKS__MATCH_WINDOW",
+            "0s",
+            "callbacks.match_window",
+        ),
     ] {
         let err = Settings::load_from(None, env(&[(var, value)]))
             .expect_err(&format!("{var}={value} must be rejected"))

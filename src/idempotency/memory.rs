@@ -25,7 +25,8 @@ pub const MAX_ENTRIES: usize = 20_000;
 /// hundred newer ones, with 10 % it outlives at least ~80 % of
 /// `MAX_ENTRIES` newer ones (tested below).
 const HOT_SHARE: f64 = 0.1;
-/// Divides `MAX_ENTRIES` exactly: capacity does not depend on the host.
+/// Divides `MAX_ENTRIES` (and the callbacks' bound) exactly: capacity does
+/// not depend on the host.
 const SHARDS: usize = 8;
 
 /// A stored outcome.
@@ -49,10 +50,13 @@ pub struct MemoryStore {
     window: Duration,
 }
 
-fn new_cache() -> Cache<String, Arc<Entry>> {
+/// A cache of at most `capacity` entries that keeps new, unread entries
+/// long enough (see [`HOT_SHARE`]). Also used by the callbacks' memory of
+/// `v3`s, whose entries are read at most once, days later.
+pub(crate) fn bounded_cache<V: Clone>(capacity: usize) -> Cache<String, V> {
     let options = quick_cache::OptionsBuilder::new()
-        .estimated_items_capacity(MAX_ENTRIES)
-        .weight_capacity(MAX_ENTRIES as u64)
+        .estimated_items_capacity(capacity)
+        .weight_capacity(capacity as u64)
         .hot_allocation(HOT_SHARE)
         .shards(SHARDS)
         .build();
@@ -64,7 +68,7 @@ fn new_cache() -> Cache<String, Arc<Entry>> {
             Default::default(),
         ),
         // Only invalid constants could fail; fall back to the defaults.
-        Err(_) => Cache::new(MAX_ENTRIES),
+        Err(_) => Cache::new(capacity),
     }
 }
 
@@ -72,7 +76,7 @@ impl MemoryStore {
     /// A store remembering outcomes for `window`.
     pub fn new(window: Duration) -> Self {
         Self {
-            cache: new_cache(),
+            cache: bounded_cache(MAX_ENTRIES),
             window,
         }
     }

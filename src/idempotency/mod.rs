@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use lease::LEASE_OVER_TIMEOUT;
 pub use memory::MAX_ENTRIES;
+pub(crate) use memory::bounded_cache;
 pub use record::{Fingerprint, Record};
 
 use self::{

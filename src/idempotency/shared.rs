@@ -21,7 +21,7 @@ use std::{
 use redis::{Script, ScriptInvocation, Value};
 
 use super::Record;
-use crate::redis_client::{RedisClient, RedisError};
+use crate::redis_client::{RELEASE_IF_OWNED, RedisClient, RedisError, millis};
 
 /// Shared by the scripts that can be first to see Redis again after a
 /// restart: notices lost data and sets the guard.
@@ -110,16 +110,6 @@ return 1
     )
 });
 
-/// KEYS: claim. ARGV: owner. Deletes the claim only if it is still ours.
-static RELEASE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"#,
-    )
-});
-
 /// What [`SharedStore::acquire`] found.
 pub enum Acquired {
     /// An outcome whose event was confirmed.
@@ -159,11 +149,6 @@ struct Inner {
     lease: Duration,
     /// The boot marker this replica last saw ('' before the first answer).
     seen: Mutex<String>,
-}
-
-/// A TTL or lease in Redis' milliseconds; never 0, which Redis refuses.
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
 impl SharedStore {
@@ -328,7 +313,7 @@ impl SharedStore {
         self.inner
             .client
             .run::<i64>(
-                RELEASE
+                RELEASE_IF_OWNED
                     .key(self.key("claim", command_id))
                     .arg(&self.inner.owner),
             )

@@ -24,6 +24,7 @@ use tracing::Instrument;
 use crate::{
     breaker::Breaker,
     broker::Publisher,
+    callbacks::Callbacks,
     command::{self, Command, Envelope},
     event::{ResultEvent, now_rfc3339},
     gewe::{Backoff, GeweClient, Tally},
@@ -52,6 +53,8 @@ pub struct Processor {
     /// lost session's calls still finishing never add to a new session's
     /// prefetch.
     slots: Semaphore,
+    /// With `callbacks.enabled`: remembers the `v3` of succeeded events.
+    callbacks: Option<Arc<Callbacks>>,
 }
 
 /// What [`Processor::new`] is made of.
@@ -78,6 +81,8 @@ pub struct Parts {
     pub prefetch: u16,
     /// `amqp.delivery_limit` when the queue enforces it (quorum).
     pub delivery_limit: Option<u32>,
+    /// With `callbacks.enabled`: where succeeded commands are remembered.
+    pub callbacks: Option<Arc<Callbacks>>,
 }
 
 /// The broker session a delivery belongs to.
@@ -132,6 +137,7 @@ impl Processor {
             shutdown: parts.shutdown,
             delivery_limit: parts.delivery_limit,
             slots: Semaphore::new(usize::from(parts.prefetch.max(1))),
+            callbacks: parts.callbacks,
         }
     }
 

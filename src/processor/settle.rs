@@ -20,7 +20,9 @@ use crate::{
 const REQUEUE_PAUSE: Duration = Duration::from_millis(500);
 
 impl Processor {
-    /// Publishes `event` with a confirm; true when the broker took it.
+    /// Publishes `event` with a confirm; true when the broker took it. A
+    /// confirmed `succeeded` event's `v3` is remembered for callbacks before
+    /// the delivery is settled.
     pub(super) async fn publish(&self, event: &ResultEvent, d: &Inbound) -> bool {
         match publish_event(
             &self.result_exchange,
@@ -32,6 +34,9 @@ impl Processor {
         {
             Ok(()) => {
                 meters().result_published(event.error_kind()).increment(1);
+                if let Some(callbacks) = &self.callbacks {
+                    callbacks.remember(event, &d.envelope, &d.halt).await;
+                }
                 true
             }
             Err(e) => {

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod callbacks;
 pub mod fake_gewe;
 pub mod logs;
 pub mod process;
@@ -46,6 +47,9 @@ pub fn test_settings(gewe_url: &str) -> Settings {
     s.amqp.result_exchange = format!("test.{id}.results");
     s.amqp.dead_letter_exchange = format!("test.{id}.dlx");
     s.amqp.dead_letter_queue = format!("test.{id}.dead");
+    // Off unless a test turns them on; named, so it only has to.
+    s.callbacks.exchange = format!("test.{id}.callbacks");
+    s.callbacks.queue = format!("test.{id}.callbacks.modcontacts");
     s.amqp.prefetch = 16;
     s.gewe.base_url = gewe_url.to_owned();
     s.gewe.token = Some(SecretString::from(TOKEN));
@@ -57,8 +61,10 @@ pub fn test_settings(gewe_url: &str) -> Settings {
     s.pacing.per_app_concurrency = 64;
     s.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     s.shutdown.grace = Duration::from_secs(5);
-    // Outcomes the tests leave in Redis expire soon after the run.
+    // Outcomes (and remembered v3s) the tests leave in Redis expire soon
+    // after the run.
     s.dedupe.window = Duration::from_secs(600);
+    s.callbacks.match_window = Duration::from_secs(600);
     s
 }
 
@@ -66,6 +72,8 @@ pub fn test_settings(gewe_url: &str) -> Settings {
 pub struct TestApp {
     pub settings: Settings,
     pub ops_addr: SocketAddr,
+    /// `POST /gewe/callback`, when `callbacks.listen` is set.
+    pub callback_addr: Option<SocketAddr>,
     pub connection: Connection,
     pub channel: Channel,
     pub events: Consumer,
@@ -102,6 +110,7 @@ pub async fn spawn_app_with(settings: Settings, bind_results: bool) -> TestApp {
         .await
         .expect("application builds");
     app.ops_addr = worker.ops_addr();
+    app.callback_addr = worker.callback_addr();
     app.worker = Some(tokio::spawn(worker.run(app.stop.clone())));
     app
 }
@@ -152,6 +161,9 @@ async fn listener(settings: Settings, bind_results: bool) -> TestApp {
     topology::declare_parking(&channel, &settings.amqp, &settings.retry.park)
         .await
         .expect("delay queues");
+    topology::declare_callbacks(&channel, &settings.amqp, &settings.callbacks)
+        .await
+        .expect("callbacks topology");
     let listener = channel
         .queue_declare(
             "".into(),
@@ -179,6 +191,7 @@ async fn listener(settings: Settings, bind_results: bool) -> TestApp {
     TestApp {
         settings,
         ops_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        callback_addr: None,
         connection,
         channel,
         events,
@@ -343,6 +356,7 @@ impl TestApp {
             &self.settings.retry.park,
         )
         .await;
+        topology::remove_callbacks(&self.channel, &self.settings.callbacks).await;
         let _ = self.connection.close(200, "test done".into()).await;
     }
 }
@@ -434,4 +448,31 @@ pub async fn wait_for_readyz(ops: SocketAddr, status: u16, needle: &str) {
         );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+}
+
+/// Pre-declares `queue` as a plain classic queue, runs a worker on
+/// `settings`, and returns the error it stops with at start-up (a topology
+/// mismatch is fatal then); removes what was declared.
+pub async fn start_up_error_with_a_classic(settings: &Settings, queue: &str) -> String {
+    let (connection, channel) = confirm_channel(&settings.amqp.url).await;
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("pre-declare a classic queue");
+    let app = Application::build(settings.clone()).await.expect("builds");
+    let err = tokio::time::timeout(WAIT, app.run(CancellationToken::new()))
+        .await
+        .expect("fails fast")
+        .expect_err("a mismatch is fatal at start-up");
+    topology::remove(&channel, &settings.amqp).await;
+    topology::remove_callbacks(&channel, &settings.callbacks).await;
+    let _ = connection.close(200, "done".into()).await;
+    format!("{err:#}")
 }

@@ -1,0 +1,242 @@
+//! One callback from `callbacks.queue`, top to bottom: parse, find the
+//! command its `v3` belongs to, claim its accepted event, publish it, then
+//! settle.
+//!
+//! As for commands, a callback is acked only after its event is confirmed;
+//! the mark that the event is out is set before the ack, so a redelivery
+//! (or a copy in another replica) is acknowledged as a repeat instead of
+//! publishing again. A callback that matches nothing is acked at once; one
+//! that is not a JSON object is rejected to the dead-letter exchange.
+
+use std::time::{Duration, SystemTime};
+
+use lapin::{
+    BasicProperties,
+    message::Delivery,
+    options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions},
+    types::AMQPValue,
+};
+use tracing::Instrument;
+
+use super::{
+    Callbacks, accepted,
+    accepted::AcceptedEvent,
+    callback::{self, Candidate},
+    patiently,
+    store::{Claim, Mark},
+};
+use crate::{
+    event::now_rfc3339,
+    halt::{Halt, Interrupted},
+    meters::{CallbackOutcome, meters},
+    processor::SessionHandle,
+};
+
+/// Header the callback endpoint sets: when the callback reached the worker.
+pub const RECEIVED_AT_HEADER: &str = "x-gewe-received-at";
+/// Poll period while another delivery publishes the same accepted event.
+const HELD_POLL: Duration = Duration::from_millis(100);
+/// Pause before requeueing, so a persistent problem is not a hot loop.
+const REQUEUE_PAUSE: Duration = Duration::from_millis(500);
+
+/// A callback delivery on its way through.
+struct Inbound<'a> {
+    delivery: Delivery,
+    session: SessionHandle,
+    halt: Halt,
+    received_at: String,
+    candidate: Candidate<'a>,
+}
+
+impl Callbacks {
+    /// Handles one callback delivery to completion. Never panics on input;
+    /// a broker or Redis problem leaves it to be redelivered.
+    pub async fn handle(self: std::sync::Arc<Self>, delivery: Delivery, session: SessionHandle) {
+        let received_at = received_at(&delivery.properties).unwrap_or_else(now_rfc3339);
+        let body = match callback::parse(&delivery.data) {
+            Ok(body) => body,
+            Err(invalid) => {
+                tracing::warn!(reason = %invalid, "callback is not a JSON object; dead-lettering it");
+                meters().callback(CallbackOutcome::Invalid).increment(1);
+                let rejected = delivery
+                    .acker
+                    .reject(BasicRejectOptions { requeue: false })
+                    .await;
+                return report_settled(rejected, "dead-lettered");
+            }
+        };
+        let candidate = match callback::candidate(&body) {
+            Ok(candidate) => candidate,
+            Err(why) => {
+                let type_name = callback::type_name(&body).unwrap_or("");
+                tracing::debug!(type_name, reason = %why, "callback reports no accepted friend request");
+                return unmatched(&delivery).await;
+            }
+        };
+        let span = tracing::info_span!("callback", app_id = candidate.app_id);
+        let inbound = Inbound {
+            halt: Halt::new(self.shutdown.clone(), session.lost.clone()),
+            delivery,
+            session,
+            received_at,
+            candidate,
+        };
+        self.match_candidate(&inbound).instrument(span).await;
+    }
+
+    async fn match_candidate(&self, d: &Inbound<'_>) {
+        let Candidate { app_id, v3, .. } = d.candidate;
+        let found = patiently(&d.halt, "Redis unavailable: holding the callback", || {
+            self.store.lookup(app_id, v3)
+        })
+        .await;
+        let sent = match found {
+            Ok(Some(sent)) => sent,
+            Ok(None) => {
+                tracing::debug!(
+                    "callback v3 is not one of this account's succeeded commands (unknown, expired or another account's)"
+                );
+                return unmatched(&d.delivery).await;
+            }
+            Err(interrupted) => return give_back(d, interrupted).await,
+        };
+        let command_id = sent.command_id.as_str();
+        let claim = loop {
+            let mark = patiently(&d.halt, "Redis unavailable: holding the callback", || {
+                self.store.claim(command_id)
+            })
+            .await;
+            match mark {
+                Ok(Mark::Claimed(claim)) => break claim,
+                Ok(Mark::Repeated) => {
+                    tracing::info!(
+                        command_id,
+                        "accepted event already published; acknowledging the repeated callback"
+                    );
+                    meters().callback(CallbackOutcome::Repeated).increment(1);
+                    return ack(&d.delivery).await;
+                }
+                Ok(Mark::Held) => {
+                    if let Err(interrupted) = d.halt.sleep(HELD_POLL).await {
+                        return give_back(d, interrupted).await;
+                    }
+                }
+                Err(interrupted) => return give_back(d, interrupted).await,
+            }
+        };
+        let accepted_at = SystemTime::now();
+        let event = AcceptedEvent::new(
+            &sent,
+            d.candidate.friend_wxid,
+            d.received_at.clone(),
+            humantime::format_rfc3339_millis(accepted_at).to_string(),
+        );
+        let published = accepted::publish(
+            &self.result_exchange,
+            &event,
+            &sent.correlation_id,
+            &d.session.publisher,
+        )
+        .await;
+        if let Err(e) = published {
+            meters().results_publish_failures.increment(1);
+            tracing::error!(command_id, error = %e, "accepted event not confirmed; requeueing the callback");
+            if e.breaks_channel() {
+                d.session.broken.cancel();
+            }
+            if let Err(e) = self.store.release(&claim).await {
+                tracing::warn!(error = %e, "could not release the claim on the accepted event; it expires by itself");
+            }
+            return requeue(&d.delivery).await;
+        }
+        self.announced(&claim).await;
+        let delay = humantime::parse_rfc3339(&sent.completed_at)
+            .ok()
+            .and_then(|completed| accepted_at.duration_since(completed).ok());
+        if let Some(delay) = delay {
+            meters().accept_delay.record(delay.as_secs_f64());
+        }
+        meters().results_accepted.increment(1);
+        meters().callback(CallbackOutcome::Matched).increment(1);
+        tracing::info!(
+            command_id,
+            accepted_after_s = delay.map(|d| d.as_secs()),
+            "friend request accepted; accepted event published"
+        );
+        ack(&d.delivery).await;
+    }
+
+    /// Marks the accepted event as out, through a Redis outage until
+    /// shutdown (the broker session may be gone meanwhile: a redelivery of
+    /// the callback then waits for this and is acked as a repeat).
+    async fn announced(&self, claim: &Claim) {
+        let until_shutdown = Halt::new(
+            self.shutdown.clone(),
+            tokio_util::sync::CancellationToken::new(),
+        );
+        let marked = patiently(
+            &until_shutdown,
+            "could not mark the accepted event as published in Redis yet",
+            || self.store.announced(claim),
+        )
+        .await;
+        if marked.is_err() {
+            tracing::warn!(
+                "gave up marking the accepted event as published: a repeated callback may publish it again"
+            );
+        }
+    }
+}
+
+/// When the callback reached the worker: the endpoint's header when it came
+/// that way and is RFC 3339, else `None` (now, as it is consumed).
+fn received_at(properties: &BasicProperties) -> Option<String> {
+    let headers = properties.headers().as_ref()?;
+    let text = match headers.inner().get(RECEIVED_AT_HEADER)? {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.as_str().to_owned(),
+        _ => return None,
+    };
+    humantime::parse_rfc3339(&text).ok().map(|_| text)
+}
+
+async fn unmatched(delivery: &Delivery) {
+    meters().callback(CallbackOutcome::Unmatched).increment(1);
+    ack(delivery).await;
+}
+
+async fn ack(delivery: &Delivery) {
+    let acked = delivery.acker.ack(BasicAckOptions::default()).await;
+    report_settled(acked, "acked");
+}
+
+/// A callback without an outcome for now goes back to the queue.
+async fn give_back(d: &Inbound<'_>, interrupted: Interrupted) {
+    tracing::warn!(reason = %interrupted, "callback not matched for now; it goes back to the queue");
+    match interrupted {
+        // The broker already has it back.
+        Interrupted::SessionLost => {}
+        Interrupted::Shutdown | Interrupted::ClaimLost => requeue(&d.delivery).await,
+    }
+}
+
+async fn requeue(delivery: &Delivery) {
+    tokio::time::sleep(REQUEUE_PAUSE).await;
+    let nack = BasicNackOptions {
+        requeue: true,
+        ..BasicNackOptions::default()
+    };
+    if let Err(e) = delivery.acker.nack(nack).await {
+        tracing::warn!(error = %e, "requeue failed; the broker redelivers the callback when the channel closes");
+    }
+}
+
+fn report_settled(result: Result<bool, lapin::Error>, how: &str) {
+    match result {
+        Ok(true) => tracing::debug!(how, "callback settled"),
+        Ok(false) | Err(_) => tracing::warn!(
+            how,
+            "settling the callback failed; the broker will redeliver it"
+        ),
+    }
+}

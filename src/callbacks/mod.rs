@@ -1,0 +1,96 @@
+//! GeWe's friend-accepted callbacks (contract §6, `callbacks.*`).
+//!
+//! Three parts:
+//! - remembering: once a `succeeded` event is confirmed, the processor
+//!   hands it to [`Callbacks::remember`], which keeps its `v3` for
+//!   `callbacks.match_window` ([`store`]);
+//! - matching: the worker consumes `callbacks.queue` in the same broker
+//!   session as the commands (its own channel and prefetch), and
+//!   [`Callbacks::handle`] turns a `ModContacts` callback carrying a
+//!   remembered `v3` of the same account into one `add_friend.accepted`
+//!   event ([`consume`], [`accepted`], [`callback`]);
+//! - receiving: with `callbacks.listen`, `POST /gewe/callback` publishes
+//!   GeWe's callbacks to `callbacks.exchange` ([`ingress`], served by
+//!   [`crate::http_server`] within [`ingress::LIMITS`]).
+
+pub mod accepted;
+pub mod callback;
+mod consume;
+pub mod ingress;
+pub mod store;
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+pub use accepted::{AcceptedEvent, ROUTING_ACCEPTED};
+pub use ingress::{Ingress, IngressLink};
+pub use store::{MAX_REMEMBERED, Sent, Store};
+
+use crate::{
+    command::Envelope,
+    event::ResultEvent,
+    halt::{Halt, Interrupted},
+    redis_client::RedisError,
+};
+
+/// Backoff while Redis is unavailable.
+const REDIS_RETRY_MIN: Duration = Duration::from_millis(100);
+const REDIS_RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// Remembers succeeded commands and matches callbacks to them.
+pub struct Callbacks {
+    store: Store,
+    result_exchange: String,
+    /// Cancelled when shutdown begins.
+    shutdown: CancellationToken,
+}
+
+impl Callbacks {
+    /// Matching against `store`, publishing to `result_exchange`.
+    pub fn new(store: Store, result_exchange: String, shutdown: CancellationToken) -> Self {
+        Self {
+            store,
+            result_exchange,
+            shutdown,
+        }
+    }
+
+    /// Remembers the `v3` of a confirmed `succeeded` event (other events are
+    /// ignored). Called before the command is acked: a Redis outage is
+    /// waited out until `halt` fires; then the `v3` is not remembered, but
+    /// a redelivery (after a lost session) remembers it when it republishes.
+    pub async fn remember(&self, event: &ResultEvent, envelope: &Envelope, halt: &Halt) {
+        let Some(sent) = Sent::of(event, envelope) else {
+            return;
+        };
+        let remembered = patiently(halt, "could not remember the v3 in Redis yet", || {
+            self.store.remember(&sent)
+        })
+        .await;
+        if let Err(interrupted) = remembered {
+            tracing::warn!(reason = %interrupted, "gave up remembering the v3: a callback for it will match nothing");
+        }
+    }
+}
+
+/// Runs `op` until Redis answers, backing off (and logging `what`) while it
+/// does not; stops retrying when `halt` fires. The first try is always
+/// made: work finishing during the shutdown grace period still completes.
+async fn patiently<T, F, Fut>(halt: &Halt, what: &'static str, mut op: F) -> Result<T, Interrupted>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, RedisError>>,
+{
+    let mut pause = REDIS_RETRY_MIN;
+    loop {
+        match op().await {
+            Ok(value) => return Ok(value),
+            Err(error) => {
+                tracing::warn!(%error, retry_in_ms = pause.as_millis() as u64, "{what}");
+                halt.sleep(pause).await?;
+                pause = (pause * 2).min(REDIS_RETRY_MAX);
+            }
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! What the worker remembers to match callbacks: the `v3` of every
+//! succeeded command, for `callbacks.match_window`, keyed by `(appId, v3)`,
+//! and per commandId a mark that its accepted event was published.
+//!
+//! In memory ([`memory`]) when `redis.url` is unset: per process, bounded.
+//! In Redis ([`shared`]) otherwise, so a callback matches whichever replica
+//! takes it, after restarts too, and two replicas handling copies of one
+//! callback publish one accepted event: the mark is claimed atomically
+//! before publishing and set once the event is confirmed.
+
+mod memory;
+mod shared;
+
+use std::{sync::Arc, time::Duration};
+
+use serde::{Deserialize, Serialize};
+
+pub use memory::MAX_REMEMBERED;
+
+use self::{memory::MemoryStore, shared::SharedStore};
+use crate::{
+    command::Envelope,
+    event::{ResultEvent, Status},
+    redis_client::{RedisClient, RedisError},
+};
+
+/// How long a claim on a commandId's accepted event lasts: the time one
+/// confirmed publish may take. A holder that dies is replaced after it.
+pub const CLAIM_LEASE: Duration = Duration::from_secs(30);
+
+/// A succeeded command, as remembered for its `v3`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Sent {
+    /// The command's id.
+    pub command_id: String,
+    /// The account that sent the request.
+    pub app_id: String,
+    /// The group.
+    pub chatroom_id: String,
+    /// The member asked.
+    pub member_wxid: String,
+    /// GeWe's ticket for the request.
+    pub v3: String,
+    /// The `correlation_id` of the command's events, for the accepted one.
+    pub correlation_id: String,
+    /// The succeeded event's `completedAt`.
+    pub completed_at: String,
+}
+
+impl Sent {
+    /// What to remember of a confirmed event: only a succeeded one has a
+    /// `v3` to match. The correlation id is the one the event carried
+    /// (contract §4), so the accepted event carries it too.
+    pub fn of(event: &ResultEvent, envelope: &Envelope) -> Option<Self> {
+        if event.status != Status::Succeeded {
+            return None;
+        }
+        Some(Self {
+            command_id: event.command_id.clone(),
+            app_id: event.app_id.clone()?,
+            chatroom_id: event.chatroom_id.clone()?,
+            member_wxid: event.member_wxid.clone()?,
+            v3: event.v3.clone()?,
+            correlation_id: envelope
+                .correlation_id
+                .clone()
+                .unwrap_or_else(|| event.command_id.clone()),
+            completed_at: event.completed_at.clone(),
+        })
+    }
+}
+
+/// The key of a remembered `v3`: the account's id is length-prefixed, so
+/// no pair of `(appId, v3)` spells another's key.
+fn sent_key(app_id: &str, v3: &str) -> String {
+    format!("{}:{app_id}:{v3}", app_id.len())
+}
+
+/// A claim on publishing a commandId's accepted event.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    command_id: String,
+    owner: String,
+}
+
+/// What [`Store::claim`] found.
+#[derive(Debug)]
+pub enum Mark {
+    /// Ours: publish the accepted event, then [`Store::announced`].
+    Claimed(Claim),
+    /// The accepted event was published already.
+    Repeated,
+    /// Another delivery (here or in another replica) is publishing it.
+    Held,
+}
+
+/// Where the remembered `v3`s and marks live.
+pub enum Store {
+    /// This process only.
+    Memory(MemoryStore),
+    /// Redis, shared by every replica.
+    Redis(SharedStore),
+}
+
+impl Store {
+    /// Remembers for `window`, in this process.
+    pub fn in_memory(window: Duration) -> Self {
+        Store::Memory(MemoryStore::new(window))
+    }
+
+    /// Remembers for `window` in Redis, under `prefix`.
+    pub fn in_redis(client: Arc<RedisClient>, prefix: &str, window: Duration) -> Self {
+        Store::Redis(SharedStore::new(client, prefix, window))
+    }
+
+    /// Remembers `sent` by `(appId, v3)`. A `v3` already remembered keeps
+    /// its first entry and expiry (a republished duplicate changes nothing).
+    pub async fn remember(&self, sent: &Sent) -> Result<(), RedisError> {
+        match self {
+            Store::Memory(m) => {
+                m.remember(sent);
+                Ok(())
+            }
+            Store::Redis(r) => r.remember(sent).await,
+        }
+    }
+
+    /// The command whose request got `v3` from `app_id`'s account, if it is
+    /// remembered. One round trip with Redis.
+    pub async fn lookup(&self, app_id: &str, v3: &str) -> Result<Option<Sent>, RedisError> {
+        match self {
+            Store::Memory(m) => Ok(m.lookup(app_id, v3)),
+            Store::Redis(r) => r.lookup(app_id, v3).await,
+        }
+    }
+
+    /// Claims publishing `command_id`'s accepted event (atomically, across
+    /// replicas with Redis).
+    pub async fn claim(&self, command_id: &str) -> Result<Mark, RedisError> {
+        let claim = Claim {
+            command_id: command_id.to_owned(),
+            owner: uuid::Uuid::new_v4().to_string(),
+        };
+        match self {
+            Store::Memory(m) => Ok(m.claim(claim)),
+            Store::Redis(r) => r.claim(claim).await,
+        }
+    }
+
+    /// The accepted event of the claim's commandId was confirmed: later
+    /// callbacks for it are repeats.
+    pub async fn announced(&self, claim: &Claim) -> Result<(), RedisError> {
+        match self {
+            Store::Memory(m) => {
+                m.announced(claim);
+                Ok(())
+            }
+            Store::Redis(r) => r.announced(claim).await,
+        }
+    }
+
+    /// Gives the claim up without an event (the publish failed).
+    pub async fn release(&self, claim: &Claim) -> Result<(), RedisError> {
+        match self {
+            Store::Memory(m) => {
+                m.release(claim);
+                Ok(())
+            }
+            Store::Redis(r) => r.release(claim).await,
+        }
+    }
+}
