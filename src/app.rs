@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     breaker::Breaker,
+    broker::Connector,
     config::Settings,
     gewe::{Backoff, GeweClient},
     idempotency::{Idempotency, LEASE_OVER_TIMEOUT},
@@ -27,6 +28,7 @@ const REDIS_PREFIX: &str = "gewe-friend-worker";
 /// port bound (so a busy port fails at start-up, not later).
 pub struct Application {
     settings: Settings,
+    connector: Connector,
     processor: Arc<Processor>,
     readiness: Arc<Readiness>,
     redis: Option<Arc<RedisClient>>,
@@ -41,7 +43,8 @@ impl Application {
         // Every metric exists from start-up, before the first command.
         let _ = meters();
         let token = settings.require_token()?;
-        let redactor = Redactor::new(secrecy::ExposeSecret::expose_secret(token));
+        let redactor = Redactor::new(settings.secrets());
+        let connector = Connector::new(&settings.amqp)?;
         let gewe = GeweClient::new(&settings.gewe.base_url, token, settings.gewe.timeout)?;
         let redis = match &settings.redis.url {
             Some(url) => Some(Arc::new(RedisClient::new(url)?)),
@@ -82,6 +85,7 @@ impl Application {
         Ok(Self {
             readiness: Arc::new(Readiness::new(breaker, redis.clone())),
             settings,
+            connector,
             processor,
             redis,
             stop_calls,
@@ -116,7 +120,14 @@ impl Application {
             signal.cancelled().await;
             stop_calls.cancel();
         });
-        let result = worker::run(&self.settings, self.processor, self.readiness, shutdown).await;
+        let result = worker::run(
+            &self.settings,
+            &self.connector,
+            self.processor,
+            self.readiness,
+            shutdown,
+        )
+        .await;
         ops_stop.cancel();
         let _ = ops.await;
         result.map_err(Into::into)

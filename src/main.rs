@@ -13,7 +13,6 @@ use gewe_friend_worker::{
     redact::Redactor,
     simulator, telemetry,
 };
-use secrecy::ExposeSecret;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -38,12 +37,9 @@ fn main() -> ExitCode {
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let settings = Settings::load(cli.config.as_deref())?;
-    let redactor = settings
-        .gewe
-        .token
-        .as_ref()
-        .map(|t| Redactor::new(t.expose_secret()))
-        .unwrap_or_default();
+    // Everything logged from here on is cleaned of every configured secret,
+    // whichever crate writes the line.
+    let redactor = Redactor::new(settings.secrets());
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => {
             telemetry::init(settings.log.format, redactor, "info");

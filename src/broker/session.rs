@@ -15,21 +15,15 @@ use lapin::{
     types::{FieldTable, ShortString},
 };
 
-use super::{Publisher, TopologyError, topology};
-use crate::config::{AmqpSettings, redact_url_password};
+use super::{ConnectError, Connector, Publisher, TopologyError, topology};
+use crate::config::AmqpSettings;
 
 /// Why a session could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
-    /// TCP, TLS, authentication or vhost failure.
-    #[error("could not connect to the broker at {url}: {source}")]
-    Connect {
-        /// Broker URL, password redacted.
-        url: String,
-        /// lapin's error.
-        #[source]
-        source: lapin::Error,
-    },
+    /// TCP, TLS, authentication or vhost failure (or no answer in time).
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
     /// Declaring the topology failed.
     #[error(transparent)]
     Topology(#[from] TopologyError),
@@ -50,7 +44,7 @@ impl SessionError {
     pub fn needs_operator(&self) -> bool {
         match self {
             SessionError::Topology(t) => t.is_mismatch(),
-            SessionError::Connect { .. } | SessionError::Channel { .. } => false,
+            SessionError::Connect(_) | SessionError::Channel { .. } => false,
         }
     }
 }
@@ -65,17 +59,18 @@ pub struct Session {
 }
 
 impl Session {
-    /// Connects, declares (when `amqp.declare`), applies prefetch and starts
-    /// consuming `amqp.command_queue` with manual acks.
-    pub async fn open(a: &AmqpSettings, consumer_tag: &str) -> Result<Self, SessionError> {
+    /// Connects to node `node` of `connector`, declares (when
+    /// `amqp.declare`), applies prefetch and starts consuming
+    /// `amqp.command_queue` with manual acks.
+    pub async fn open(
+        connector: &Connector,
+        node: usize,
+        a: &AmqpSettings,
+        consumer_tag: &str,
+    ) -> Result<Self, SessionError> {
         let properties = ConnectionProperties::default()
             .with_connection_name(format!("gewe-friend-worker {consumer_tag}").into());
-        let connection = Connection::connect(&a.url, properties)
-            .await
-            .map_err(|source| SessionError::Connect {
-                url: redact_url_password(&a.url),
-                source,
-            })?;
+        let connection = connector.connect(node, properties).await?;
         let channel_err = |what| move |source| SessionError::Channel { what, source };
         let consume_channel = connection
             .create_channel()
