@@ -234,16 +234,7 @@ async fn the_token_never_leaves_the_process_and_sigterm_exits_zero() {
             .contains("***")
     );
 
-    let pid = child.id().expect("pid").to_string();
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill");
-    assert!(killed.success());
-    let status = tokio::time::timeout(WAIT, child.wait())
-        .await
-        .expect("exits within grace")
-        .expect("wait");
+    let status = terminate(&mut child).await;
     let logs = logs.await.expect("join").expect("read logs");
     assert!(status.success(), "SIGTERM exits 0; logs:\n{logs}");
     // Each command's log lines carry its ids from the command span.
@@ -329,16 +320,7 @@ async fn a_sigkilled_worker_loses_nothing_and_with_redis_repeats_no_stored_call(
         assert_eq!(e.status(), "succeeded", "{}", e.body);
         seen.insert(e.body["commandId"].as_str().unwrap_or("").to_owned());
     }
-    let pid = second.id().expect("pid").to_string();
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill");
-    let status = tokio::time::timeout(WAIT, second.wait())
-        .await
-        .expect("exits")
-        .expect("wait");
-    assert!(status.success());
+    assert!(terminate(&mut second).await.success());
 
     let counts = calls.lock().expect("lock").clone();
     for id in &stored_before_kill {

@@ -244,3 +244,42 @@ fn tls_files_are_checked_at_load_naming_the_key() {
         assert!(!err.contains(body), "the key leaks: {err}");
     }
 }
+
+#[test]
+fn the_redactor_of_the_settings_masks_every_secret_in_any_text() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_, cert, key) = pem_files(dir.path());
+    let s = Settings::load_from(
+        None,
+        env(&[
+            ("GEWE_WORKER__GEWE__TOKEN", "tok-1a2b"),
+            (
+                "GEWE_WORKER__AMQP__URL",
+                "amqp://u:pw-one@h1/%2f,amqp://u:pw%21two@h2/%2f",
+            ),
+            ("GEWE_WORKER__REDIS__URL", "redis://:redis-pw@r:6379/0"),
+            (
+                "GEWE_WORKER__AMQP__TLS__CLIENT_CERT_FILE",
+                &cert.display().to_string(),
+            ),
+            (
+                "GEWE_WORKER__AMQP__TLS__CLIENT_KEY_FILE",
+                &key.display().to_string(),
+            ),
+        ]),
+    )
+    .expect("valid");
+    let key_text = std::fs::read_to_string(&key).expect("key");
+    let redactor = crate::redact::Redactor::new(s.secrets());
+    let text = format!(
+        "tok-1a2b pw-one pw%21two pw!two redis-pw {key_text} {}",
+        serde_json::json!({ "e": "pw!two" })
+    );
+    let masked = redactor.redact(&text);
+    for secret in ["tok-1a2b", "pw-one", "two", "redis-pw"] {
+        assert!(!masked.contains(secret), "{secret} in {masked}");
+    }
+    for line in key_text.lines().filter(|l| !l.starts_with("-----")) {
+        assert!(!masked.contains(line), "key line in {masked}");
+    }
+}
