@@ -108,6 +108,9 @@ impl Application {
             ops_stop.clone(),
         ));
         tracing::info!(ops = %self.ops_addr, gewe = %self.processor.gewe().url(), redis = self.redis.as_ref().map(|r| r.url()), "gewe-friend-worker starting");
+        if self.settings.amqp.tls_unused() {
+            tracing::warn!("amqp.tls is set but no URL in amqp.url is amqps://; it is not used");
+        }
         if let Some(redis) = self.redis.clone() {
             let stop = ops_stop.clone();
             tokio::spawn(async move { redis.probe(stop).await });

@@ -53,6 +53,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             if let Err(e) = settings.require_token() {
                 eprintln!("warning: {e}; `run` will refuse to start without it");
             }
+            if settings.amqp.tls_unused() {
+                eprintln!("warning: amqp.tls is set but no URL in amqp.url is amqps://");
+            }
             eprintln!("configuration is valid");
             Ok(())
         }

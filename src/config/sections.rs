@@ -49,6 +49,14 @@ pub struct AmqpSettings {
     pub delivery_limit: u32,
 }
 
+impl AmqpSettings {
+    /// `amqp.tls` is set but no node is reached over TLS: most likely an
+    /// `amqp://` URL that should be `amqps://`.
+    pub fn tls_unused(&self) -> bool {
+        self.tls.is_set() && !super::broker_urls(&self.url).any(|u| u.starts_with("amqps://"))
+    }
+}
+
 /// `[gewe]`
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]

@@ -283,3 +283,36 @@ fn the_redactor_of_the_settings_masks_every_secret_in_any_text() {
         assert!(!masked.contains(line), "key line in {masked}");
     }
 }
+
+#[test]
+fn tls_settings_without_an_amqps_url_are_flagged_as_unused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ca, _, _) = pem_files(dir.path());
+    let ca = ca.display().to_string();
+    let load = |url: &str| {
+        Settings::load_from(
+            None,
+            env(&[
+                ("GEWE_WORKER__AMQP__URL", url),
+                ("GEWE_WORKER__AMQP__TLS__CA_FILE", &ca),
+            ]),
+        )
+        .expect("valid")
+    };
+    assert!(
+        load("amqp://u:p@h1/%2f,amqp://u:p@h2/%2f")
+            .amqp
+            .tls_unused()
+    );
+    assert!(
+        !load("amqp://u:p@h1/%2f,amqps://u:p@h2/%2f")
+            .amqp
+            .tls_unused()
+    );
+    assert!(
+        !Settings::load_from(None, env(&[]))
+            .expect("defaults")
+            .amqp
+            .tls_unused()
+    );
+}
