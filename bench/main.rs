@@ -10,6 +10,8 @@
 //! 3. worker against a simulator with `--latency`: achieved vs ideal
 //!    prefetch / latency.
 //!
+//! With `--soak DURATION` it runs the fault soak instead (see [`soak`]).
+//!
 //! Phases 1 and 2 alternate for `--rounds` rounds and the medians are
 //! reported: on a shared two-core machine one round can be off by 20 %.
 //! The load generator's publish rate and the result counter's drain rate
@@ -17,17 +19,19 @@
 //! reports the CPU time each process spent per message. Rates are taken
 //! between the first and the last result, so start-up is not counted.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
 use gewe_friend_worker::{
     app::{self, Application},
+    broker::Connector,
     config::Settings,
-    simulator,
+    redact::Redactor,
+    simulator, telemetry,
 };
 use lapin::{
-    Connection, ConnectionProperties,
+    ConnectionProperties,
     options::{ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions},
     types::FieldTable,
 };
@@ -35,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 mod cpu;
 mod phases;
+mod soak;
 
 use cpu::PhaseCpu;
 use phases::{CeilingRun, TOKEN, WorkerRun};
@@ -57,6 +62,15 @@ struct Args {
     /// GeWe latency in the slow phase.
     #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
     latency: Duration,
+    /// Run the fault soak for this long (e.g. `10m`) instead of the benchmark.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    soak: Option<Duration>,
+    /// Commands per second during the soak.
+    #[arg(long, default_value_t = 20)]
+    soak_rate: u32,
+    /// Where the soak writes `rss.csv` and the worker's `worker.log`.
+    #[arg(long, default_value = "target/soak")]
+    soak_dir: PathBuf,
     /// Run as the worker child process (internal).
     #[arg(long, hide = true)]
     as_worker: bool,
@@ -70,11 +84,20 @@ fn main() -> anyhow::Result<()> {
     if args.as_worker {
         return rt.block_on(async {
             let settings = Settings::load(None)?;
+            // Quiet unless RUST_LOG says otherwise (the soak keeps a log).
+            telemetry::init(
+                settings.log.format,
+                Redactor::new(settings.secrets()),
+                "error",
+            );
             Application::build(settings)
                 .await?
                 .run(app::shutdown_on_signals())
                 .await
         });
+    }
+    if let Some(duration) = args.soak {
+        return rt.block_on(soak::run(duration, args.soak_rate, &args.soak_dir));
     }
     rt.block_on(bench(args))
 }
@@ -108,7 +131,8 @@ fn median_cpu<'a>(runs: impl Iterator<Item = (f64, &'a PhaseCpu)>) -> Option<&'a
 async fn bench(args: Args) -> anyhow::Result<()> {
     let base = phases::settings("probe")?;
     let conn = Arc::new(
-        Connection::connect(&base.amqp.url, ConnectionProperties::default())
+        Connector::new(&base.amqp)?
+            .connect_first(ConnectionProperties::default())
             .await
             .context("the benchmark needs RabbitMQ (GEWE_WORKER__AMQP__URL)")?,
     );

@@ -10,7 +10,10 @@ use std::{
 
 use anyhow::{Context, bail};
 use futures_util::{StreamExt, future::join_all};
-use gewe_friend_worker::{broker::topology, config::Settings};
+use gewe_friend_worker::{
+    broker::{Connector, topology},
+    config::Settings,
+};
 use lapin::{
     BasicProperties, Channel, Connection, ConnectionProperties,
     options::{
@@ -84,7 +87,7 @@ pub async fn preload(
 }
 
 /// A queue bound to `exchange` receiving every result.
-async fn results_queue(ch: &Channel, exchange: &str) -> anyhow::Result<String> {
+pub async fn results_queue(ch: &Channel, exchange: &str) -> anyhow::Result<String> {
     let q = ch
         .queue_declare(
             "".into(),
@@ -137,7 +140,9 @@ pub async fn count(conn: &Connection, queue: &str, n: usize) -> anyhow::Result<f
 
 /// The bare loop: consume, publish a small confirmed event, ack.
 async fn bare_loop(s: &Settings, n: usize) -> anyhow::Result<()> {
-    let conn = Connection::connect(&s.amqp.url, ConnectionProperties::default()).await?;
+    let conn = Connector::new(&s.amqp)?
+        .connect_first(ConnectionProperties::default())
+        .await?;
     let consume = conn.create_channel().await?;
     consume
         .basic_qos(s.amqp.prefetch, BasicQosOptions::default())
@@ -186,6 +191,43 @@ async fn bare_loop(s: &Settings, n: usize) -> anyhow::Result<()> {
     }
     let _ = conn.close(200, "done".into()).await;
     Ok(())
+}
+
+/// The worker (this binary re-executed with `--as-worker`) on `s`'s broker
+/// and topology, against the GeWe at `gewe` and Redis at `redis`, if given;
+/// default settings otherwise. Add env and spawn.
+pub fn worker_command(
+    s: &Settings,
+    gewe: SocketAddr,
+    redis: Option<&str>,
+) -> anyhow::Result<tokio::process::Command> {
+    let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
+    cmd.arg("--as-worker")
+        .envs(gewe_friend_worker::config::amqp_env(&s.amqp))
+        .env("GEWE_WORKER__GEWE__BASE_URL", format!("http://{gewe}"))
+        .env("GEWE_WORKER__GEWE__TOKEN", TOKEN)
+        .env("GEWE_WORKER__HTTP__LISTEN", "127.0.0.1:0")
+        // The stored outcomes expire soon after the run.
+        .envs(redis.into_iter().flat_map(|url| {
+            [
+                ("GEWE_WORKER__REDIS__URL", url),
+                ("GEWE_WORKER__DEDUPE__WINDOW", "10m"),
+            ]
+        }))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .kill_on_drop(true);
+    Ok(cmd)
+}
+
+/// SIGTERM to the worker child; waits up to 40 s for it to exit.
+pub async fn terminate(child: &mut tokio::process::Child) {
+    if let Some(pid) = child.id() {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(40), child.wait()).await;
 }
 
 /// What one worker phase measured.
@@ -244,23 +286,9 @@ pub async fn worker_phase(
     topology::declare(&ch, &s.amqp).await?;
     let results = results_queue(&ch, &s.amqp.result_exchange).await?;
     let generator = preload(&ch, &s.amqp.command_queue, n, command_bodies()).await?;
-    let mut child = tokio::process::Command::new(std::env::current_exe()?)
-        .arg("--as-worker")
-        .envs(gewe_friend_worker::config::amqp_env(&s.amqp))
-        .env("GEWE_WORKER__GEWE__BASE_URL", format!("http://{gewe}"))
-        .env("GEWE_WORKER__GEWE__TOKEN", TOKEN)
+    let mut child = worker_command(s, gewe, redis)?
         .env("GEWE_WORKER__PACING__PER_APP_MIN_INTERVAL", "0s")
-        .env("GEWE_WORKER__HTTP__LISTEN", "127.0.0.1:0")
-        // The stored outcomes expire soon after the run.
-        .envs(redis.into_iter().flat_map(|url| {
-            [
-                ("GEWE_WORKER__REDIS__URL", url),
-                ("GEWE_WORKER__DEDUPE__WINDOW", "10m"),
-            ]
-        }))
-        .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .kill_on_drop(true)
         .spawn()?;
     let pid = child.id().context("worker pid")?;
     let broker = cpu::broker_pid();
@@ -268,10 +296,7 @@ pub async fn worker_phase(
     let rate = count(conn, &results, n).await?;
     let cpu = PhaseCpu::between(&before, &Snapshot::take(broker, Some(pid)), n);
     let peak_rss_kib = cpu::peak_rss_kib(pid)?;
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status();
-    let _ = tokio::time::timeout(Duration::from_secs(40), child.wait()).await;
+    terminate(&mut child).await;
     topology::remove(&ch, &s.amqp).await;
     Ok(WorkerRun {
         rate,

@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     breaker::Breaker,
+    broker::Connector,
     callbacks::{self, Callbacks, Ingress, IngressLink, Store},
     config::{QueueType, Settings},
     gewe::{Backoff, GeweClient},
@@ -31,6 +32,7 @@ const REDIS_PREFIX: &str = "gewe-friend-worker";
 /// port bound (so a busy port fails at start-up, not later).
 pub struct Application {
     settings: Settings,
+    connector: Connector,
     processor: Arc<Processor>,
     readiness: Arc<Readiness>,
     redis: Option<Arc<RedisClient>>,
@@ -49,7 +51,8 @@ impl Application {
         // Every metric exists from start-up, before the first command.
         let _ = meters();
         let token = settings.require_token()?;
-        let redactor = Redactor::new(secrecy::ExposeSecret::expose_secret(token));
+        let redactor = Redactor::new(settings.secrets());
+        let connector = Connector::new(&settings.amqp)?;
         let fd_limit = resources::fd_limit();
         let gewe = GeweClient::new(
             &settings.gewe.base_url,
@@ -128,6 +131,7 @@ impl Application {
         Ok(Self {
             readiness: Arc::new(Readiness::new(breaker, redis.clone())),
             settings,
+            connector,
             processor,
             redis,
             stop_calls,
@@ -162,6 +166,9 @@ impl Application {
             ops_stop.clone(),
         ));
         tracing::info!(ops = %self.ops_addr, gewe = %self.processor.gewe().url(), redis = self.redis.as_ref().map(|r| r.url()), callbacks = self.settings.callbacks.enabled, "gewe-friend-worker starting");
+        if self.settings.amqp.tls_unused() {
+            tracing::warn!("amqp.tls is set but no URL in amqp.url is amqps://; it is not used");
+        }
         let endpoint = self.callback_endpoint.map(|(listener, ingress)| {
             tracing::info!(addr = ?self.callback_addr, exchange = %self.settings.callbacks.exchange, "receiving GeWe callbacks on POST {}", callbacks::ingress::CALLBACK_PATH);
             tokio::spawn(http_server::serve(
@@ -187,6 +194,7 @@ impl Application {
         });
         let result = worker::run(
             &self.settings,
+            &self.connector,
             self.processor,
             self.callbacks,
             self.readiness,

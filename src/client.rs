@@ -15,7 +15,7 @@ use lapin::{
 };
 use serde_json::Value;
 
-use crate::config::{AmqpSettings, redact_url_password};
+use crate::{broker::Connector, config::AmqpSettings};
 
 /// A command as a publisher builds it.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -60,18 +60,13 @@ pub struct CommandClient {
 impl CommandClient {
     /// Connects to the broker of `amqp` and opens a private result queue.
     pub async fn connect(amqp: &AmqpSettings, listen: Listen) -> anyhow::Result<Self> {
-        let connection = Connection::connect(
-            &amqp.url,
-            ConnectionProperties::default()
-                .with_connection_name("gewe-friend-worker client".into()),
-        )
-        .await
-        .with_context(|| {
-            format!(
-                "could not connect to RabbitMQ at {}",
-                redact_url_password(&amqp.url)
+        let connection = Connector::new(amqp)?
+            .connect_first(
+                ConnectionProperties::default()
+                    .with_connection_name("gewe-friend-worker client".into()),
             )
-        })?;
+            .await
+            .context("could not connect to RabbitMQ")?;
         let channel = connection.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())

@@ -11,14 +11,14 @@
 use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context, bail};
-use lapin::{Connection, ConnectionProperties};
+use lapin::ConnectionProperties;
 use secrecy::SecretString;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     app::Application,
-    broker::topology,
+    broker::{Connector, topology},
     client::{CommandClient, Listen, NewCommand},
     config::Settings,
     simulator,
@@ -62,19 +62,15 @@ pub async fn run(mut settings: Settings, timeout: Duration) -> anyhow::Result<()
     );
     println!(
         "broker: {}",
-        crate::config::redact_url_password(&settings.amqp.url)
+        crate::config::redact_url_list(&settings.amqp.url)
     );
     println!("command queue: {}\n", settings.amqp.command_queue);
 
     // Declare first so the listener can bind before the worker publishes.
-    let setup = Connection::connect(&settings.amqp.url, ConnectionProperties::default())
+    let setup = Connector::new(&settings.amqp)?
+        .connect_first(ConnectionProperties::default())
         .await
-        .with_context(|| {
-            format!(
-                "the demo needs RabbitMQ at {} (start it, or set GEWE_WORKER__AMQP__URL)",
-                crate::config::redact_url_password(&settings.amqp.url)
-            )
-        })?;
+        .context("the demo needs RabbitMQ (start it, or set GEWE_WORKER__AMQP__URL)")?;
     let setup_channel = setup.create_channel().await?;
     topology::declare(&setup_channel, &settings.amqp).await?;
     topology::declare_callbacks(&setup_channel, &settings.amqp, &settings.callbacks).await?;

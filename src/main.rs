@@ -13,7 +13,6 @@ use gewe_friend_worker::{
     redact::Redactor,
     resources, simulator, telemetry,
 };
-use secrecy::ExposeSecret;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -38,15 +37,13 @@ fn main() -> ExitCode {
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let settings = Settings::load(cli.config.as_deref())?;
-    let redactor = settings
-        .gewe
-        .token
-        .as_ref()
-        .map(|t| Redactor::new(t.expose_secret()))
-        .unwrap_or_default();
+    // Everything logged from here on is cleaned of every configured secret,
+    // whichever crate writes the line.
+    let redactor = Redactor::new(settings.secrets());
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => {
             telemetry::init(settings.log.format, redactor, "info");
+            warn_about_short_secrets(&settings);
             prepare_process();
             let app = Application::build(settings).await?;
             app.run(app::shutdown_on_signals()).await
@@ -57,6 +54,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             // for `publish` or `demo` is valid without it.
             if let Err(e) = settings.require_token() {
                 eprintln!("warning: {e}; `run` will refuse to start without it");
+            }
+            if settings.amqp.tls_unused() {
+                eprintln!("warning: amqp.tls is set but no URL in amqp.url is amqps://");
             }
             eprintln!("configuration is valid");
             Ok(())
@@ -95,6 +95,17 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             server.await??;
             Ok(())
         }
+    }
+}
+
+/// Short secrets are masked in every log line and event text wherever they
+/// appear, unrelated words included; the default `guest` password is one.
+fn warn_about_short_secrets(settings: &Settings) {
+    for key in settings.short_secrets() {
+        tracing::warn!(
+            key,
+            "a secret shorter than 8 characters is masked wherever it appears in logs and events, also inside unrelated words: use a longer one"
+        );
     }
 }
 

@@ -1,18 +1,25 @@
-//! Removal of the GeWe token from every text that leaves the process.
+//! Removal of secrets from every text that leaves the process.
 //!
-//! GeWe echoes the token back in its "token unavailable" message, so keeping
-//! the token out of our own format strings is not enough: every outgoing text
-//! (log lines, event messages, metric labels) passes through [`Redactor`].
+//! GeWe echoes the token back in its "token unavailable" message, and
+//! lapin, redis and rustls format URLs and errors of their own, so keeping
+//! secrets out of our own format strings is not enough: every outgoing text
+//! (log lines, whoever wrote them, event messages, metric labels) passes
+//! through [`Redactor`], which masks every configured secret
+//! ([`crate::config::Settings::secrets`]).
 
 use std::{borrow::Cow, sync::Arc};
 
-/// What the token is replaced with.
+use aho_corasick::{AhoCorasick, MatchKind};
+
+/// What a secret is replaced with.
 pub const MASK: &str = "***";
 
-/// Replaces a secret with [`MASK`] in arbitrary text. Cheap to clone.
+/// Replaces any of a set of secrets with [`MASK`] in arbitrary text. Cheap
+/// to clone.
 #[derive(Clone, Default)]
 pub struct Redactor {
-    secret: Option<Arc<str>>,
+    /// `None` when there is nothing to mask.
+    secrets: Option<Arc<AhoCorasick>>,
 }
 
 impl std::fmt::Debug for Redactor {
@@ -22,38 +29,63 @@ impl std::fmt::Debug for Redactor {
 }
 
 impl Redactor {
-    /// A redactor for `secret`; an empty secret redacts nothing (replacing
-    /// the empty string would mangle every text).
-    pub fn new(secret: &str) -> Self {
-        Self {
-            secret: (!secret.is_empty()).then(|| Arc::from(secret)),
+    /// A redactor for `secrets`. Empty secrets are skipped (replacing the
+    /// empty string would mangle every text). Each secret is also masked as
+    /// JSON and Rust's `{:?}` escape it, so a quote or backslash in a
+    /// password cannot carry it past the mask in a JSON log line.
+    pub fn new<S: AsRef<str>>(secrets: impl IntoIterator<Item = S>) -> Self {
+        let mut needles: Vec<String> = Vec::new();
+        for secret in secrets {
+            let secret = secret.as_ref();
+            if secret.is_empty() {
+                continue;
+            }
+            let json = serde_json::to_string(secret).unwrap_or_default();
+            let debug = format!("{secret:?}");
+            for form in [secret, unquote(&json), unquote(&debug)] {
+                if !form.is_empty() && !needles.iter().any(|n| n == form) {
+                    needles.push(form.to_owned());
+                }
+            }
         }
+        if needles.is_empty() {
+            return Self::default();
+        }
+        // Leftmost-longest: a secret that contains another is masked whole.
+        let secrets = AhoCorasick::builder()
+            .match_kind(MatchKind::LeftmostLongest)
+            .build(&needles)
+            .ok()
+            .map(Arc::new);
+        Self { secrets }
     }
 
-    /// `text` with every occurrence of the secret replaced by `***`.
+    /// `text` with every occurrence of a secret replaced by `***`.
     pub fn redact<'a>(&self, text: &'a str) -> Cow<'a, str> {
-        match &self.secret {
-            Some(secret) if text.contains(&**secret) => Cow::Owned(text.replace(&**secret, MASK)),
+        match &self.secrets {
+            Some(secrets) if secrets.is_match(text) => {
+                Cow::Owned(secrets.replace_all(text, &vec![MASK; secrets.patterns_len()]))
+            }
             _ => Cow::Borrowed(text),
         }
     }
 
-    /// Byte-level variant for log writers; non-UTF-8 input is passed through
-    /// lossily converted, which never happens with tracing's formatters.
+    /// Byte-level variant for log writers.
     pub fn redact_bytes<'a>(&self, bytes: &'a [u8]) -> Cow<'a, [u8]> {
-        let Some(secret) = &self.secret else {
-            return Cow::Borrowed(bytes);
-        };
-        let needle = secret.as_bytes();
-        if !bytes.windows(needle.len()).any(|w| w == needle) {
-            return Cow::Borrowed(bytes);
+        match &self.secrets {
+            Some(secrets) if secrets.is_match(bytes) => Cow::Owned(
+                secrets.replace_all_bytes(bytes, &vec![MASK.as_bytes(); secrets.patterns_len()]),
+            ),
+            _ => Cow::Borrowed(bytes),
         }
-        Cow::Owned(
-            String::from_utf8_lossy(bytes)
-                .replace(&**secret, MASK)
-                .into_bytes(),
-        )
     }
+}
+
+fn unquote(quoted: &str) -> &str {
+    quoted
+        .strip_prefix('"')
+        .and_then(|s| s.strip_suffix('"'))
+        .unwrap_or(quoted)
 }
 
 #[cfg(test)]
@@ -62,7 +94,7 @@ mod tests {
 
     #[test]
     fn masks_every_occurrence() {
-        let r = Redactor::new("tok-123");
+        let r = Redactor::new(["tok-123"]);
         assert_eq!(
             r.redact("HTTP HEADER: X-GEWE-TOKEN=tok-123 不可用或已过期 tok-123"),
             "HTTP HEADER: X-GEWE-TOKEN=*** 不可用或已过期 ***"
@@ -72,8 +104,24 @@ mod tests {
     }
 
     #[test]
-    fn empty_secret_changes_nothing() {
-        assert_eq!(Redactor::new("").redact("abc"), "abc");
+    fn masks_each_of_several_secrets_whole() {
+        let r = Redactor::new(["pw-one", "pw-one-longer", "pw-two"]);
+        assert_eq!(
+            r.redact("amqp://u:pw-one-longer@h1 amqp://u:pw-two@h2 pw-one"),
+            "amqp://u:***@h1 amqp://u:***@h2 ***"
+        );
+    }
+
+    #[test]
+    fn masks_secrets_as_json_escapes_them() {
+        let r = Redactor::new([r#"p"w\d"#]);
+        let line = serde_json::json!({ "error": r#"auth p"w\d refused"# }).to_string();
+        assert_eq!(r.redact(&line), r#"{"error":"auth *** refused"}"#);
+    }
+
+    #[test]
+    fn empty_secrets_change_nothing() {
+        assert_eq!(Redactor::new([""]).redact("abc"), "abc");
         assert_eq!(Redactor::default().redact("abc"), "abc");
     }
 }

@@ -23,7 +23,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     breaker::{self, Breaker},
     broker::{
-        Session, SessionError,
+        Connector, Session, SessionError,
         session::{CALLBACK_PREFETCH, Next},
     },
     callbacks::{Callbacks, IngressLink},
@@ -110,8 +110,13 @@ enum SessionEnd {
 }
 
 /// Runs the worker until `shutdown` is cancelled.
+///
+/// With several nodes in `amqp.url`, each round tries them in turn, starting
+/// with the one after the node whose session was lost (the first node at
+/// start-up); the reconnect backoff applies only once a whole round failed.
 pub async fn run(
     settings: &Settings,
+    connector: &Connector,
     processor: Arc<Processor>,
     callbacks: CallbackParts,
     readiness: Arc<Readiness>,
@@ -124,50 +129,68 @@ pub async fn run(
     let stop_deadline = OnceLock::new();
     let mut pause = RECONNECT_MIN;
     let mut started = false;
-    while !shutdown.is_cancelled() {
-        let opened = tokio::select! {
-            () = shutdown.cancelled() => break,
-            s = Session::open(settings, &consumer_tag) => s,
-        };
-        match opened {
-            Ok(session) => {
-                if started {
-                    meters().broker_reconnects.increment(1);
+    // The node each round starts with.
+    let mut first = 0;
+    'rounds: while !shutdown.is_cancelled() {
+        let mut every_node_failed = true;
+        for node in (first..first + connector.len()).map(|i| i % connector.len()) {
+            let opened = tokio::select! {
+                () = shutdown.cancelled() => break 'rounds,
+                s = Session::open(connector, node, settings, &consumer_tag) => s,
+            };
+            let session = match opened {
+                Ok(session) => session,
+                Err(e) if !started && e.needs_operator() => return Err(WorkerError::Startup(e)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "broker node unavailable");
+                    continue;
                 }
-                started = true;
-                tracing::info!(queue = %settings.amqp.command_queue, prefetch = settings.amqp.prefetch, "consuming commands");
-                if settings.callbacks.enabled {
-                    tracing::info!(queue = %settings.callbacks.queue, prefetch = CALLBACK_PREFETCH, "consuming callbacks");
-                }
-                readiness.set_consuming(true);
-                let opened_at = tokio::time::Instant::now();
-                let end = consume(
-                    session,
-                    Handlers {
-                        commands: &processor,
-                        callbacks: &callbacks,
-                    },
-                    &tasks,
-                    &readiness,
-                    settings.shutdown.grace,
-                    &shutdown,
-                    &stop_deadline,
-                )
-                .await;
-                match end {
-                    SessionEnd::Shutdown => break,
-                    SessionEnd::Lost(reason) => {
-                        if opened_at.elapsed() >= HEALTHY_SESSION {
-                            pause = RECONNECT_MIN;
-                        }
-                        tracing::warn!(%reason, retry_in_ms = pause.as_millis() as u64, "broker session lost; reconnecting");
-                    }
-                }
+            };
+            if started {
+                meters().broker_reconnects.increment(1);
             }
-            Err(e) if !started && e.needs_operator() => return Err(WorkerError::Startup(e)),
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in_ms = pause.as_millis() as u64, "broker unavailable; retrying");
+            started = true;
+            tracing::info!(node = connector.shown(node), queue = %settings.amqp.command_queue, prefetch = settings.amqp.prefetch, "consuming commands");
+            if settings.callbacks.enabled {
+                tracing::info!(queue = %settings.callbacks.queue, prefetch = CALLBACK_PREFETCH, "consuming callbacks");
             }
+            readiness.set_consuming(true);
+            let opened_at = tokio::time::Instant::now();
+            let end = consume(
+                session,
+                Handlers {
+                    commands: &processor,
+                    callbacks: &callbacks,
+                },
+                &tasks,
+                &readiness,
+                settings.shutdown.grace,
+                &shutdown,
+                &stop_deadline,
+            )
+            .await;
+            let SessionEnd::Lost(reason) = end else {
+                break 'rounds;
+            };
+            first = node + 1;
+            if opened_at.elapsed() >= HEALTHY_SESSION {
+                // The others are tried right away, this node last.
+                pause = RECONNECT_MIN;
+                tracing::warn!(node = connector.shown(node), %reason, "broker session lost; reconnecting");
+                continue 'rounds;
+            }
+            // A session that died young ends the round with a backoff, so
+            // a flapping node is not hammered.
+            tracing::warn!(node = connector.shown(node), %reason, retry_in_ms = pause.as_millis() as u64, "broker session lost soon after it opened; reconnecting");
+            every_node_failed = false;
+            break;
+        }
+        if every_node_failed {
+            tracing::warn!(
+                nodes = connector.len(),
+                retry_in_ms = pause.as_millis() as u64,
+                "no broker node answered; retrying"
+            );
         }
         tokio::select! {
             () = shutdown.cancelled() => break,

@@ -317,11 +317,7 @@ async fn the_token_never_leaves_the_process_and_sigterm_exits_zero() {
             .contains("***")
     );
 
-    sigterm(&child);
-    let status = tokio::time::timeout(WAIT, child.wait())
-        .await
-        .expect("exits within grace")
-        .expect("wait");
+    let status = terminate(&mut child).await;
     let logs = logs.await.expect("join").expect("read logs");
     assert!(status.success(), "SIGTERM exits 0; logs:\n{logs}");
     // Each command's log lines carry its ids from the command span.
@@ -407,12 +403,7 @@ async fn a_sigkilled_worker_loses_nothing_and_with_redis_repeats_no_stored_call(
         assert_eq!(e.status(), "succeeded", "{}", e.body);
         seen.insert(e.body["commandId"].as_str().unwrap_or("").to_owned());
     }
-    sigterm(&second);
-    let status = tokio::time::timeout(WAIT, second.wait())
-        .await
-        .expect("exits")
-        .expect("wait");
-    assert!(status.success());
+    assert!(terminate(&mut second).await.success());
 
     let counts = calls.lock().expect("lock").clone();
     for id in &stored_before_kill {

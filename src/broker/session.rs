@@ -18,8 +18,8 @@ use lapin::{
     types::{FieldTable, ShortString},
 };
 
-use super::{Publisher, TopologyError, topology};
-use crate::config::{CallbacksSettings, Settings, redact_url_password};
+use super::{ConnectError, Connector, Publisher, TopologyError, topology};
+use crate::config::{CallbacksSettings, Settings};
 
 /// Unacknowledged callbacks held at once. Handling one is a few Redis round
 /// trips and at most one confirmed publish, so a small window keeps both
@@ -46,15 +46,9 @@ struct Callbacks {
 /// Why a session could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
-    /// TCP, TLS, authentication or vhost failure.
-    #[error("could not connect to the broker at {url}: {source}")]
-    Connect {
-        /// Broker URL, password redacted.
-        url: String,
-        /// lapin's error.
-        #[source]
-        source: lapin::Error,
-    },
+    /// TCP, TLS, authentication or vhost failure (or no answer in time).
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
     /// Declaring the topology failed.
     #[error(transparent)]
     Topology(#[from] TopologyError),
@@ -75,7 +69,7 @@ impl SessionError {
     pub fn needs_operator(&self) -> bool {
         match self {
             SessionError::Topology(t) => t.is_mismatch(),
-            SessionError::Connect { .. } | SessionError::Channel { .. } => false,
+            SessionError::Connect(_) | SessionError::Channel { .. } => false,
         }
     }
 }
@@ -92,20 +86,21 @@ pub struct Session {
 }
 
 impl Session {
-    /// Connects, declares (when `amqp.declare`; the delay queues of
-    /// `retry.park` and the callbacks' objects too), applies prefetch and
-    /// starts consuming `amqp.command_queue` with manual acks, and
-    /// `callbacks.queue` too with `callbacks.enabled`.
-    pub async fn open(settings: &Settings, consumer_tag: &str) -> Result<Self, SessionError> {
+    /// Connects to node `node` of `connector`, declares (when
+    /// `amqp.declare`; the delay queues of `retry.park` and the callbacks'
+    /// objects too), applies prefetch and starts consuming
+    /// `amqp.command_queue` with manual acks, and `callbacks.queue` too with
+    /// `callbacks.enabled`.
+    pub async fn open(
+        connector: &Connector,
+        node: usize,
+        settings: &Settings,
+        consumer_tag: &str,
+    ) -> Result<Self, SessionError> {
         let (a, c) = (&settings.amqp, &settings.callbacks);
         let properties = ConnectionProperties::default()
             .with_connection_name(format!("gewe-friend-worker {consumer_tag}").into());
-        let connection = Connection::connect(&a.url, properties)
-            .await
-            .map_err(|source| SessionError::Connect {
-                url: redact_url_password(&a.url),
-                source,
-            })?;
+        let connection = connector.connect(node, properties).await?;
         let consume_channel = connection
             .create_channel()
             .await

@@ -12,13 +12,17 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 mod durations;
+mod nodes;
 mod redact;
 mod sections;
 #[cfg(test)]
 mod tests;
+mod tls;
 
-pub use redact::{amqp_env, redact_url_password};
+pub use nodes::{broker_urls, url_password};
+pub use redact::{amqp_env, redact_url_list, redact_url_password};
 pub use sections::*;
+pub use tls::TlsSettings;
 
 /// Environment variable prefix for configuration overrides.
 pub const ENV_PREFIX: &str = "GEWE_WORKER";
@@ -169,15 +173,8 @@ impl Settings {
     /// Checks every constraint the types alone do not express.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let a = &self.amqp;
-        match a.url.parse::<lapin::uri::AMQPUri>() {
-            Ok(_) => {}
-            Err(e) => {
-                return Err(ConfigError::invalid(
-                    "amqp.url",
-                    format!("is not an AMQP URL: {e}"),
-                ));
-            }
-        }
+        nodes::validate_urls(&a.url)?;
+        a.tls.load()?;
         for (key, value) in [
             ("amqp.command_queue", &a.command_queue),
             ("amqp.result_exchange", &a.result_exchange),

@@ -1,9 +1,10 @@
-//! Printing configuration without its secrets.
+//! Printing configuration without its secrets, and the list of secrets
+//! every outgoing text is cleaned of.
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde::Serializer;
 
-use super::AmqpSettings;
+use super::{AmqpSettings, Settings, broker_urls, url_password};
 
 pub(super) fn serialize_secret<S: Serializer>(
     v: &Option<SecretString>,
@@ -15,8 +16,8 @@ pub(super) fn serialize_secret<S: Serializer>(
     }
 }
 
-pub(super) fn serialize_url_redacted<S: Serializer>(v: &str, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&redact_url_password(v))
+pub(super) fn serialize_url_list_redacted<S: Serializer>(v: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&redact_url_list(v))
 }
 
 pub(super) fn serialize_opt_url_redacted<S: Serializer>(
@@ -32,8 +33,21 @@ pub(super) fn serialize_opt_url_redacted<S: Serializer>(
 /// The environment variables that point another process at the same broker
 /// and topology as `a` (used to start worker processes in tests and the
 /// benchmark).
-pub fn amqp_env(a: &AmqpSettings) -> [(&'static str, String); 5] {
-    [
+pub fn amqp_env(a: &AmqpSettings) -> Vec<(&'static str, String)> {
+    let tls = [
+        ("GEWE_WORKER__AMQP__TLS__CA_FILE", &a.tls.ca_file),
+        (
+            "GEWE_WORKER__AMQP__TLS__CLIENT_CERT_FILE",
+            &a.tls.client_cert_file,
+        ),
+        (
+            "GEWE_WORKER__AMQP__TLS__CLIENT_KEY_FILE",
+            &a.tls.client_key_file,
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| Some((k, v.as_ref()?.display().to_string())));
+    let mut env = vec![
         ("GEWE_WORKER__AMQP__URL", a.url.clone()),
         ("GEWE_WORKER__AMQP__COMMAND_QUEUE", a.command_queue.clone()),
         (
@@ -48,8 +62,83 @@ pub fn amqp_env(a: &AmqpSettings) -> [(&'static str, String); 5] {
             "GEWE_WORKER__AMQP__DEAD_LETTER_QUEUE",
             a.dead_letter_queue.clone(),
         ),
-    ]
+    ];
+    env.extend(tls);
+    env
 }
+
+/// `amqp.url` with the password of every URL in the list replaced by `***`.
+pub fn redact_url_list(list: &str) -> String {
+    broker_urls(list)
+        .map(redact_url_password)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+impl Settings {
+    /// Every secret of the configuration, as the log writer and the event
+    /// texts must mask it: the GeWe token, the password of each broker URL
+    /// and of the Redis URL (as written and percent-decoded, since clients
+    /// print either), and the lines of the TLS client key.
+    pub fn secrets(&self) -> Vec<String> {
+        let mut secrets = Vec::new();
+        if let Some(token) = &self.gewe.token {
+            secrets.push(token.expose_secret().to_owned());
+        }
+        let urls = broker_urls(&self.amqp.url).chain(self.redis.url.as_deref());
+        for password in urls.filter_map(url_password) {
+            secrets.push(password.to_owned());
+            if let Ok(decoded) = percent_encoding::percent_decode_str(password).decode_utf8() {
+                secrets.push(decoded.into_owned());
+            }
+        }
+        if let Some(secret) = &self.callbacks.secret {
+            secrets.push(secret.expose_secret().to_owned());
+        }
+        secrets.extend(self.amqp.tls.key_secrets());
+        secrets.retain(|s| !s.is_empty());
+        secrets.sort();
+        secrets.dedup();
+        secrets
+    }
+}
+
+impl Settings {
+    /// The keys whose secret is short enough to be masked inside unrelated
+    /// text (`guest` in a username, a word in a log line): every text
+    /// leaving the worker has each secret masked wherever it appears.
+    pub fn short_secrets(&self) -> Vec<&'static str> {
+        let short = |s: &str| !s.is_empty() && s.chars().count() < SHORT_SECRET;
+        let mut keys = Vec::new();
+        if broker_urls(&self.amqp.url)
+            .filter_map(url_password)
+            .any(short)
+        {
+            keys.push("amqp.url (a password)");
+        }
+        if self
+            .redis
+            .url
+            .as_deref()
+            .and_then(url_password)
+            .is_some_and(short)
+        {
+            keys.push("redis.url (its password)");
+        }
+        if self
+            .callbacks
+            .secret
+            .as_ref()
+            .is_some_and(|s| short(s.expose_secret()))
+        {
+            keys.push("callbacks.secret");
+        }
+        keys
+    }
+}
+
+/// Secrets shorter than this are masked, but warned about.
+const SHORT_SECRET: usize = 8;
 
 /// Replaces the password of `scheme://user:password@host` with `***`.
 pub fn redact_url_password(url: &str) -> String {

@@ -5,7 +5,10 @@ use std::{net::SocketAddr, time::Duration};
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
-use super::redact::{serialize_opt_url_redacted, serialize_secret, serialize_url_redacted};
+use super::{
+    TlsSettings,
+    redact::{serialize_opt_url_redacted, serialize_secret, serialize_url_list_redacted},
+};
 
 /// Type of the command queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -21,9 +24,13 @@ pub enum QueueType {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AmqpSettings {
-    /// Broker URL; may carry a password, so it is redacted when printed.
-    #[serde(serialize_with = "serialize_url_redacted")]
+    /// Broker URL, or the URLs of a cluster's nodes separated by commas;
+    /// passwords are redacted when printed.
+    #[serde(serialize_with = "serialize_url_list_redacted")]
     pub url: String,
+    /// Private CA and client certificate for `amqps://` URLs.
+    #[serde(default)]
+    pub tls: TlsSettings,
     /// Queue the worker consumes.
     pub command_queue: String,
     /// Topic exchange results are published to.
@@ -40,6 +47,14 @@ pub struct AmqpSettings {
     pub prefetch: u16,
     /// Quorum `x-delivery-limit`.
     pub delivery_limit: u32,
+}
+
+impl AmqpSettings {
+    /// `amqp.tls` is set but no node is reached over TLS: most likely an
+    /// `amqp://` URL that should be `amqps://`.
+    pub fn tls_unused(&self) -> bool {
+        self.tls.is_set() && !super::broker_urls(&self.url).any(|u| u.starts_with("amqps://"))
+    }
 }
 
 /// `[gewe]`

@@ -1,5 +1,7 @@
 //! Loading, layering, validation and redaction of the configuration.
 
+use std::path::PathBuf;
+
 use super::*;
 
 fn env(pairs: &[(&str, &str)]) -> Option<HashMap<String, String>> {
@@ -222,4 +224,213 @@ fn a_token_too_short_to_mask_safely_is_refused() {
     assert!(err.contains("gewe.token"), "{err}");
     assert!(!err.contains("2026"), "{err}");
     assert!(Settings::load_from(None, env(&[("GEWE_WORKER__GEWE__TOKEN", "20261127")])).is_ok());
+}
+
+#[test]
+fn a_list_of_urls_is_printed_with_every_password_masked() {
+    let s = Settings::load_from(
+        None,
+        env(&[(
+            "GEWE_WORKER__AMQP__URL",
+            "amqp://u:pw-one@h1:5672/%2f, amqp://u:pw-two@h2:5672/%2f,amqps://u:pw%2Cthree@h3/v",
+        )]),
+    )
+    .expect("valid");
+    let printed = s.redacted_json();
+    assert!(
+        printed.contains("amqp://u:***@h1:5672/%2f,amqp://u:***@h2:5672/%2f,amqps://u:***@h3/v"),
+        "{printed}"
+    );
+    for secret in ["pw-one", "pw-two", "three"] {
+        assert!(!printed.contains(secret), "{printed}");
+    }
+    let secrets = s.secrets();
+    for secret in ["pw-one", "pw-two", "pw%2Cthree", "pw,three"] {
+        assert!(secrets.iter().any(|s| s == secret), "{secret} missing");
+    }
+}
+
+#[test]
+fn an_invalid_url_in_a_list_is_named_without_its_password() {
+    let err = Settings::load_from(
+        None,
+        env(&[(
+            "GEWE_WORKER__AMQP__URL",
+            "amqp://u:pw-one@h1/%2f,amqp:pw-two",
+        )]),
+    )
+    .expect_err("not a URL")
+    .to_string();
+    assert!(
+        err.contains("amqp.url") && err.contains("entry 2 of 2"),
+        "{err}"
+    );
+    assert!(!err.contains("pw-one") && !err.contains("pw-two"), "{err}");
+}
+
+/// A CA, a certificate and a key as PEM files in `dir` (content is only
+/// parsed, never verified, by validation).
+fn pem_files(dir: &std::path::Path) -> (PathBuf, PathBuf, PathBuf) {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .expect("params")
+        .self_signed(&key)
+        .expect("cert");
+    let (ca, crt, pem) = (
+        dir.join("ca.pem"),
+        dir.join("client.pem"),
+        dir.join("client.key"),
+    );
+    std::fs::write(&ca, cert.pem()).expect("write");
+    std::fs::write(&crt, cert.pem()).expect("write");
+    std::fs::write(&pem, key.serialize_pem()).expect("write");
+    (ca, crt, pem)
+}
+
+#[test]
+fn tls_files_are_checked_at_load_naming_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ca, cert, key) = pem_files(dir.path());
+    let missing = dir.path().join("missing.pem");
+    let path = |p: &PathBuf| p.display().to_string();
+    let ok = Settings::load_from(
+        None,
+        env(&[
+            ("GEWE_WORKER__AMQP__TLS__CA_FILE", &path(&ca)),
+            ("GEWE_WORKER__AMQP__TLS__CLIENT_CERT_FILE", &path(&cert)),
+            ("GEWE_WORKER__AMQP__TLS__CLIENT_KEY_FILE", &path(&key)),
+        ]),
+    )
+    .expect("valid TLS settings");
+    assert_eq!(ok.amqp.tls.ca_file.as_ref(), Some(&ca));
+    let key_text = std::fs::read_to_string(&key).expect("key");
+    let body = key_text.lines().nth(1).expect("a base64 line");
+    assert!(
+        ok.secrets().iter().any(|s| s == body),
+        "key lines are secrets"
+    );
+    let printed = ok.redacted_json();
+    assert!(!printed.contains(body), "{printed}");
+
+    for (pairs, named) in [
+        (
+            vec![("GEWE_WORKER__AMQP__TLS__CA_FILE", path(&missing))],
+            "amqp.tls.ca_file",
+        ),
+        (
+            vec![("GEWE_WORKER__AMQP__TLS__CA_FILE", path(&key))],
+            "amqp.tls.ca_file",
+        ),
+        (
+            vec![("GEWE_WORKER__AMQP__TLS__CLIENT_CERT_FILE", path(&cert))],
+            "amqp.tls.client_key_file",
+        ),
+        (
+            vec![("GEWE_WORKER__AMQP__TLS__CLIENT_KEY_FILE", path(&key))],
+            "amqp.tls.client_cert_file",
+        ),
+        (
+            vec![
+                ("GEWE_WORKER__AMQP__TLS__CLIENT_CERT_FILE", path(&cert)),
+                ("GEWE_WORKER__AMQP__TLS__CLIENT_KEY_FILE", path(&missing)),
+            ],
+            "amqp.tls.client_key_file",
+        ),
+        (
+            vec![
+                ("GEWE_WORKER__AMQP__TLS__CLIENT_CERT_FILE", path(&key)),
+                ("GEWE_WORKER__AMQP__TLS__CLIENT_KEY_FILE", path(&key)),
+            ],
+            "amqp.tls.client_cert_file",
+        ),
+        (
+            vec![
+                ("GEWE_WORKER__AMQP__TLS__CLIENT_CERT_FILE", path(&cert)),
+                ("GEWE_WORKER__AMQP__TLS__CLIENT_KEY_FILE", path(&cert)),
+            ],
+            "amqp.tls.client_key_file",
+        ),
+    ] {
+        let pairs: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let err = Settings::load_from(None, env(&pairs))
+            .expect_err(&format!("{pairs:?} must be rejected"))
+            .to_string();
+        assert!(
+            err.contains(named),
+            "{pairs:?}: {err} does not name {named}"
+        );
+        assert!(!err.contains(body), "the key leaks: {err}");
+    }
+}
+
+#[test]
+fn the_redactor_of_the_settings_masks_every_secret_in_any_text() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_, cert, key) = pem_files(dir.path());
+    let s = Settings::load_from(
+        None,
+        env(&[
+            ("GEWE_WORKER__GEWE__TOKEN", "tok-1a2b"),
+            (
+                "GEWE_WORKER__AMQP__URL",
+                "amqp://u:pw-one@h1/%2f,amqp://u:pw%21two@h2/%2f",
+            ),
+            ("GEWE_WORKER__REDIS__URL", "redis://:redis-pw@r:6379/0"),
+            (
+                "GEWE_WORKER__AMQP__TLS__CLIENT_CERT_FILE",
+                &cert.display().to_string(),
+            ),
+            (
+                "GEWE_WORKER__AMQP__TLS__CLIENT_KEY_FILE",
+                &key.display().to_string(),
+            ),
+        ]),
+    )
+    .expect("valid");
+    let key_text = std::fs::read_to_string(&key).expect("key");
+    let redactor = crate::redact::Redactor::new(s.secrets());
+    let text = format!(
+        "tok-1a2b pw-one pw%21two pw!two redis-pw {key_text} {}",
+        serde_json::json!({ "e": "pw!two" })
+    );
+    let masked = redactor.redact(&text);
+    for secret in ["tok-1a2b", "pw-one", "two", "redis-pw"] {
+        assert!(!masked.contains(secret), "{secret} in {masked}");
+    }
+    for line in key_text.lines().filter(|l| !l.starts_with("-----")) {
+        assert!(!masked.contains(line), "key line in {masked}");
+    }
+}
+
+#[test]
+fn tls_settings_without_an_amqps_url_are_flagged_as_unused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ca, _, _) = pem_files(dir.path());
+    let ca = ca.display().to_string();
+    let load = |url: &str| {
+        Settings::load_from(
+            None,
+            env(&[
+                ("GEWE_WORKER__AMQP__URL", url),
+                ("GEWE_WORKER__AMQP__TLS__CA_FILE", &ca),
+            ]),
+        )
+        .expect("valid")
+    };
+    assert!(
+        load("amqp://u:p@h1/%2f,amqp://u:p@h2/%2f")
+            .amqp
+            .tls_unused()
+    );
+    assert!(
+        !load("amqp://u:p@h1/%2f,amqps://u:p@h2/%2f")
+            .amqp
+            .tls_unused()
+    );
+    assert!(
+        !Settings::load_from(None, env(&[]))
+            .expect("defaults")
+            .amqp
+            .tls_unused()
+    );
 }

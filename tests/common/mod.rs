@@ -7,13 +7,18 @@ pub mod broker;
 pub mod callbacks;
 pub mod fake_gewe;
 pub mod logs;
+pub mod nodes;
 pub mod process;
 pub mod tcp_proxy;
 
 use std::{net::SocketAddr, time::Duration};
 
 use futures_util::StreamExt;
-use gewe_friend_worker::{app::Application, broker::topology, config::Settings};
+use gewe_friend_worker::{
+    app::Application,
+    broker::{Connector, topology},
+    config::{AmqpSettings, Settings},
+};
 use lapin::{
     BasicProperties, Channel, Connection, ConnectionProperties, Consumer,
     message::Delivery,
@@ -131,6 +136,21 @@ pub async fn confirm_channel(url: &str) -> (Connection, Channel) {
     let connection = Connection::connect(url, ConnectionProperties::default())
         .await
         .expect("RabbitMQ must be running for integration tests");
+    confirm_mode(connection).await
+}
+
+/// Like [`confirm_channel`], to the first node of `amqp.url` that answers,
+/// with `amqp.tls`, as the worker connects.
+pub async fn confirm_channel_to(amqp: &AmqpSettings) -> (Connection, Channel) {
+    let connection = Connector::new(amqp)
+        .expect("TLS files readable")
+        .connect_first(ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ must be running for integration tests");
+    confirm_mode(connection).await
+}
+
+async fn confirm_mode(connection: Connection) -> (Connection, Channel) {
     let channel = connection.create_channel().await.expect("channel");
     channel
         .confirm_select(ConfirmSelectOptions::default())
@@ -154,7 +174,7 @@ pub async fn bind_to_results(channel: &Channel, queue: &str, settings: &Settings
 }
 
 async fn listener(settings: Settings, bind_results: bool) -> TestApp {
-    let (connection, channel) = confirm_channel(&settings.amqp.url).await;
+    let (connection, channel) = confirm_channel_to(&settings.amqp).await;
     topology::declare(&channel, &settings.amqp)
         .await
         .expect("topology");

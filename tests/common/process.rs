@@ -67,3 +67,71 @@ pub fn sigterm(child: &tokio::process::Child) {
         .expect("kill");
     assert!(status.success(), "kill -TERM {pid}");
 }
+
+/// A child's stderr, read line by line while it runs (so a full pipe never
+/// blocks it), for tests that wait for a log line or search the whole log.
+pub struct Logs {
+    text: std::sync::Arc<std::sync::Mutex<String>>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Logs {
+    /// Starts reading `child`'s stderr.
+    pub fn capture(child: &mut tokio::process::Child) -> Self {
+        use tokio::io::{AsyncBufReadExt, BufReader};
+        let text = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let sink = text.clone();
+        let reader = tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let mut text = sink.lock().expect("lock");
+                text.push_str(&line);
+                text.push('\n');
+            }
+        });
+        Self { text, reader }
+    }
+
+    /// Everything logged so far.
+    pub fn text(&self) -> String {
+        self.text.lock().expect("lock").clone()
+    }
+
+    /// The whole log of a child that has exited.
+    pub async fn finish(self) -> String {
+        let Self { text, reader } = self;
+        let _ = tokio::time::timeout(super::WAIT, reader).await;
+        text.lock().expect("lock").clone()
+    }
+
+    /// Waits up to [`super::WAIT`] for a line containing every one of
+    /// `needles`; returns it, or panics with the log.
+    pub async fn wait_for(&self, needles: &[&str]) -> String {
+        let deadline = tokio::time::Instant::now() + super::WAIT;
+        loop {
+            if let Some(line) = self
+                .text()
+                .lines()
+                .find(|l| needles.iter().all(|n| l.contains(n)))
+            {
+                return line.to_owned();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no log line with {needles:?}:\n{}",
+                self.text()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// SIGTERM to `child`, then its exit status (within [`super::WAIT`]).
+pub async fn terminate(child: &mut tokio::process::Child) -> std::process::ExitStatus {
+    sigterm(child);
+    tokio::time::timeout(super::WAIT, child.wait())
+        .await
+        .expect("exits within grace")
+        .expect("wait")
+}

@@ -135,19 +135,31 @@ pub struct RedisServer {
     /// Its URL.
     pub url: String,
     port: u16,
+    password: Option<String>,
     child: Option<Child>,
 }
 
 impl RedisServer {
     /// Starts a server on a free port and waits until it answers.
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// Like [`RedisServer::start`], requiring `password` (in [`Self::url`]).
+    pub async fn start_with_password(password: &str) -> Self {
+        Self::start_with(Some(password)).await
+    }
+
+    async fn start_with(password: Option<&str>) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
+        let auth = password.map(|p| format!(":{p}@")).unwrap_or_default();
         let mut server = Self {
-            url: format!("redis://127.0.0.1:{port}/0"),
+            url: format!("redis://{auth}127.0.0.1:{port}/0"),
             port,
+            password: password.map(str::to_owned),
             child: None,
         };
         server.restart().await;
@@ -165,7 +177,11 @@ impl RedisServer {
     /// Starts the server (again) on its port, empty.
     pub async fn restart(&mut self) {
         self.kill();
-        let child = Command::new("redis-server")
+        let mut command = Command::new("redis-server");
+        if let Some(password) = &self.password {
+            command.args(["--requirepass", password]);
+        }
+        let child = command
             .args([
                 "--port",
                 &self.port.to_string(),
