@@ -1,7 +1,7 @@
 //! CPU and memory accounting from `/proc`, so one run shows who spent the
 //! machine's cores in each phase: the broker (`beam.smp`), the benchmark
-//! process itself (bare loop, load generator, result counter, simulator) and
-//! the worker child.
+//! process itself (load generator, result counter, simulator) and the
+//! pipeline's child process (a ceiling loop or the worker).
 
 use anyhow::Context;
 
@@ -76,17 +76,17 @@ fn machine() -> Option<(u64, u64)> {
 pub struct Snapshot {
     broker: Option<f64>,
     bench: f64,
-    worker: Option<f64>,
+    child: Option<f64>,
     machine: Option<(u64, u64)>,
 }
 
 impl Snapshot {
-    /// Takes a snapshot; `worker` is the worker child, if one runs.
-    pub fn take(broker: Option<u32>, worker: Option<u32>) -> Self {
+    /// Takes a snapshot; `child` is the pipeline's process, if one runs.
+    pub fn take(broker: Option<u32>, child: Option<u32>) -> Self {
         Self {
             broker: broker.and_then(|p| cpu_secs(p).ok()),
             bench: cpu_secs(std::process::id()).unwrap_or(0.0),
-            worker: worker.and_then(|p| cpu_secs(p).ok()),
+            child: child.and_then(|p| cpu_secs(p).ok()),
             machine: machine(),
         }
     }
@@ -98,8 +98,8 @@ pub struct PhaseCpu {
     pub broker_us: Option<f64>,
     /// µs of this process's CPU per message.
     pub bench_us: f64,
-    /// µs of the worker's CPU per message.
-    pub worker_us: Option<f64>,
+    /// µs of the pipeline process's CPU per message.
+    pub child_us: Option<f64>,
     /// Share of the machine's cores that were busy (0..=1).
     pub busy: Option<f64>,
 }
@@ -111,7 +111,7 @@ impl PhaseCpu {
         Self {
             broker_us: per(before.broker, after.broker),
             bench_us: (after.bench - before.bench) * 1e6 / n as f64,
-            worker_us: per(before.worker, after.worker),
+            child_us: per(before.child, after.child),
             busy: match (before.machine, after.machine) {
                 (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => {
                     Some((b1 - b0) as f64 / (t1 - t0) as f64)

@@ -1,18 +1,20 @@
-//! Benchmark: the worker against the broker's own ceiling, in one run.
+//! Benchmark: the worker against the pipeline's own ceilings, in one run.
 //!
 //! `cargo run --release --bin bench` (RabbitMQ at `GEWE_WORKER__AMQP__URL`
-//! or the local default). Phases, each on its own uniquely named topology:
+//! or the local default). Phases, each on its own uniquely named topology
+//! and each pipeline a child process (see [`pipelines`]):
 //!
-//! 1. ceiling: a bare loop with the same queue type and prefetch that
-//!    consumes, publishes a small confirmed event and acks (no HTTP);
-//! 2. worker: the real worker (this binary re-executed as a child process)
-//!    against the in-process GeWe simulator with no latency, pacing off;
-//! 3. worker against a simulator with `--latency`: achieved vs ideal
+//! 1. ceiling without HTTP: consume → confirmed publish → ack;
+//! 2. ceiling with HTTP: the same plus one keep-alive POST to the GeWe
+//!    simulator (no latency) per command: the anchor, since no worker that
+//!    calls GeWe can beat it;
+//! 3. worker: the real worker against the same simulator, pacing off;
+//! 4. worker against a simulator with `--latency`: achieved vs ideal
 //!    prefetch / latency.
 //!
 //! With `--soak DURATION` it runs the fault soak instead (see [`soak`]).
 //!
-//! Phases 1 and 2 alternate for `--rounds` rounds and the medians are
+//! Phases 1 to 3 alternate for `--rounds` rounds and the medians are
 //! reported: on a shared two-core machine one round can be off by 20 %.
 //! The load generator's publish rate and the result counter's drain rate
 //! are measured too, to show they are not the bottleneck, and every phase
@@ -23,13 +25,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
-use gewe_friend_worker::{
-    app::{self, Application},
-    broker::Connector,
-    config::Settings,
-    redact::Redactor,
-    simulator, telemetry,
-};
+use gewe_friend_worker::{broker::Connector, simulator};
 use lapin::{
     ConnectionProperties,
     options::{ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions},
@@ -39,10 +35,12 @@ use tokio_util::sync::CancellationToken;
 
 mod cpu;
 mod phases;
+mod pipelines;
 mod soak;
 
 use cpu::PhaseCpu;
-use phases::{CeilingRun, TOKEN, WorkerRun};
+use phases::{Run, TOKEN};
+use pipelines::Pipeline;
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -71,9 +69,9 @@ struct Args {
     /// Where the soak writes `rss.csv` and the worker's `worker.log`.
     #[arg(long, default_value = "target/soak")]
     soak_dir: PathBuf,
-    /// Run as the worker child process (internal).
-    #[arg(long, hide = true)]
-    as_worker: bool,
+    /// Run as this pipeline's child process (internal).
+    #[arg(long = "as", hide = true, value_enum)]
+    as_child: Option<Pipeline>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -81,20 +79,8 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    if args.as_worker {
-        return rt.block_on(async {
-            let settings = Settings::load(None)?;
-            // Quiet unless RUST_LOG says otherwise (the soak keeps a log).
-            telemetry::init(
-                settings.log.format,
-                Redactor::new(settings.secrets()),
-                "error",
-            );
-            Application::build(settings)
-                .await?
-                .run(app::shutdown_on_signals())
-                .await
-        });
+    if let Some(pipeline) = args.as_child {
+        return rt.block_on(pipelines::run_child(pipeline));
     }
     if let Some(duration) = args.soak {
         return rt.block_on(soak::run(duration, args.soak_rate, &args.soak_dir));
@@ -151,25 +137,30 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         args.n, base.amqp.prefetch, base.amqp.queue_type
     );
 
-    let mut ceilings: Vec<CeilingRun> = Vec::new();
-    let mut workers: Vec<WorkerRun> = Vec::new();
+    // Every round runs the three pipelines in turn, so a slow stretch of
+    // the machine hits all three alike.
+    let order = [Pipeline::Bare, Pipeline::Http, Pipeline::Worker];
+    let mut runs: Vec<(Pipeline, Run)> = Vec::new();
     for round in 1..=rounds {
-        let c = phases::ceiling_phase(&conn, args.n).await?;
-        let w = phases::worker_phase(&conn, &phases::settings("worker")?, fast_gewe, None, args.n)
-            .await?;
-        println!(
-            "round {round}: ceiling {:.0} msg/s, worker {:.0} msg/s, ratio {:.2}",
-            c.rate,
-            w.rate,
-            w.rate / c.rate
-        );
-        ceilings.push(c);
-        workers.push(w);
+        let mut line = format!("round {round}:");
+        for pipeline in order {
+            let s = phases::settings(pipeline.arg())?;
+            let run = phases::phase(&conn, pipeline, &s, fast_gewe, None, args.n).await?;
+            line.push_str(&format!(
+                " {} {:.0} msg/s {} µs/msg;",
+                pipeline.arg(),
+                run.rate,
+                cpu::opt(run.cpu.child_us, 0)
+            ));
+            runs.push((pipeline, run));
+        }
+        println!("{line}");
     }
     let with_redis = match &args.redis {
         Some(url) => Some(
-            phases::worker_phase(
+            phases::phase(
                 &conn,
+                Pipeline::Worker,
                 &phases::settings("redis")?,
                 fast_gewe,
                 Some(url),
@@ -179,8 +170,9 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let slow = phases::worker_phase(
+    let slow = phases::phase(
         &conn,
+        Pipeline::Worker,
         &phases::settings("slow")?,
         slow_gewe,
         None,
@@ -211,58 +203,96 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         .await;
     stop.cancel();
 
+    report(
+        &runs,
+        rounds,
+        with_redis.as_ref(),
+        slow,
+        ideal,
+        args.latency,
+        counter_rate,
+    );
+    let _ = conn.close(200, "bench done".into()).await;
+    Ok(())
+}
+
+/// Prints the tables of BENCHMARKS.md.
+fn report(
+    runs: &[(Pipeline, Run)],
+    rounds: usize,
+    with_redis: Option<&Run>,
+    slow: f64,
+    ideal: f64,
+    latency: Duration,
+    counter_rate: f64,
+) {
+    let of = |p: Pipeline| runs.iter().filter(move |(q, _)| *q == p).map(|(_, r)| r);
+    let rates = |p: Pipeline| of(p).map(|r| r.rate).collect::<Vec<_>>();
+    let cpus = |p: Pipeline| of(p).filter_map(|r| r.cpu.child_us).collect::<Vec<_>>();
+    let per_round = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(a, b)| a / b).collect::<Vec<_>>();
     let rate = |v: f64| format!("{v:.0}");
-    let ceiling_rates: Vec<f64> = ceilings.iter().map(|c| c.rate).collect();
-    let worker_rates: Vec<f64> = workers.iter().map(|w| w.rate).collect();
-    let ratios: Vec<f64> = workers
-        .iter()
-        .zip(&ceilings)
-        .map(|(w, c)| w.rate / c.rate)
-        .collect();
-    let peak_rss = workers.iter().map(|w| w.peak_rss_kib).max().unwrap_or(0);
-    let worker_cpu: Vec<f64> = workers
-        .iter()
-        .filter_map(|w| w.cpu.worker_us)
-        .map(|us| us / 1000.0)
-        .collect();
-    let generator: Vec<f64> = workers.iter().map(|w| w.generator).collect();
+    let micros = |v: f64| format!("{v:.1}");
+    let ratio = |v: f64| format!("{v:.2}");
 
     println!();
-    println!("| measurement (median of {rounds} rounds, range) | value |");
+    println!(
+        "| pipeline (median of {rounds} rounds, range) | msg/s | CPU µs per message (its process) | peak RSS |"
+    );
+    println!("| --- | --- | --- | --- |");
+    for p in [Pipeline::Bare, Pipeline::Http, Pipeline::Worker] {
+        let rss = of(p).map(|r| r.peak_rss_kib).max().unwrap_or(0);
+        println!(
+            "| {} | {} | {} | {:.1} MiB |",
+            p.name(),
+            spread(&rates(p), rate),
+            spread(&cpus(p), micros),
+            rss as f64 / 1024.0
+        );
+    }
+    println!();
+    println!("| ratio (per round, median and range) | value |");
     println!("| --- | --- |");
     println!(
-        "| broker ceiling (bare consume → confirmed publish → ack) | {} msg/s |",
-        spread(&ceiling_rates, rate)
+        "| worker / ceiling with HTTP, msg/s (target ≥ 0.90) | {} |",
+        spread(
+            &per_round(&rates(Pipeline::Worker), &rates(Pipeline::Http)),
+            ratio
+        )
     );
     println!(
-        "| worker, GeWe simulator without latency | {} msg/s |",
-        spread(&worker_rates, rate)
+        "| worker / ceiling with HTTP, CPU per message (target ≤ 1.2) | {} |",
+        spread(
+            &per_round(&cpus(Pipeline::Worker), &cpus(Pipeline::Http)),
+            ratio
+        )
     );
     println!(
-        "| worker / ceiling (per round) | {} |",
-        spread(&ratios, |v| format!("{v:.2}"))
+        "| worker / ceiling without HTTP, msg/s | {} |",
+        spread(
+            &per_round(&rates(Pipeline::Worker), &rates(Pipeline::Bare)),
+            ratio
+        )
     );
-    if let Some(r) = &with_redis {
+    println!(
+        "| ceiling with HTTP / without, msg/s | {} |",
+        spread(
+            &per_round(&rates(Pipeline::Http), &rates(Pipeline::Bare)),
+            ratio
+        )
+    );
+    if let Some(r) = with_redis {
         println!(
-            "| worker with Redis (shared dedupe), simulator without latency, one round | {:.0} msg/s ({:.2}× the in-memory median; worker CPU {} µs per message) |",
+            "| worker with Redis (shared dedupe), one round | {:.0} msg/s ({:.2}× the in-memory median; {} µs per message) |",
             r.rate,
-            r.rate / median(worker_rates.clone()),
-            cpu::opt(r.cpu.worker_us, 1),
+            r.rate / median(rates(Pipeline::Worker)),
+            cpu::opt(r.cpu.child_us, 1),
         );
     }
     println!(
-        "| worker, GeWe latency {:?} | {slow:.0} msg/s (ideal prefetch/latency {ideal:.0}) |",
-        args.latency
+        "| worker, GeWe latency {latency:?} | {slow:.0} msg/s (ideal prefetch/latency {ideal:.0}) |"
     );
     println!("| slow / ideal | {:.2} |", slow / ideal);
-    println!(
-        "| worker peak RSS (largest) | {:.1} MiB |",
-        peak_rss as f64 / 1024.0
-    );
-    println!(
-        "| worker CPU per 1,000 commands | {} s |",
-        spread(&worker_cpu, |v| format!("{v:.3}"))
-    );
+    let generator: Vec<f64> = runs.iter().map(|(_, r)| r.generator).collect();
     println!(
         "| load generator publish rate (confirmed) | {} msg/s |",
         spread(&generator, rate)
@@ -270,31 +300,26 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     println!("| result counter drain rate | {counter_rate:.0} msg/s |");
 
     println!();
-    println!("CPU time per message in µs, by process, in the median round (from /proc):");
+    println!(
+        "CPU time per message in µs, by process, in each pipeline's median round (from /proc):"
+    );
     println!();
-    println!("| phase | RabbitMQ | bench process | worker | all | machine busy |");
+    println!(
+        "| phase | RabbitMQ | bench process (counter, simulator) | pipeline process | all | machine busy |"
+    );
     println!("| --- | --- | --- | --- | --- | --- |");
-    let rows = [
-        (
-            "ceiling (bench: bare loop + counter)",
-            median_cpu(ceilings.iter().map(|c| (c.rate, &c.cpu))),
-        ),
-        (
-            "worker (bench: simulator + counter)",
-            median_cpu(workers.iter().map(|w| (w.rate, &w.cpu))),
-        ),
-    ];
-    for (phase, c) in rows {
-        let Some(c) = c else { continue };
-        let all = c.broker_us.unwrap_or(0.0) + c.bench_us + c.worker_us.unwrap_or(0.0);
+    for p in [Pipeline::Bare, Pipeline::Http, Pipeline::Worker] {
+        let Some(c) = median_cpu(of(p).map(|r| (r.rate, &r.cpu))) else {
+            continue;
+        };
+        let all = c.broker_us.unwrap_or(0.0) + c.bench_us + c.child_us.unwrap_or(0.0);
         println!(
-            "| {phase} | {} | {:.1} | {} | {all:.1} | {}% |",
+            "| {} | {} | {:.1} | {} | {all:.1} | {}% |",
+            p.arg(),
             cpu::opt(c.broker_us, 1),
             c.bench_us,
-            cpu::opt(c.worker_us, 1),
+            cpu::opt(c.child_us, 1),
             cpu::opt(c.busy.map(|b| b * 100.0), 0),
         );
     }
-    let _ = conn.close(200, "bench done".into()).await;
-    Ok(())
 }

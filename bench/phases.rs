@@ -4,18 +4,14 @@
 use std::{
     net::SocketAddr,
     process::Stdio,
-    sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail};
 use futures_util::{StreamExt, future::join_all};
-use gewe_friend_worker::{
-    broker::{Connector, topology},
-    config::Settings,
-};
+use gewe_friend_worker::{broker::topology, config::Settings};
 use lapin::{
-    BasicProperties, Channel, Connection, ConnectionProperties,
+    BasicProperties, Channel, Connection,
     options::{
         BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
         ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
@@ -23,7 +19,10 @@ use lapin::{
     types::FieldTable,
 };
 
-use crate::cpu::{self, PhaseCpu, Snapshot};
+use crate::{
+    cpu::{self, PhaseCpu, Snapshot},
+    pipelines::Pipeline,
+};
 
 /// The token the worker sends and the simulator expects.
 pub const TOKEN: &str = "bench-token";
@@ -138,62 +137,7 @@ pub async fn count(conn: &Connection, queue: &str, n: usize) -> anyhow::Result<f
     Ok((n.saturating_sub(1)) as f64 / elapsed.as_secs_f64().max(1e-9))
 }
 
-/// The bare loop: consume, publish a small confirmed event, ack.
-async fn bare_loop(s: &Settings, n: usize) -> anyhow::Result<()> {
-    let conn = Connector::new(&s.amqp)?
-        .connect_first(ConnectionProperties::default())
-        .await?;
-    let consume = conn.create_channel().await?;
-    consume
-        .basic_qos(s.amqp.prefetch, BasicQosOptions::default())
-        .await?;
-    let publish = conn.create_channel().await?;
-    publish
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    let mut consumer = consume
-        .basic_consume(
-            s.amqp.command_queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let exchange: Arc<str> = Arc::from(s.amqp.result_exchange.as_str());
-    let mut tasks = Vec::with_capacity(n);
-    for _ in 0..n {
-        let d = consumer.next().await.context("bare consumer closed")??;
-        let (publish, exchange) = (publish.clone(), exchange.clone());
-        tasks.push(tokio::spawn(async move {
-            let body = br#"{"commandId":"x","status":"succeeded","v3":"v3_x","attempts":1}"#;
-            let confirm = publish
-                .basic_publish(
-                    (*exchange).into(),
-                    "add_friend.succeeded".into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..Default::default()
-                    },
-                    body,
-                    BasicProperties::default().with_delivery_mode(2),
-                )
-                .await?
-                .await?;
-            if confirm.take_message().is_some() {
-                bail!("unroutable");
-            }
-            d.acker.ack(BasicAckOptions::default()).await?;
-            Ok(())
-        }));
-    }
-    for t in join_all(tasks).await {
-        t??;
-    }
-    let _ = conn.close(200, "done".into()).await;
-    Ok(())
-}
-
-/// The worker (this binary re-executed with `--as-worker`) on `s`'s broker
+/// The worker (this binary re-executed with `--as worker`) on `s`'s broker
 /// and topology, against the GeWe at `gewe` and Redis at `redis`, if given;
 /// default settings otherwise. Add env and spawn.
 pub fn worker_command(
@@ -201,8 +145,21 @@ pub fn worker_command(
     gewe: SocketAddr,
     redis: Option<&str>,
 ) -> anyhow::Result<tokio::process::Command> {
+    pipeline_command(Pipeline::Worker, s, gewe, redis)
+}
+
+/// `pipeline` as a child process (this binary re-executed with `--as`) on
+/// `s`'s broker and topology, against the GeWe at `gewe` and Redis at
+/// `redis`, if given; default settings otherwise. Add env and spawn.
+pub fn pipeline_command(
+    pipeline: Pipeline,
+    s: &Settings,
+    gewe: SocketAddr,
+    redis: Option<&str>,
+) -> anyhow::Result<tokio::process::Command> {
     let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
-    cmd.arg("--as-worker")
+    cmd.arg("--as")
+        .arg(pipeline.arg())
         .envs(gewe_friend_worker::config::amqp_env(&s.amqp))
         .env("GEWE_WORKER__GEWE__BASE_URL", format!("http://{gewe}"))
         .env("GEWE_WORKER__GEWE__TOKEN", TOKEN)
@@ -230,11 +187,11 @@ pub async fn terminate(child: &mut tokio::process::Child) {
     let _ = tokio::time::timeout(Duration::from_secs(40), child.wait()).await;
 }
 
-/// What one worker phase measured.
-pub struct WorkerRun {
+/// What one phase measured.
+pub struct Run {
     /// Results per second, first to last.
     pub rate: f64,
-    /// The worker's peak RSS.
+    /// The pipeline process's peak RSS.
     pub peak_rss_kib: u64,
     /// CPU per message, by party.
     pub cpu: PhaseCpu,
@@ -242,55 +199,28 @@ pub struct WorkerRun {
     pub generator: f64,
 }
 
-/// What one ceiling phase measured.
-pub struct CeilingRun {
-    /// Results per second, first to last.
-    pub rate: f64,
-    /// CPU per message, by party.
-    pub cpu: PhaseCpu,
-}
-
-/// The ceiling: `n` preloaded commands through the bare loop, counted on
-/// the result exchange like the worker's events.
-pub async fn ceiling_phase(conn: &Arc<Connection>, n: usize) -> anyhow::Result<CeilingRun> {
-    let s = settings("ceiling")?;
-    let ch = conn.create_channel().await?;
-    ch.confirm_select(ConfirmSelectOptions::default()).await?;
-    topology::declare(&ch, &s.amqp).await?;
-    let results = results_queue(&ch, &s.amqp.result_exchange).await?;
-    preload(&ch, &s.amqp.command_queue, n, command_bodies()).await?;
-    let counter = {
-        let (conn, results) = (conn.clone(), results.clone());
-        tokio::spawn(async move { count(&conn, &results, n).await })
-    };
-    let broker = cpu::broker_pid();
-    let before = Snapshot::take(broker, None);
-    bare_loop(&s, n).await?;
-    let rate = counter.await??;
-    let cpu = PhaseCpu::between(&before, &Snapshot::take(broker, None), n);
-    topology::remove(&ch, &s.amqp).await;
-    Ok(CeilingRun { rate, cpu })
-}
-
-/// Runs the worker as a child process on `s`, against `gewe` (and Redis at
-/// `redis`, if given), until `n` results arrived.
-pub async fn worker_phase(
+/// Runs `pipeline` as a child process on `s` (its own topology), against
+/// `gewe` (and Redis at `redis`, if given), until `n` preloaded commands
+/// have their results, counted on the result exchange the same way for
+/// every pipeline.
+pub async fn phase(
     conn: &Connection,
+    pipeline: Pipeline,
     s: &Settings,
     gewe: SocketAddr,
     redis: Option<&str>,
     n: usize,
-) -> anyhow::Result<WorkerRun> {
+) -> anyhow::Result<Run> {
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     topology::declare(&ch, &s.amqp).await?;
     let results = results_queue(&ch, &s.amqp.result_exchange).await?;
     let generator = preload(&ch, &s.amqp.command_queue, n, command_bodies()).await?;
-    let mut child = worker_command(s, gewe, redis)?
+    let mut child = pipeline_command(pipeline, s, gewe, redis)?
         .env("GEWE_WORKER__PACING__PER_APP_MIN_INTERVAL", "0s")
         .stderr(Stdio::null())
         .spawn()?;
-    let pid = child.id().context("worker pid")?;
+    let pid = child.id().context("child pid")?;
     let broker = cpu::broker_pid();
     let before = Snapshot::take(broker, Some(pid));
     let rate = count(conn, &results, n).await?;
@@ -298,7 +228,7 @@ pub async fn worker_phase(
     let peak_rss_kib = cpu::peak_rss_kib(pid)?;
     terminate(&mut child).await;
     topology::remove(&ch, &s.amqp).await;
-    Ok(WorkerRun {
+    Ok(Run {
         rate,
         peak_rss_kib,
         cpu,

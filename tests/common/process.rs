@@ -40,6 +40,12 @@ pub fn worker_command(settings: &Settings, gewe: &str) -> Command {
         .env("GEWE_WORKER__GEWE__BASE_URL", gewe)
         .env("GEWE_WORKER__GEWE__TOKEN", TOKEN)
         .env("GEWE_WORKER__DEDUPE__WINDOW", "10m")
+        // The test timeout: it also sets the Redis claim lease (timeout +
+        // 10 s), which a killed worker's claims hold commands for.
+        .env(
+            "GEWE_WORKER__GEWE__TIMEOUT",
+            humantime::format_duration(settings.gewe.timeout).to_string(),
+        )
         .env("GEWE_WORKER__PACING__PER_APP_MIN_INTERVAL", "0s")
         .env(
             "GEWE_WORKER__AMQP__PREFETCH",

@@ -1,0 +1,192 @@
+//! The pipelines the benchmark compares, each run as a child process (this
+//! binary re-executed) so its CPU time and memory are its own:
+//!
+//! - `bare`: consume → confirmed `mandatory` publish → ack, no HTTP: the
+//!   broker's own ceiling;
+//! - `http`: the same plus one keep-alive reqwest POST to the GeWe
+//!   simulator per command, its answer read: the ceiling of any worker that
+//!   calls GeWe, and the anchor the worker is judged against;
+//! - `worker`: the real worker.
+//!
+//! Every pipeline handles deliveries concurrently, one task each, within
+//! the same prefetch, so only what each does per message differs.
+
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use futures_util::StreamExt;
+use gewe_friend_worker::{
+    app::{self, Application},
+    broker::Connector,
+    config::Settings,
+    gewe::{ADD_MEMBER_PATH, TOKEN_HEADER},
+    redact::Redactor,
+    telemetry,
+};
+use lapin::{
+    BasicProperties, Channel, ConnectionProperties,
+    message::Delivery,
+    options::{
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+        ConfirmSelectOptions,
+    },
+    types::FieldTable,
+};
+
+/// Which pipeline a child process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Pipeline {
+    /// Consume, confirmed publish, ack.
+    Bare,
+    /// The same plus one HTTP POST per command.
+    Http,
+    /// The real worker.
+    Worker,
+}
+
+impl Pipeline {
+    /// Its `--as` value.
+    pub fn arg(self) -> &'static str {
+        match self {
+            Pipeline::Bare => "bare",
+            Pipeline::Http => "http",
+            Pipeline::Worker => "worker",
+        }
+    }
+
+    /// As the report names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Pipeline::Bare => "ceiling without HTTP (consume → confirmed publish → ack)",
+            Pipeline::Http => "ceiling with HTTP (the same + one keep-alive POST to GeWe)",
+            Pipeline::Worker => "gewe-friend-worker",
+        }
+    }
+}
+
+/// Runs `pipeline` in this (child) process on the settings of the
+/// environment, until SIGTERM.
+pub async fn run_child(pipeline: Pipeline) -> anyhow::Result<()> {
+    let settings = Settings::load(None)?;
+    match pipeline {
+        Pipeline::Worker => {
+            // Quiet unless RUST_LOG says otherwise (the soak keeps a log).
+            telemetry::init(
+                settings.log.format,
+                Redactor::new(settings.secrets()),
+                "error",
+            );
+            Application::build(settings)
+                .await?
+                .run(app::shutdown_on_signals())
+                .await
+        }
+        Pipeline::Bare | Pipeline::Http => {
+            let stop = app::shutdown_on_signals();
+            tokio::select! {
+                () = stop.cancelled() => Ok(()),
+                r = bare_loop(&settings, pipeline == Pipeline::Http) => r,
+            }
+        }
+    }
+}
+
+/// What each delivery's task needs.
+struct Loop {
+    publish: Channel,
+    exchange: String,
+    /// `Some` for the `http` pipeline.
+    http: Option<(reqwest::Client, reqwest::Url)>,
+}
+
+/// The bare loop, with one GeWe POST per command when `with_http`.
+async fn bare_loop(s: &Settings, with_http: bool) -> anyhow::Result<()> {
+    let conn = Connector::new(&s.amqp)?
+        .connect_first(ConnectionProperties::default())
+        .await?;
+    let consume = conn.create_channel().await?;
+    consume
+        .basic_qos(s.amqp.prefetch, BasicQosOptions::default())
+        .await?;
+    let publish = conn.create_channel().await?;
+    publish
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let http = if with_http {
+        let token = s.require_token()?;
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            TOKEN_HEADER,
+            secrecy::ExposeSecret::expose_secret(token).parse()?,
+        );
+        let client = reqwest::Client::builder()
+            .default_headers(headers)
+            .pool_max_idle_per_host(usize::from(s.amqp.prefetch))
+            .build()?;
+        let url = reqwest::Url::parse(&s.gewe.base_url)?.join(ADD_MEMBER_PATH)?;
+        Some((client, url))
+    } else {
+        None
+    };
+    let pipeline = Arc::new(Loop {
+        publish,
+        exchange: s.amqp.result_exchange.clone(),
+        http,
+    });
+    let mut consumer = consume
+        .basic_consume(
+            s.amqp.command_queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    while let Some(delivery) = consumer.next().await {
+        let delivery = delivery.context("consumer failed")?;
+        let pipeline = pipeline.clone();
+        tokio::spawn(async move {
+            if let Err(e) = pipeline.handle(delivery).await {
+                eprintln!("pipeline: {e:#}");
+            }
+        });
+    }
+    Ok(())
+}
+
+impl Loop {
+    async fn handle(&self, d: Delivery) -> anyhow::Result<()> {
+        if let Some((client, url)) = &self.http {
+            let answer = client
+                .post(url.clone())
+                .header("content-type", "application/json")
+                .body(r#"{"appId":"app","chatroomId":"1@chatroom","memberWxid":"wxid_x","content":"hello"}"#)
+                .send()
+                .await?
+                .bytes()
+                .await?;
+            if answer.is_empty() {
+                bail!("empty answer");
+            }
+        }
+        let body = br#"{"commandId":"x","status":"succeeded","v3":"v3_x","attempts":1}"#;
+        let confirm = self
+            .publish
+            .basic_publish(
+                self.exchange.as_str().into(),
+                "add_friend.succeeded".into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                body,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await?
+            .await?;
+        if confirm.take_message().is_some() {
+            bail!("unroutable");
+        }
+        d.acker.ack(BasicAckOptions::default()).await?;
+        Ok(())
+    }
+}
