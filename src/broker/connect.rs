@@ -15,6 +15,12 @@ use crate::config::{AmqpSettings, ConfigError, broker_urls, redact_url_password}
 
 /// Longest wait for one node to complete TCP, TLS and AMQP handshakes.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest frame the worker proposes, unless `amqp.url` sets
+/// `frame_max` itself. lapin keeps send and receive buffers of 32 frames
+/// each: at RabbitMQ's default of 128 KiB that is 8 MiB resident for
+/// messages of a few hundred bytes; at 16 KiB, 1 MiB. Larger bodies are
+/// split into several frames, as AMQP does anyway.
+pub const FRAME_MAX: u32 = 16 * 1024;
 
 /// Why one node could not be connected to. Every variant names the node by
 /// its URL with the password masked.
@@ -84,7 +90,7 @@ impl Connector {
     pub fn new(a: &AmqpSettings) -> Result<Self, ConfigError> {
         let nodes = broker_urls(&a.url)
             .map(|url| Node {
-                url: url.to_owned(),
+                url: with_frame_max(url),
                 shown: redact_url_password(url),
             })
             .collect();
@@ -146,6 +152,15 @@ impl Connector {
         }
         Err(NoNodeAnswered(errors))
     }
+}
+
+/// `url` proposing [`FRAME_MAX`], unless it names a `frame_max` itself.
+fn with_frame_max(url: &str) -> String {
+    if url.contains("frame_max=") {
+        return url.to_owned();
+    }
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}frame_max={FRAME_MAX}")
 }
 
 /// Every node of `amqp.url` failed; one error per node, in order.
@@ -225,4 +240,29 @@ fn tls_error(e: &lapin::Error) -> Option<&rustls::Error> {
         cause = e.source();
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_smaller_frame_is_proposed_unless_the_url_names_one() {
+        assert_eq!(
+            with_frame_max("amqp://u:p@h:5672/%2f"),
+            "amqp://u:p@h:5672/%2f?frame_max=16384"
+        );
+        assert_eq!(
+            with_frame_max("amqps://h/v?heartbeat=10"),
+            "amqps://h/v?heartbeat=10&frame_max=16384"
+        );
+        assert_eq!(
+            with_frame_max("amqp://h/v?frame_max=4096"),
+            "amqp://h/v?frame_max=4096"
+        );
+        for url in ["amqp://u:p@h:5672/%2f", "amqps://h/v?heartbeat=10"] {
+            let parsed: lapin::uri::AMQPUri = with_frame_max(url).parse().expect("parses");
+            assert_eq!(parsed.query.frame_max, Some(FRAME_MAX));
+        }
+    }
 }
