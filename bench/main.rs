@@ -74,6 +74,11 @@ struct Args {
     as_child: Option<Pipeline>,
 }
 
+/// The worker's allocator (see `src/main.rs`), so that the ceilings, which
+/// run as this binary too, are measured on the same one.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
