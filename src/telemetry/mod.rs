@@ -7,6 +7,10 @@ use tracing_subscriber::{EnvFilter, fmt::MakeWriter};
 
 use crate::{config::LogFormat, redact::Redactor};
 
+mod span_fields;
+
+pub use span_fields::JsonSpanFields;
+
 /// Writes to stderr with the token masked. Each log event reaches the writer
 /// as one formatted buffer, so a token is never split across writes.
 #[derive(Clone)]
@@ -63,9 +67,10 @@ pub fn init(format: Option<LogFormat>, redactor: Redactor, default_filter: &str)
             .json()
             .flatten_event(true)
             .with_current_span(false)
-            // Every enclosing span: lines inside `attempt` still carry the
-            // command's command_id and app_id.
+            // Every enclosing span: a line logged inside another span
+            // still carries its command's command_id and app_id.
             .with_span_list(true)
+            .fmt_fields(JsonSpanFields)
             .try_init(),
         LogFormat::Pretty => builder.compact().try_init(),
     };
@@ -162,7 +167,7 @@ mod tests {
             line["location"]
                 .as_str()
                 .unwrap_or("")
-                .contains("telemetry.rs")
+                .contains("telemetry/mod.rs")
         );
     }
 }
