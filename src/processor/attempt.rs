@@ -6,7 +6,6 @@
 //! abandoned: its answer is what the command's outcome is made of.
 
 use tokio::time::Instant;
-use tracing::Instrument;
 
 use super::Processor;
 use crate::{
@@ -28,8 +27,7 @@ impl Processor {
         tally: &mut Tally,
     ) -> Result<CallOutcome, Interrupted> {
         loop {
-            let span = tracing::error_span!("attempt", attempt = tally.attempts + 1);
-            let (verdict, probe) = self.attempt(cmd, claim, halt).instrument(span).await?;
+            let (verdict, probe) = self.attempt(cmd, claim, halt, tally.attempts + 1).await?;
             let step = self.backoff.after(tally, verdict, probe, &mut rand::rng());
             match step {
                 Step::Done(result) => {
@@ -65,13 +63,17 @@ impl Processor {
         }
     }
 
-    /// One attempt: breaker, pacing, claim, request. Returns the verdict and
-    /// whether the attempt was the breaker's half-open probe.
+    /// One attempt (number `n`): breaker, pacing, claim, request. Returns
+    /// the verdict and whether the attempt was the breaker's half-open probe.
+    /// Its log lines carry `attempt = n` as a field rather than a span of
+    /// their own: a span per attempt costs its formatting on every command,
+    /// logged or not.
     async fn attempt(
         &self,
         cmd: &Command,
         claim: &Claim<'_>,
         halt: &Halt,
+        n: u32,
     ) -> Result<(Verdict, bool), Interrupted> {
         let request = self.gewe.timeout();
         // Before the breaker and pacing: a claim that needs renewing first
@@ -90,6 +92,7 @@ impl Processor {
         // gone: the command goes back to the queue instead.
         halt.check()?;
         tracing::debug!(
+            attempt = n,
             waited_ms = turn.waited.as_millis() as u64,
             probe = admission.is_probe(),
             "calling GeWe"
@@ -105,7 +108,7 @@ impl Processor {
             // Not GeWe's doing: the breaker hears nothing of it (a dropped
             // admission hands a probe's turn on).
             meters().gewe_local_errors.increment(1);
-            tracing::warn!(error = %message, "the request could not leave this process; trying again later");
+            tracing::warn!(attempt = n, error = %message, "the request could not leave this process; trying again later");
             drop(admission);
         } else {
             let failure = verdict.failure();
