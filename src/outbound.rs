@@ -58,7 +58,10 @@ pub async fn publish_event(
     event: &ResultEvent,
     publisher: &Publisher,
 ) -> Result<(), OutboundError> {
-    let body = serde_json::to_vec(event)?;
+    // A result event is 300-600 bytes: one allocation instead of a 128-byte
+    // start and two or three doublings.
+    let mut body = Vec::with_capacity(640);
+    serde_json::to_writer(&mut body, event)?;
     let properties = event_properties(envelope, event);
     let main = publisher.publish(
         result_exchange,

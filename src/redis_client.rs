@@ -144,13 +144,16 @@ impl RedisClient {
         &self,
         invocation: &ScriptInvocation<'_>,
     ) -> Result<T, RedisError> {
-        let result = async {
+        // Boxed: the redis future is about 4 KiB, and every caller's state
+        // machine (the command pipeline's included, Redis configured or
+        // not) would otherwise carry it inline and copy it on each call.
+        let result = Box::pin(async {
             let mut conn = self.conn().await?;
             invocation
                 .invoke_async(&mut conn)
                 .await
                 .map_err(|e| self.unavailable(e))
-        }
+        })
         .await;
         self.observe(result)
     }

@@ -102,22 +102,23 @@ impl Publisher {
             reply_code: 0,
             reply_text: "routing key longer than 255 bytes".to_owned(),
         })?;
-        let confirm = self
-            .channel
-            .basic_publish(
-                ShortString::from(exchange),
-                routing,
-                BasicPublishOptions {
-                    mandatory,
-                    ..BasicPublishOptions::default()
-                },
-                body,
-                properties,
-            )
-            .await
-            .map_err(broker)?
-            .await
-            .map_err(broker)?;
+        // Boxed: lapin's publish future is kilobytes, and inline it would
+        // be copied into every caller's state machine, twice where an event
+        // also goes to `reply_to`.
+        let confirm = Box::pin(self.channel.basic_publish(
+            ShortString::from(exchange),
+            routing,
+            BasicPublishOptions {
+                mandatory,
+                ..BasicPublishOptions::default()
+            },
+            body,
+            properties,
+        ))
+        .await
+        .map_err(broker)?
+        .await
+        .map_err(broker)?;
         match confirm {
             Confirmation::Ack(None) => Ok(()),
             Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {

@@ -24,12 +24,14 @@ impl Processor {
     /// confirmed `succeeded` event's `v3` is remembered for callbacks before
     /// the delivery is settled.
     pub(super) async fn publish(&self, event: &ResultEvent, d: &Inbound) -> bool {
-        match publish_event(
+        // Boxed: it holds two publishes at once (result exchange and
+        // `reply_to`); inline, every path that publishes would carry them.
+        match Box::pin(publish_event(
             &self.result_exchange,
             &d.envelope,
             event,
             &d.session.publisher,
-        )
+        ))
         .await
         {
             Ok(()) => {
