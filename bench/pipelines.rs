@@ -9,7 +9,11 @@
 //! - `worker`: the real worker.
 //!
 //! Every pipeline handles deliveries concurrently, one task each, within
-//! the same prefetch, so only what each does per message differs.
+//! the same prefetch, so only what each does per message differs. The bare
+//! loops publish what the worker publishes for a success: an event of the
+//! same size, with the same properties (made by the worker's own
+//! `outbound::properties`), so the broker and the client library move the
+//! same bytes for all three.
 
 use std::sync::Arc;
 
@@ -20,11 +24,12 @@ use gewe_friend_worker::{
     broker::Connector,
     config::Settings,
     gewe::{ADD_MEMBER_PATH, TOKEN_HEADER},
+    outbound,
     redact::Redactor,
     telemetry,
 };
 use lapin::{
-    BasicProperties, Channel, ConnectionProperties,
+    Channel, ConnectionProperties,
     message::Delivery,
     options::{
         BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
@@ -99,6 +104,18 @@ struct Loop {
     http: Option<(reqwest::Client, reqwest::Url)>,
 }
 
+/// A bench command's id: `bench-<run>-<i>` (see `phases::command_bodies`).
+const COMMAND_ID: &str = "bench-0123456789abcdef0123456789abcdef-12345";
+
+/// The success event the worker publishes for a bench command, byte for
+/// byte in shape and size.
+const SUCCEEDED_EVENT: &str = concat!(
+    r#"{"commandId":"bench-0123456789abcdef0123456789abcdef-12345","status":"succeeded","#,
+    r#""appId":"app-1234","chatroomId":"34757816141@chatroom","memberWxid":"wxid_12345","#,
+    r#""v3":"v3_0123456789abcdef0123456789abcdef@stranger","attempts":1,"#,
+    r#""receivedAt":"2026-11-27T19:24:31.123Z","completedAt":"2026-11-27T19:24:31.125Z"}"#
+);
+
 /// The bare loop, with one GeWe POST per command when `with_http`.
 async fn bare_loop(s: &Settings, with_http: bool) -> anyhow::Result<()> {
     let conn = Connector::new(&s.amqp)?
@@ -168,7 +185,6 @@ impl Loop {
                 bail!("empty answer");
             }
         }
-        let body = br#"{"commandId":"x","status":"succeeded","v3":"v3_x","attempts":1}"#;
         let confirm = self
             .publish
             .basic_publish(
@@ -178,8 +194,8 @@ impl Loop {
                     mandatory: true,
                     ..Default::default()
                 },
-                body,
-                BasicProperties::default().with_delivery_mode(2),
+                SUCCEEDED_EVENT.as_bytes(),
+                outbound::properties(COMMAND_ID, "add_friend.succeeded", None),
             )
             .await?
             .await?;
