@@ -84,12 +84,18 @@ impl Halt {
     }
 
     /// Runs `wait` unless a signal fires first.
+    ///
+    /// `wait` is polled before the signals: most waits (a free slot, a
+    /// closed breaker, no pacing) are ready at once, and then the signals'
+    /// waiter registrations, two locked list insertions and removals, are
+    /// never made. The signals were checked just before, and every step that
+    /// must not run after one (the GeWe call, publishing) checks again.
     pub async fn guard<F: Future>(&self, wait: F) -> Result<F::Output, Interrupted> {
         self.check()?;
         tokio::select! {
             biased;
-            reason = self.fired() => Err(reason),
             out = wait => Ok(out),
+            reason = self.fired() => Err(reason),
         }
     }
 
