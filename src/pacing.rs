@@ -114,7 +114,9 @@ impl SharedPacing {
 pub struct Pacer {
     concurrency: usize,
     interval: Duration,
-    accounts: Mutex<HashMap<String, Arc<Account>>>,
+    /// ahash: randomly seeded per process like std's SipHash, so input
+    /// cannot pick collisions, and cheaper on short keys.
+    accounts: Mutex<HashMap<String, Arc<Account>, ahash::RandomState>>,
     shared: Option<SharedPacing>,
 }
 
@@ -131,7 +133,7 @@ impl Pacer {
         Self {
             concurrency: settings.per_app_concurrency.max(1) as usize,
             interval: settings.per_app_min_interval,
-            accounts: Mutex::new(HashMap::new()),
+            accounts: Mutex::new(HashMap::default()),
             shared,
         }
     }

@@ -17,7 +17,9 @@ use crate::halt::{Halt, Interrupted};
 /// The commandIds held by tasks of this process.
 #[derive(Default)]
 pub struct LocalClaims {
-    held: Mutex<HashMap<String, Arc<Notify>>>,
+    /// ahash: randomly seeded per process like std's SipHash, so input
+    /// cannot pick collisions, and cheaper on short commandIds.
+    held: Mutex<HashMap<String, Arc<Notify>, ahash::RandomState>>,
 }
 
 /// Holds a commandId in this process; dropping it wakes the waiters.
@@ -28,7 +30,7 @@ pub struct LocalGuard<'a> {
 }
 
 impl LocalClaims {
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Arc<Notify>>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Arc<Notify>, ahash::RandomState>> {
         self.held.lock().unwrap_or_else(PoisonError::into_inner)
     }
 

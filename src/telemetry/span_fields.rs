@@ -168,6 +168,11 @@ fn push_escaped(out: &mut String, text: &str) {
 /// whole UTF-8 and are copied as they are.
 fn escape_into(out: &mut String, text: &str) {
     let bytes = text.as_bytes();
+    // Ids and names rarely need escaping: one check, one copy.
+    if !bytes.iter().any(|&b| b == b'"' || b == b'\\' || b < 0x20) {
+        out.push_str(text);
+        return;
+    }
     let mut start = 0;
     for (at, &b) in bytes.iter().enumerate() {
         let escaped = match b {
