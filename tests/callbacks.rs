@@ -210,11 +210,7 @@ async fn callbacks_that_match_nothing_are_acked_and_every_outcome_is_counted() {
         stderr.read_to_string(&mut logs).await.map(|_| logs)
     });
     // Ready, once the process listens at all.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while reqwest::get(format!("http://{ops}/healthz")).await.is_err() {
-        assert!(tokio::time::Instant::now() < deadline, "the worker starts");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    broker::wait_for_status(ops, "/healthz", 200).await;
     wait_for_readyz(ops, 200, "ready").await;
 
     let (id, app_id) = (unique("count"), unique("app"));

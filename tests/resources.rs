@@ -49,7 +49,7 @@ async fn out_of_descriptors_is_neither_a_gewe_outage_nor_a_panic_loop() {
             .publish(&command(&unique(&format!("fd-{i}")), &unique("app")))
             .await;
     }
-    wait_for_ops(ops).await;
+    broker::wait_for_status(ops, "/healthz", 200).await;
     // Out of descriptors: GeWe requests cannot leave...
     let deadline = tokio::time::Instant::now() + WAIT;
     while metric(ops, "gewe_requests_total", "local_error").await < 1.0 {

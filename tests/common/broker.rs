@@ -14,17 +14,25 @@ pub async fn get(addr: SocketAddr, route: &str) -> (u16, String) {
     (status, response.text().await.expect("body"))
 }
 
-/// Polls `route` until it answers `want` or [`WAIT`] passes.
+/// Polls `route` until it answers `want` or [`WAIT`] passes. A refused
+/// connection counts as not yet: a worker child binds its ops endpoint
+/// during start-up, which a busy machine can make slower than the test.
 pub async fn wait_for_status(addr: SocketAddr, route: &str, want: u16) {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let (status, body) = get(addr, route).await;
-        if status == want {
-            return;
-        }
+        let seen = match reqwest::get(format!("http://{addr}{route}")).await {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                if status == want {
+                    return;
+                }
+                format!("{status} ({})", response.text().await.unwrap_or_default())
+            }
+            Err(e) => format!("unanswered ({e})"),
+        };
         assert!(
             tokio::time::Instant::now() < deadline,
-            "{route} stayed {status} ({body}), wanted {want}"
+            "{route} stayed {seen}, wanted {want}"
         );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }

@@ -64,20 +64,6 @@ pub fn free_addr() -> SocketAddr {
         .expect("a free port")
 }
 
-/// Waits (up to [`WAIT`](super::WAIT)) until a child's ops endpoint at
-/// `ops` answers `/healthz`: a child binds it during start-up, and a busy
-/// machine can take longer to get there than a test takes to publish.
-pub async fn wait_for_ops(ops: SocketAddr) {
-    let deadline = tokio::time::Instant::now() + super::WAIT;
-    while reqwest::get(format!("http://{ops}/healthz")).await.is_err() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the worker's ops endpoint at {ops} never answered"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-}
-
 /// Sends SIGTERM to `child`, as an orchestrator stops it.
 pub fn sigterm(child: &tokio::process::Child) {
     let pid = child.id().expect("the child is running").to_string();
