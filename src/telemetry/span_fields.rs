@@ -6,7 +6,8 @@
 //! `JsonFields` first builds a map of `serde_json::Value`s and then
 //! serialises it through a UTF-8-checking adaptor: about a dozen
 //! allocations and 7,000 instructions per command, for lines most commands
-//! never log (BENCHMARKS.md). This writes the same JSON object directly.
+//! never log (BENCHMARKS.md). This writes the same JSON object directly,
+//! each key and value encoded by serde_json as there.
 
 use std::fmt::{self, Write};
 
@@ -56,16 +57,18 @@ impl<'writer> FormatFields<'writer> for JsonSpanFields {
     }
 }
 
-/// A JSON object being written; the first formatting error is kept.
+/// A JSON object being written, its keys and values encoded by serde_json
+/// as `JsonFields` encodes them; the first error is kept.
 struct Object {
-    out: String,
+    out: Vec<u8>,
     first: bool,
     failed: Option<fmt::Error>,
 }
 
 impl Object {
-    fn open(mut out: String) -> Self {
-        out.push('{');
+    fn open(out: String) -> Self {
+        let mut out = out.into_bytes();
+        out.push(b'{');
         Self {
             out,
             first: true,
@@ -75,133 +78,71 @@ impl Object {
 
     fn reopen(out: String) -> Self {
         Self {
-            out,
+            out: out.into_bytes(),
             first: false,
             failed: None,
         }
     }
 
     fn close(mut self) -> Result<String, fmt::Error> {
-        match self.failed {
-            Some(e) => Err(e),
-            None => {
-                self.out.push('}');
-                Ok(self.out)
-            }
+        if let Some(e) = self.failed {
+            return Err(e);
         }
+        self.out.push(b'}');
+        String::from_utf8(self.out).map_err(|_| fmt::Error)
     }
 
-    /// Writes `"name":` and returns false for fields `JsonFields` skips.
-    fn key(&mut self, field: &Field) -> bool {
+    /// Writes `"name":value`, except for fields `JsonFields` skips.
+    fn entry<T: serde::Serialize + ?Sized>(&mut self, field: &Field, value: &T) {
         let name = field.name();
         if name.starts_with("log.") {
-            return false;
+            return;
         }
         let name = name.strip_prefix("r#").unwrap_or(name);
         if !self.first {
-            self.out.push(',');
+            self.out.push(b',');
         }
         self.first = false;
-        push_escaped(&mut self.out, name);
-        self.out.push(':');
-        true
-    }
-
-    fn raw(&mut self, field: &Field, value: fmt::Arguments<'_>) {
-        if self.key(field)
-            && let Err(e) = self.out.write_fmt(value)
-        {
-            self.failed.get_or_insert(e);
+        let written = serde_json::to_writer(&mut self.out, name).and_then(|()| {
+            self.out.push(b':');
+            serde_json::to_writer(&mut self.out, value)
+        });
+        if written.is_err() {
+            self.failed.get_or_insert(fmt::Error);
         }
     }
 }
 
 impl Visit for Object {
     fn record_str(&mut self, field: &Field, value: &str) {
-        if self.key(field) {
-            push_escaped(&mut self.out, value);
-        }
+        self.entry(field, value);
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.raw(field, format_args!("{value}"));
+        self.entry(field, &value);
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.raw(field, format_args!("{value}"));
+        self.entry(field, &value);
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.raw(field, format_args!("{value}"));
+        self.entry(field, &value);
     }
 
+    /// serde_json writes a non-finite number as `null`, as JSON has none.
     fn record_f64(&mut self, field: &Field, value: f64) {
-        if value.is_finite() {
-            self.raw(field, format_args!("{value}"));
-        } else {
-            // As serde_json: JSON has no NaN or infinity.
-            self.raw(field, format_args!("null"));
-        }
+        self.entry(field, &value);
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        if !self.key(field) {
-            return;
+        let mut text = String::new();
+        match write!(text, "{value:?}") {
+            Ok(()) => self.entry(field, text.as_str()),
+            Err(e) => {
+                self.failed.get_or_insert(e);
+            }
         }
-        self.out.push('"');
-        if let Err(e) = write!(Escaping(&mut self.out), "{value:?}") {
-            self.failed.get_or_insert(e);
-        }
-        self.out.push('"');
-    }
-}
-
-/// `text` as a JSON string.
-fn push_escaped(out: &mut String, text: &str) {
-    out.push('"');
-    escape_into(out, text);
-    out.push('"');
-}
-
-/// Appends `text` escaped for the inside of a JSON string. Scans bytes:
-/// every byte that needs escaping is ASCII, so the runs between them are
-/// whole UTF-8 and are copied as they are.
-fn escape_into(out: &mut String, text: &str) {
-    let bytes = text.as_bytes();
-    // Ids and names rarely need escaping: one check, one copy.
-    if !bytes.iter().any(|&b| b == b'"' || b == b'\\' || b < 0x20) {
-        out.push_str(text);
-        return;
-    }
-    let mut start = 0;
-    for (at, &b) in bytes.iter().enumerate() {
-        let escaped = match b {
-            b'"' => "\\\"",
-            b'\\' => "\\\\",
-            b'\n' => "\\n",
-            b'\r' => "\\r",
-            b'\t' => "\\t",
-            0..=0x1f => "",
-            _ => continue,
-        };
-        out.push_str(&text[start..at]);
-        if escaped.is_empty() {
-            let _ = write!(out, "\\u{b:04x}");
-        } else {
-            out.push_str(escaped);
-        }
-        start = at + 1;
-    }
-    out.push_str(&text[start..]);
-}
-
-/// Escapes what a `Debug` or `Display` implementation writes.
-struct Escaping<'a>(&'a mut String);
-
-impl Write for Escaping<'_> {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        escape_into(self.0, s);
-        Ok(())
     }
 }
 
