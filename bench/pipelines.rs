@@ -102,6 +102,8 @@ struct Loop {
     exchange: String,
     /// `Some` for the `http` pipeline.
     http: Option<(reqwest::Client, reqwest::Url)>,
+    /// What every delivery publishes ([`succeeded_event`]).
+    event: Vec<u8>,
 }
 
 /// A bench command's id: `bench-<run>-<i>` (see `phases::command_bodies`).
@@ -109,12 +111,18 @@ const COMMAND_ID: &str = "bench-0123456789abcdef0123456789abcdef-12345";
 
 /// The success event the worker publishes for a bench command, byte for
 /// byte in shape and size.
-const SUCCEEDED_EVENT: &str = concat!(
-    r#"{"commandId":"bench-0123456789abcdef0123456789abcdef-12345","status":"succeeded","#,
-    r#""appId":"app-1234","chatroomId":"34757816141@chatroom","memberWxid":"wxid_12345","#,
-    r#""v3":"v3_0123456789abcdef0123456789abcdef@stranger","attempts":1,"#,
-    r#""receivedAt":"2026-11-27T19:24:31.123Z","completedAt":"2026-11-27T19:24:31.125Z"}"#
-);
+fn succeeded_event() -> Vec<u8> {
+    format!(
+        concat!(
+            r#"{{"commandId":"{}","status":"succeeded","#,
+            r#""appId":"app-1234","chatroomId":"34757816141@chatroom","memberWxid":"wxid_12345","#,
+            r#""v3":"v3_0123456789abcdef0123456789abcdef@stranger","attempts":1,"#,
+            r#""receivedAt":"2026-11-27T19:24:31.123Z","completedAt":"2026-11-27T19:24:31.125Z"}}"#
+        ),
+        COMMAND_ID
+    )
+    .into_bytes()
+}
 
 /// The bare loop, with one GeWe POST per command when `with_http`.
 async fn bare_loop(s: &Settings, with_http: bool) -> anyhow::Result<()> {
@@ -149,6 +157,7 @@ async fn bare_loop(s: &Settings, with_http: bool) -> anyhow::Result<()> {
         publish,
         exchange: s.amqp.result_exchange.clone(),
         http,
+        event: succeeded_event(),
     });
     let mut consumer = consume
         .basic_consume(
@@ -194,7 +203,7 @@ impl Loop {
                     mandatory: true,
                     ..Default::default()
                 },
-                SUCCEEDED_EVENT.as_bytes(),
+                &self.event,
                 outbound::properties(COMMAND_ID, "add_friend.succeeded", None),
             )
             .await?
