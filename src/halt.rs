@@ -88,8 +88,9 @@ impl Halt {
     /// `wait` is polled before the signals: most waits (a free slot, a
     /// closed breaker, no pacing) are ready at once, and then the signals'
     /// waiter registrations, two locked list insertions and removals, are
-    /// never made. The signals were checked just before, and every step that
-    /// must not run after one (the GeWe call, publishing) checks again.
+    /// never made. The signals were checked just before, and the steps that
+    /// must not run after one check again: the GeWe call both signals,
+    /// publishing a lost session.
     pub async fn guard<F: Future>(&self, wait: F) -> Result<F::Output, Interrupted> {
         self.check()?;
         tokio::select! {
