@@ -30,6 +30,9 @@ declare -A PORT=([c1]=${C1_PORT:-5701} [c2]=${C2_PORT:-5702} [c3]=${C3_PORT:-570
 declare -A DIST=([c1]=${C1_DIST_PORT:-25701} [c2]=${C2_DIST_PORT:-25702} [c3]=${C3_DIST_PORT:-25703})
 SEED=c1@localhost
 
+# shellcheck source=lib/rabbitmq-node.sh
+. "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib/rabbitmq-node.sh"
+
 die() { echo "local-cluster: $*" >&2; exit 1; }
 log() { echo "local-cluster: $*" >&2; }
 
@@ -105,23 +108,9 @@ start_node() {
   write_node_files "$n"
   chown -R rabbitmq:rabbitmq "$CLUSTER_DIR"
   log "starting $n@localhost (amqp ${PORT[$n]}, dist ${DIST[$n]})"
-  env \
-    RABBITMQ_NODENAME="$n@localhost" \
-    RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 \
-    RABBITMQ_NODE_PORT="${PORT[$n]}" \
-    RABBITMQ_DIST_PORT="${DIST[$n]}" \
-    RABBITMQ_MNESIA_BASE="$d/mnesia" \
-    RABBITMQ_LOG_BASE="$d/log" \
-    RABBITMQ_CONFIG_FILE="$d/rabbitmq.conf" \
-    RABBITMQ_ADVANCED_CONFIG_FILE="$d/advanced.config" \
-    RABBITMQ_CONF_ENV_FILE="$d/rabbitmq-env.conf" \
-    RABBITMQ_ENABLED_PLUGINS_FILE="$d/enabled_plugins" \
-    RABBITMQ_PLUGINS_EXPAND_DIR="$d/mnesia/plugins-expand" \
-    RABBITMQ_PID_FILE="$d/$n.pid" \
-    ERL_EPMD_ADDRESS=127.0.0.1 \
-    RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}" \
-    rabbitmq-server -detached >"$d/start.out" 2>&1 \
-    || { cat "$d/start.out" >&2; die "rabbitmq-server failed for $n"; }
+  rabbit_node_start "$n@localhost" "$d" "${DIST[$n]}" \
+    RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 RABBITMQ_NODE_PORT="${PORT[$n]}" \
+    || die "rabbitmq-server failed for $n"
 }
 
 await_node() {

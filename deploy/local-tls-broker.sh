@@ -29,6 +29,9 @@ TLS_DIST_PORT=${TLS_DIST_PORT:-25771}
 TLS_NODE=${TLS_NODE:-tls1@localhost}
 STARTUP_TIMEOUT=${STARTUP_TIMEOUT:-120}
 
+# shellcheck source=lib/rabbitmq-node.sh
+. "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib/rabbitmq-node.sh"
+
 die() { echo "local-tls-broker: $*" >&2; exit 1; }
 log() { echo "local-tls-broker: $*" >&2; }
 
@@ -40,6 +43,8 @@ DIR=$2
 [ -d "$DIR" ] || die "no such directory: $DIR"
 DIR=$(cd "$DIR" && pwd -P)   # absolute: the Debian wrappers cd to /var/lib/rabbitmq
 STATE="$DIR/tls1-state"
+# Where rabbit_node_start puts it (deploy/lib/rabbitmq-node.sh).
+PID_FILE="$STATE/${TLS_NODE%@*}.pid"
 
 case "$TLS_NODE" in
   rabbit@*) die "refusing to manage $TLS_NODE" ;;
@@ -94,21 +99,8 @@ EOF
   fi
 
   log "starting $TLS_NODE (amqps 127.0.0.1:$TLS_PORT, dist $TLS_DIST_PORT)"
-  env \
-    RABBITMQ_NODENAME="$TLS_NODE" \
-    RABBITMQ_DIST_PORT="$TLS_DIST_PORT" \
-    RABBITMQ_MNESIA_BASE="$STATE/mnesia" \
-    RABBITMQ_LOG_BASE="$STATE/log" \
-    RABBITMQ_CONFIG_FILE="$STATE/rabbitmq.conf" \
-    RABBITMQ_ADVANCED_CONFIG_FILE="$STATE/advanced.config" \
-    RABBITMQ_CONF_ENV_FILE="$STATE/rabbitmq-env.conf" \
-    RABBITMQ_ENABLED_PLUGINS_FILE="$STATE/enabled_plugins" \
-    RABBITMQ_PLUGINS_EXPAND_DIR="$STATE/mnesia/plugins-expand" \
-    RABBITMQ_PID_FILE="$STATE/tls1.pid" \
-    ERL_EPMD_ADDRESS=127.0.0.1 \
-    RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}" \
-    rabbitmq-server -detached >"$STATE/start.out" 2>&1 \
-    || { cat "$STATE/start.out" >&2; die "rabbitmq-server failed"; }
+  rabbit_node_start "$TLS_NODE" "$STATE" "$TLS_DIST_PORT" \
+    || die "rabbitmq-server failed"
 
   local deadline=$((SECONDS + STARTUP_TIMEOUT))
   until node_alive; do
@@ -130,14 +122,14 @@ cmd_down() {
   local pid
   if node_alive; then
     log "stopping $TLS_NODE"
-    if [ -f "$STATE/tls1.pid" ]; then
-      ctl stop "$STATE/tls1.pid" >/dev/null 2>&1 || true
+    if [ -f "$PID_FILE" ]; then
+      ctl stop "$PID_FILE" >/dev/null 2>&1 || true
     else
       ctl stop >/dev/null 2>&1 || true
     fi
   fi
-  if [ -f "$STATE/tls1.pid" ]; then
-    pid=$(cat "$STATE/tls1.pid" 2>/dev/null || true)
+  if [ -f "$PID_FILE" ]; then
+    pid=$(cat "$PID_FILE" 2>/dev/null || true)
     if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null \
       && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF "$TLS_NODE"; then
       log "killing leftover $TLS_NODE (pid $pid)"
