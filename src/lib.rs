@@ -19,6 +19,7 @@ pub mod gewe;
 pub mod halt;
 pub mod http_server;
 pub mod idempotency;
+pub mod json_out;
 pub mod meters;
 pub mod ops;
 pub mod outbound;

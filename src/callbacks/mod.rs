@@ -60,7 +60,7 @@ impl Callbacks {
     /// ignored). Called before the command is acked: a Redis outage is
     /// waited out until `halt` fires; then the `v3` is not remembered, but
     /// a redelivery (after a lost session) remembers it when it republishes.
-    pub async fn remember(&self, event: &ResultEvent, envelope: &Envelope, halt: &Halt) {
+    pub async fn remember(&self, event: &ResultEvent<'_>, envelope: &Envelope, halt: &Halt) {
         let Some(sent) = Sent::of(event, envelope) else {
             return;
         };

@@ -52,21 +52,21 @@ impl Sent {
     /// What to remember of a confirmed event: only a succeeded one has a
     /// `v3` to match. The correlation id is the one the event carried
     /// (contract §4), so the accepted event carries it too.
-    pub fn of(event: &ResultEvent, envelope: &Envelope) -> Option<Self> {
+    pub fn of(event: &ResultEvent<'_>, envelope: &Envelope) -> Option<Self> {
         if event.status != Status::Succeeded {
             return None;
         }
         Some(Self {
-            command_id: event.command_id.clone(),
-            app_id: event.app_id.clone()?,
-            chatroom_id: event.chatroom_id.clone()?,
-            member_wxid: event.member_wxid.clone()?,
-            v3: event.v3.clone()?,
+            command_id: event.command_id.clone().into_owned(),
+            app_id: event.app_id.as_deref()?.to_owned(),
+            chatroom_id: event.chatroom_id.as_deref()?.to_owned(),
+            member_wxid: event.member_wxid.as_deref()?.to_owned(),
+            v3: event.v3.as_deref()?.to_owned(),
             correlation_id: envelope
                 .correlation_id
                 .clone()
-                .unwrap_or_else(|| event.command_id.clone()),
-            completed_at: event.completed_at.clone(),
+                .unwrap_or_else(|| event.command_id.clone().into_owned()),
+            completed_at: event.completed_at.clone().into_owned(),
         })
     }
 }

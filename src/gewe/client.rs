@@ -8,10 +8,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
 use secrecy::{ExposeSecret, SecretString};
-use serde::Serialize;
 
 use super::{ADD_MEMBER_PATH, TOKEN_HEADER};
-use crate::{command::Command, resources};
+use crate::{command::Command, json_out, resources};
 
 /// Could not build the client from configuration.
 #[derive(Debug, thiserror::Error)]
@@ -56,13 +55,22 @@ pub struct Answer {
     pub body: Bytes,
 }
 
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Request<'a> {
-    app_id: &'a str,
-    chatroom_id: &'a str,
-    member_wxid: &'a str,
-    content: &'a str,
+/// The request body: `{"appId","chatroomId","memberWxid","content"}`,
+/// written as serde_json would write it (see [`crate::json_out`]).
+fn request_body(command: &Command) -> Vec<u8> {
+    let mut body = Vec::with_capacity(
+        64 + command.app_id.len()
+            + command.chatroom_id.len()
+            + command.member_wxid.len()
+            + command.content.len(),
+    );
+    let mut object = json_out::Object::open(&mut body);
+    object.str("appId", &command.app_id);
+    object.str("chatroomId", &command.chatroom_id);
+    object.str("memberWxid", &command.member_wxid);
+    object.str("content", &command.content);
+    object.close();
+    body
 }
 
 /// Calls `POST /gewe/v2/api/group/addGroupMemberAsFriend`.
@@ -125,16 +133,12 @@ impl GeweClient {
         &self,
         command: &Command,
     ) -> Result<Answer, TransportError> {
-        let body = Request {
-            app_id: &command.app_id,
-            chatroom_id: &command.chatroom_id,
-            member_wxid: &command.member_wxid,
-            content: &command.content,
-        };
+        // Content-Type is a default header.
+        let body = request_body(command);
         let response = self
             .http
             .post(self.url.clone())
-            .json(&body)
+            .body(body)
             .send()
             .await
             .map_err(|e| self.transport_error(e, false))?;
@@ -212,5 +216,26 @@ mod tests {
             Some(Duration::ZERO)
         );
         assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    #[test]
+    fn the_request_body_is_the_json_object_gewe_expects() {
+        let command = Command {
+            command_id: "c1".into(),
+            app_id: "wx_app".into(),
+            chatroom_id: "34757816141@chatroom".into(),
+            member_wxid: "wxid_\"q\"".into(),
+            content: "你好\n我是群里的小王".into(),
+        };
+        let expected = serde_json::json!({
+            "appId": "wx_app",
+            "chatroomId": "34757816141@chatroom",
+            "memberWxid": "wxid_\"q\"",
+            "content": "你好\n我是群里的小王",
+        });
+        assert_eq!(
+            request_body(&command),
+            serde_json::to_vec(&expected).expect("serialises")
+        );
     }
 }

@@ -202,7 +202,7 @@ impl Processor {
                 let command::Rejected { reason, partial } = *rejected;
                 let message = self.redactor.redact(&reason.to_string()).into_owned();
                 tracing::warn!(reason = %message, "invalid command; dead-lettering it");
-                let event = ResultEvent::invalid(partial, message, d.received_at.clone());
+                let event = ResultEvent::invalid(partial, message, &d.received_at);
                 self.refuse(&event, d).await;
             }
         }
@@ -284,7 +284,7 @@ impl Processor {
                 cmd,
                 &record.outcome,
                 record.parked,
-                d.received_at.clone(),
+                &d.received_at,
                 record.completed_at(),
                 false,
             );
@@ -312,7 +312,7 @@ impl Processor {
             cmd,
             &record.outcome,
             record.parked,
-            d.received_at.clone(),
+            &d.received_at,
             record.completed_at(),
             true,
         );
@@ -348,7 +348,7 @@ impl Processor {
     async fn refuse_command(&self, cmd: &Command, message: &str, d: &Inbound) {
         let message = self.redactor.redact(message).into_owned();
         tracing::warn!(reason = %message, "command refused; dead-lettering it");
-        let event = ResultEvent::invalid(cmd.partial(), message, d.received_at.clone());
+        let event = ResultEvent::invalid(cmd.partial(), message, &d.received_at);
         self.refuse(&event, d).await;
     }
 

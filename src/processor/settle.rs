@@ -23,7 +23,7 @@ impl Processor {
     /// Publishes `event` with a confirm; true when the broker took it. A
     /// confirmed `succeeded` event's `v3` is remembered for callbacks before
     /// the delivery is settled.
-    pub(super) async fn publish(&self, event: &ResultEvent, d: &Inbound) -> bool {
+    pub(super) async fn publish(&self, event: &ResultEvent<'_>, d: &Inbound) -> bool {
         // Boxed: it holds two publishes at once (result exchange and
         // `reply_to`); inline, every path that publishes would carry them.
         match Box::pin(publish_event(
@@ -83,7 +83,7 @@ impl Processor {
 
     /// Publishes an `invalid_command` event, then rejects the delivery
     /// without requeue so the broker dead-letters the original.
-    pub(super) async fn refuse(&self, event: &ResultEvent, d: &Inbound) {
+    pub(super) async fn refuse(&self, event: &ResultEvent<'_>, d: &Inbound) {
         if !self.publish(event, d).await {
             return self.requeue(d, Requeue::PublishFailed).await;
         }

@@ -6,8 +6,8 @@
 //! `JsonFields` first builds a map of `serde_json::Value`s and then
 //! serialises it through a UTF-8-checking adaptor: about a dozen
 //! allocations and 7,000 instructions per command, for lines most commands
-//! never log (BENCHMARKS.md). This writes the same JSON object directly,
-//! each key and value encoded by serde_json as there.
+//! never log (BENCHMARKS.md). This writes the same JSON object directly:
+//! names and strings by [`json_out`], other values by serde_json.
 
 use std::fmt::{self, Write};
 
@@ -16,6 +16,8 @@ use tracing_subscriber::{
     field::RecordFields,
     fmt::{FormatFields, FormattedFields, format::Writer},
 };
+
+use crate::json_out;
 
 /// Formats span fields as one JSON object, as `JsonFields` does, so the
 /// JSON event formatter reads them back unchanged.
@@ -94,28 +96,35 @@ impl Object {
 
     /// Writes `"name":value`, except for fields `JsonFields` skips.
     fn entry<T: serde::Serialize + ?Sized>(&mut self, field: &Field, value: &T) {
+        if self.name(field) && serde_json::to_writer(&mut self.out, value).is_err() {
+            self.failed.get_or_insert(fmt::Error);
+        }
+    }
+
+    /// Writes `"name":` and says whether a value is to follow: `JsonFields`
+    /// skips the `log.` fields tracing-log adds.
+    fn name(&mut self, field: &Field) -> bool {
         let name = field.name();
         if name.starts_with("log.") {
-            return;
+            return false;
         }
         let name = name.strip_prefix("r#").unwrap_or(name);
         if !self.first {
             self.out.push(b',');
         }
         self.first = false;
-        let written = serde_json::to_writer(&mut self.out, name).and_then(|()| {
-            self.out.push(b':');
-            serde_json::to_writer(&mut self.out, value)
-        });
-        if written.is_err() {
-            self.failed.get_or_insert(fmt::Error);
-        }
+        json_out::string(&mut self.out, name);
+        self.out.push(b':');
+        true
     }
 }
 
 impl Visit for Object {
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.entry(field, value);
+        // The common case, and the one serde_json spends most on.
+        if self.name(field) {
+            json_out::string(&mut self.out, value);
+        }
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
