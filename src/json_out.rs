@@ -16,17 +16,40 @@ pub fn string(out: &mut Vec<u8>, s: &str) {
     let bytes = s.as_bytes();
     out.reserve(bytes.len() + 2);
     out.push(b'"');
-    // No early exit: the loop vectorises, and a string almost never has
-    // anything to escape.
-    let plain = !bytes.iter().fold(false, |seen, &b| {
-        seen | (b < 0x20) | (b == b'"') | (b == b'\\')
-    });
-    if plain {
-        out.extend_from_slice(bytes);
-    } else {
+    if needs_escape(bytes) {
         escaped(out, bytes);
+    } else {
+        out.extend_from_slice(bytes);
     }
     out.push(b'"');
+}
+
+/// Whether `bytes` holds a `"`, a `\\` or a control character, sixteen
+/// bytes at a time (the "has a zero byte" and "has a byte less than n" word
+/// tricks), the last few padded with a byte that needs no escape. A false
+/// positive would only take the escaping path, which writes a plain string
+/// unchanged; there are no false negatives.
+fn needs_escape(bytes: &[u8]) -> bool {
+    const ONES: u128 = u128::from_ne_bytes([1; 16]);
+    const HIGH: u128 = ONES << 7;
+    let any_zero = |v: u128| v.wrapping_sub(ONES) & !v & HIGH;
+    let special = |x: u128| {
+        (x.wrapping_sub(ONES * 0x20) & !x & HIGH)
+            | any_zero(x ^ (ONES * u128::from(b'"')))
+            | any_zero(x ^ (ONES * u128::from(b'\\')))
+    };
+    let mut chunks = bytes.chunks_exact(16);
+    let mut found = 0;
+    for chunk in &mut chunks {
+        let mut word = [0; 16];
+        word.copy_from_slice(chunk);
+        found |= special(u128::from_ne_bytes(word));
+    }
+    let rest = chunks.remainder();
+    let mut word = [b'a'; 16];
+    word[..rest.len()].copy_from_slice(rest);
+    found |= special(u128::from_ne_bytes(word));
+    found != 0
 }
 
 fn escaped(out: &mut Vec<u8>, bytes: &[u8]) {
