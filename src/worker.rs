@@ -231,11 +231,11 @@ async fn consume(
     stop_deadline: &OnceLock<Instant>,
 ) -> SessionEnd {
     let tasks = TaskTracker::new();
-    let handle = SessionHandle {
+    let handle = Arc::new(SessionHandle {
         publisher: session.publisher().clone(),
         broken: CancellationToken::new(),
         lost: CancellationToken::new(),
-    };
+    });
     if let Some(link) = &callbacks.ingress {
         link.attach(session.connection()).await;
     }

@@ -8,7 +8,10 @@
 //! publishing again. A callback that matches nothing is acked at once; one
 //! that is not a JSON object is rejected to the dead-letter exchange.
 
-use std::time::{Duration, SystemTime};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use lapin::{
     BasicProperties,
@@ -42,7 +45,7 @@ const REQUEUE_PAUSE: Duration = Duration::from_millis(500);
 /// A callback delivery on its way through.
 struct Inbound<'a> {
     delivery: Delivery,
-    session: SessionHandle,
+    session: Arc<SessionHandle>,
     halt: Halt,
     received_at: String,
     candidate: Candidate<'a>,
@@ -51,7 +54,7 @@ struct Inbound<'a> {
 impl Callbacks {
     /// Handles one callback delivery to completion. Never panics on input;
     /// a broker or Redis problem leaves it to be redelivered.
-    pub async fn handle(self: std::sync::Arc<Self>, delivery: Delivery, session: SessionHandle) {
+    pub async fn handle(self: Arc<Self>, delivery: Delivery, session: Arc<SessionHandle>) {
         let received_at = received_at(&delivery.properties).unwrap_or_else(now_rfc3339);
         let body = match callback::parse(&delivery.data) {
             Ok(body) => body,

@@ -85,8 +85,8 @@ pub struct Parts {
     pub callbacks: Option<Arc<Callbacks>>,
 }
 
-/// The broker session a delivery belongs to.
-#[derive(Clone)]
+/// The broker session a delivery belongs to; one per session, shared by
+/// its deliveries (an `Arc` clone each, not a channel's and two tokens').
 pub struct SessionHandle {
     /// Confirm-mode publishing channel.
     pub publisher: Publisher,
@@ -102,7 +102,7 @@ struct Inbound {
     delivery: Delivery,
     envelope: Envelope,
     received_at: String,
-    session: SessionHandle,
+    session: Arc<SessionHandle>,
     halt: Halt,
 }
 
@@ -148,7 +148,7 @@ impl Processor {
 
     /// Handles one delivery to completion. Never panics on input; every
     /// broker error is logged and leaves the delivery to be redelivered.
-    pub async fn handle(self: Arc<Self>, delivery: Delivery, session: SessionHandle) {
+    pub async fn handle(self: Arc<Self>, delivery: Delivery, session: Arc<SessionHandle>) {
         meters().commands_received.increment(1);
         let received_at = now_rfc3339();
         let mut envelope = Envelope::from_properties(&delivery.properties);
