@@ -55,7 +55,7 @@ fn decode_slow(text: &str, envelope: &Envelope) -> Result<Command, Box<Rejected>
     let given = obj.get("commandId");
     let command_id = match given {
         None | Some(Value::Null) => Ok(resolve_command_id(envelope)),
-        Some(Value::String(id)) if id.trim().is_empty() => Err(InvalidCommand::Empty("commandId")),
+        Some(Value::String(id)) if blank(id) => Err(InvalidCommand::Empty("commandId")),
         Some(Value::String(id)) if !valid_command_id(id) => Err(InvalidCommand::CommandIdTooLong),
         Some(Value::String(id)) => Ok(id.clone()),
         Some(other) => Err(InvalidCommand::NotAString {
@@ -68,7 +68,7 @@ fn decode_slow(text: &str, envelope: &Envelope) -> Result<Command, Box<Rejected>
             (Ok(id), _) => id.clone(),
             // Too long: the event carries it cut to the limit, so the
             // publisher can still match it.
-            (Err(_), Some(Value::String(id))) if !id.trim().is_empty() => cut_command_id(id),
+            (Err(_), Some(Value::String(id))) if !blank(id) => cut_command_id(id),
             (Err(_), _) => resolve_command_id(envelope),
         },
         app_id: string_field(&obj, "appId"),
@@ -126,7 +126,7 @@ fn decode_valid(text: &str, envelope: &Envelope) -> Option<Command> {
         &wire.member_wxid,
         &wire.content,
     ];
-    if fields.iter().any(|f| f.trim().is_empty()) {
+    if fields.iter().any(|f| blank(f)) {
         return None;
     }
     let command_id = match wire.command_id {
@@ -181,15 +181,22 @@ fn cut_command_id(id: &str) -> String {
 }
 
 fn valid_command_id(id: &str) -> bool {
-    !id.trim().is_empty()
+    !blank(id)
         && id.len() <= MAX_COMMAND_ID_BYTES
-        && id.chars().count() <= MAX_COMMAND_ID_CHARS
+        // No more bytes than the limit in characters: no count needed.
+        && (id.len() <= MAX_COMMAND_ID_CHARS || id.chars().count() <= MAX_COMMAND_ID_CHARS)
+}
+
+/// Empty or only whitespace (what `trim` removes), without trimming both
+/// ends of every field of every command.
+fn blank(s: &str) -> bool {
+    s.chars().all(char::is_whitespace)
 }
 
 fn required(obj: &Map<String, Value>, field: &'static str) -> Result<String, InvalidCommand> {
     match obj.get(field) {
         None | Some(Value::Null) => Err(InvalidCommand::Missing(field)),
-        Some(Value::String(s)) if s.trim().is_empty() => Err(InvalidCommand::Empty(field)),
+        Some(Value::String(s)) if blank(s) => Err(InvalidCommand::Empty(field)),
         Some(Value::String(s)) => Ok(s.clone()),
         Some(other) => Err(InvalidCommand::NotAString {
             field,

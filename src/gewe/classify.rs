@@ -195,7 +195,9 @@ fn is_offline(text: &str) -> bool {
 /// [`parse_body`], which reaches the same success the same way: this only
 /// saves work, it never changes a verdict (tested below).
 fn accepted_v3(bytes: &[u8]) -> Option<String> {
-    let mut de = serde_json::Deserializer::from_slice(bytes);
+    // Checked as UTF-8 in one pass rather than string by string.
+    let text = std::str::from_utf8(bytes).ok()?;
+    let mut de = serde_json::Deserializer::from_str(text);
     let (ret, v3) = de.deserialize_map(Objects::Top).ok()?;
     de.end().ok()?;
     let v3 = v3?;
