@@ -239,10 +239,15 @@ async fn consume(
     if let Some(link) = &callbacks.ingress {
         link.attach(session.connection()).await;
     }
+    // Made once, not per delivery: each one registers a waiter with its
+    // token when first polled and takes it out again when dropped.
+    let stopping = shutdown.cancelled();
+    let broken = handle.broken.cancelled();
+    tokio::pin!(stopping, broken);
     let end = loop {
         tokio::select! {
-            () = shutdown.cancelled() => break SessionEnd::Shutdown,
-            () = handle.broken.cancelled() => break SessionEnd::Lost("the publishing channel failed".to_owned()),
+            () = &mut stopping => break SessionEnd::Shutdown,
+            () = &mut broken => break SessionEnd::Lost("the publishing channel failed".to_owned()),
             next = session.next() => match next {
                 Next::Command(Ok(delivery)) => {
                     let work = commands.clone().handle(delivery, handle.clone());
