@@ -99,7 +99,7 @@ impl GeweClient {
         let http = reqwest::Client::builder()
             .default_headers(headers)
             .user_agent(concat!("gewe-friend-worker/", env!("CARGO_PKG_VERSION")))
-            .timeout(timeout)
+            // The whole attempt is bounded in `add_group_member_as_friend`.
             .connect_timeout(timeout)
             .pool_idle_timeout(Duration::from_secs(60))
             // Calls in flight are bounded by the prefetch already; idle
@@ -128,11 +128,20 @@ impl GeweClient {
         &self.url
     }
 
-    /// Makes one attempt for `command`.
+    /// Makes one attempt for `command`, bounded by `gewe.timeout` from the
+    /// request to the last byte of the answer.
     pub async fn add_group_member_as_friend(
         &self,
         command: &Command,
     ) -> Result<Answer, TransportError> {
+        // One timer for the whole attempt: reqwest's own total timeout
+        // boxes a timer for the request and another for the body.
+        tokio::time::timeout(self.timeout, self.attempt(command))
+            .await
+            .unwrap_or(Err(TransportError::Timeout(self.timeout)))
+    }
+
+    async fn attempt(&self, command: &Command) -> Result<Answer, TransportError> {
         // Content-Type is a default header.
         let body = request_body(command);
         let response = self
