@@ -63,16 +63,20 @@ pub async fn publish_event(
     let mut body = Vec::with_capacity(640);
     event.write_json(&mut body)?;
     let properties = event_properties(envelope, event);
+    let routing_key = event.routing_key();
+    let Some(reply_to) = envelope.reply_to.as_deref() else {
+        // The common case: the properties are moved, not copied.
+        return Ok(publisher
+            .publish(result_exchange, routing_key, true, &body, properties)
+            .await?);
+    };
     let main = publisher.publish(
         result_exchange,
-        event.routing_key(),
+        routing_key,
         true,
         &body,
         properties.clone(),
     );
-    let Some(reply_to) = envelope.reply_to.as_deref() else {
-        return Ok(main.await?);
-    };
     let reply = publisher.publish("", reply_to, true, &body, properties);
     match tokio::join!(main, reply) {
         (Ok(()), Ok(())) => Ok(()),
