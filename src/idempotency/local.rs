@@ -25,7 +25,7 @@ pub struct LocalClaims {
 /// Holds a commandId in this process; dropping it wakes the waiters.
 pub struct LocalGuard<'a> {
     claims: &'a LocalClaims,
-    command_id: String,
+    command_id: &'a str,
     released: Arc<Notify>,
 }
 
@@ -35,11 +35,11 @@ impl LocalClaims {
     }
 
     /// Takes `command_id`, waiting while another task of this process holds it.
-    pub async fn acquire(
-        &self,
-        command_id: &str,
+    pub async fn acquire<'a>(
+        &'a self,
+        command_id: &'a str,
         halt: &Halt,
-    ) -> Result<LocalGuard<'_>, Interrupted> {
+    ) -> Result<LocalGuard<'a>, Interrupted> {
         loop {
             let holder = {
                 let mut held = self.lock();
@@ -50,7 +50,7 @@ impl LocalClaims {
                         held.insert(command_id.to_owned(), released.clone());
                         return Ok(LocalGuard {
                             claims: self,
-                            command_id: command_id.to_owned(),
+                            command_id,
                             released,
                         });
                     }
@@ -82,10 +82,10 @@ impl Drop for LocalGuard<'_> {
     fn drop(&mut self) {
         let mut held = self.claims.lock();
         if held
-            .get(&self.command_id)
+            .get(self.command_id)
             .is_some_and(|current| Arc::ptr_eq(current, &self.released))
         {
-            held.remove(&self.command_id);
+            held.remove(self.command_id);
         }
         drop(held);
         self.released.notify_waiters();

@@ -42,6 +42,11 @@ impl Entry {
     pub fn is_published(&self) -> bool {
         self.published.load(Ordering::Acquire)
     }
+
+    /// Marks the outcome as announced by a confirmed event.
+    pub fn mark_published(&self) {
+        self.published.store(true, Ordering::Release);
+    }
 }
 
 /// The in-process outcome store.
@@ -91,21 +96,16 @@ impl MemoryStore {
         None
     }
 
-    /// Stores `record` for `command_id`, not yet published.
-    pub fn put(&self, command_id: &str, record: Record) {
-        let entry = Entry {
+    /// Stores `record` for `command_id`, not yet published; the entry is
+    /// returned so that marking it published needs no second lookup.
+    pub fn put(&self, command_id: &str, record: Record) -> Arc<Entry> {
+        let entry = Arc::new(Entry {
             stored: Instant::now(),
             record,
             published: AtomicBool::new(false),
-        };
-        self.cache.insert(command_id.to_owned(), Arc::new(entry));
-    }
-
-    /// Marks the outcome of `command_id` as announced by a confirmed event.
-    pub fn mark_published(&self, command_id: &str) {
-        if let Some(entry) = self.cache.peek(command_id) {
-            entry.published.store(true, Ordering::Release);
-        }
+        });
+        self.cache.insert(command_id.to_owned(), entry.clone());
+        entry
     }
 
     /// Entries held (for tests).
@@ -166,8 +166,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_outcome_is_forgotten_after_the_window() {
         let store = MemoryStore::new(Duration::from_secs(60));
-        store.put("c", record());
-        store.mark_published("c");
+        store.put("c", record()).mark_published();
         tokio::time::advance(Duration::from_secs(59)).await;
         assert!(store.get("c").is_some_and(|e| e.is_published()));
         tokio::time::advance(Duration::from_secs(2)).await;

@@ -19,7 +19,10 @@ mod memory;
 mod record;
 mod shared;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -32,7 +35,7 @@ pub use record::{Fingerprint, Record};
 use self::{
     lease::Lease,
     local::{LocalClaims, LocalGuard},
-    memory::MemoryStore,
+    memory::{Entry, MemoryStore},
     shared::{Acquired, SharedStore},
 };
 use crate::{
@@ -104,19 +107,26 @@ impl Idempotency {
 
     /// Looks up `command_id` for the request `fingerprint`, waiting while
     /// another task or replica handles it.
-    pub async fn acquire(
-        &self,
-        command_id: &str,
+    pub async fn acquire<'a>(
+        &'a self,
+        command_id: &'a str,
         fingerprint: Fingerprint,
         halt: &Halt,
-    ) -> Result<Found<'_>, Interrupted> {
+    ) -> Result<Found<'a>, Interrupted> {
         let local = self.local.acquire(command_id, halt).await?;
+        // An unpublished in-memory entry found here is the one this claim
+        // marks published, unless it stores a new one.
+        let mut entry = None;
         let (stored, lease) = match &self.backend {
             Backend::Memory(memory) => match memory.get(command_id) {
-                Some(entry) if entry.is_published() => {
-                    return Ok(announced(entry.record.clone(), fingerprint));
+                Some(found) if found.is_published() => {
+                    return Ok(announced(found.record.clone(), fingerprint));
                 }
-                Some(entry) => (Some(entry.record.clone()), None),
+                Some(found) => {
+                    let record = found.record.clone();
+                    entry = Some(found);
+                    (Some(record), None)
+                }
                 None => (None, None),
             },
             Backend::Redis(shared) => {
@@ -149,9 +159,10 @@ impl Idempotency {
         };
         let claim = Claim {
             store: self,
-            command_id: command_id.to_owned(),
+            command_id,
             _local: local,
             lease,
+            entry: Mutex::new(entry),
         };
         match stored {
             Some(record) if record.fingerprint != fingerprint => {
@@ -196,9 +207,12 @@ pub enum Stored {
 /// The right to handle one commandId until the event is confirmed.
 pub struct Claim<'a> {
     store: &'a Idempotency,
-    command_id: String,
+    command_id: &'a str,
     _local: LocalGuard<'a>,
     lease: Option<Lease>,
+    /// The in-memory entry this claim found or stored, marked published
+    /// without a second lookup.
+    entry: Mutex<Option<Arc<Entry>>>,
 }
 
 impl Claim<'_> {
@@ -217,7 +231,8 @@ impl Claim<'_> {
     pub async fn store(&self, record: &Record) -> Stored {
         match &self.store.backend {
             Backend::Memory(memory) => {
-                memory.put(&self.command_id, record.clone());
+                let entry = memory.put(self.command_id, record.clone());
+                *self.entry.lock().unwrap_or_else(PoisonError::into_inner) = Some(entry);
                 Stored::Kept
             }
             Backend::Redis(shared) => {
@@ -230,7 +245,7 @@ impl Claim<'_> {
                 };
                 let mut pause = REDIS_RETRY_MIN;
                 loop {
-                    match shared.store(&self.command_id, &json).await {
+                    match shared.store(self.command_id, &json).await {
                         Ok(true) => return Stored::Kept,
                         Ok(false) => return Stored::Lost,
                         Err(e) => {
@@ -258,11 +273,20 @@ impl Claim<'_> {
     /// waits for this and is then published as the duplicate it is).
     pub async fn published(self, shutdown: &CancellationToken) {
         match &self.store.backend {
-            Backend::Memory(memory) => memory.mark_published(&self.command_id),
+            Backend::Memory(_) => {
+                let entry = self
+                    .entry
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .take();
+                if let Some(entry) = entry {
+                    entry.mark_published();
+                }
+            }
             Backend::Redis(shared) => {
                 let mut pause = REDIS_RETRY_MIN;
                 loop {
-                    match shared.published(&self.command_id).await {
+                    match shared.published(self.command_id).await {
                         Ok(()) => return,
                         Err(e) => {
                             let wait = redis_failed(
@@ -290,7 +314,7 @@ impl Claim<'_> {
     /// Lets go without announcing anything; a stored outcome stays.
     pub async fn release(self) {
         if let Backend::Redis(shared) = &self.store.backend
-            && let Err(e) = shared.release(&self.command_id).await
+            && let Err(e) = shared.release(self.command_id).await
         {
             tracing::warn!(error = %e, "could not release the claim; it expires by itself");
         }
