@@ -5,7 +5,10 @@
 //! quorum queue; mid-run the node the worker is connected to stops its app.
 //! Every command must get its result, the worker must keep consuming through
 //! another node, and GeWe may be called again only for commands that were in
-//! flight when the node went. The node is started again even when the test
+//! flight when the node went; so may a second unmarked event be published,
+//! only for those and only when the worker counted the first publish as
+//! failed (its confirm was lost with the connection: README, guarantees).
+//! The node is started again even when the test
 //! fails, and the cluster goes down at the end if this test started it.
 
 mod common;
@@ -142,6 +145,7 @@ async fn stopping_the_workers_node_mid_run_loses_nothing_and_repeats_only_what_w
         status, 200,
         "ready on {second_node} while {first_node} is down"
     );
+    let publish_failures = metric(ops, "results_publish_failures_total", "").await;
 
     // Back to three nodes; the worker stays where it is and stays ready.
     tokio::task::spawn_blocking(move || stopped.restore())
@@ -154,8 +158,28 @@ async fn stopping_the_workers_node_mid_run_loses_nothing_and_repeats_only_what_w
     while let Some(e) = listener.try_next_event(Duration::from_millis(500)).await {
         take(e, &mut unmarked);
     }
-    let twice: Vec<_> = unmarked.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(twice.is_empty(), "more than one unmarked event: {twice:?}");
+    // A second unmarked event is the one thing README's guarantees allow
+    // here: the connection died after the broker routed an event and before
+    // its confirm came back, so the worker counted the publish as failed and
+    // the redelivery's event is unmarked too. Only a command in flight at
+    // the stop can be in that state, and each one is a counted failure.
+    let twice: Vec<_> = unmarked
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(id, n)| (id.clone(), *n))
+        .collect();
+    for (id, n) in &twice {
+        assert_eq!(*n, 2, "{id}: {n} unmarked events");
+        assert!(
+            !answered_before_stop.contains(id),
+            "{id} had its event before the stop began, yet got a second unmarked one"
+        );
+    }
+    assert!(
+        twice.len() as f64 <= publish_failures,
+        "second unmarked events without a failed publish to explain them: {twice:?} \
+         (results_publish_failures_total = {publish_failures})"
+    );
     // A member called twice must have been in flight at the stop: its first
     // call began before the node was down, and its result had not arrived.
     let repeated = gewe.called_twice();
@@ -179,7 +203,8 @@ async fn stopping_the_workers_node_mid_run_loses_nothing_and_repeats_only_what_w
     );
     eprintln!(
         "cluster failover: {first_node} -> {second_node}; {after_stop} commands called after the stop, \
-         {} GeWe calls for {COMMANDS} commands, repeated: {repeated:?}",
+         {} GeWe calls for {COMMANDS} commands, repeated: {repeated:?}, \
+         second unmarked events after a lost confirm: {twice:?}",
         calls.len()
     );
     listener.stop().await;
