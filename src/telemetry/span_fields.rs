@@ -59,8 +59,9 @@ impl<'writer> FormatFields<'writer> for JsonSpanFields {
     }
 }
 
-/// A JSON object being written, its keys and values encoded by serde_json
-/// as `JsonFields` encodes them; the first error is kept.
+/// A JSON object being written, encoded byte for byte as `JsonFields`
+/// encodes it (names and strings by [`json_out`], other values by
+/// serde_json); the first error is kept.
 struct Object {
     out: Vec<u8>,
     first: bool,
@@ -147,7 +148,7 @@ impl Visit for Object {
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         let mut text = String::new();
         match write!(text, "{value:?}") {
-            Ok(()) => self.entry(field, text.as_str()),
+            Ok(()) => self.record_str(field, &text),
             Err(e) => {
                 self.failed.get_or_insert(e);
             }
