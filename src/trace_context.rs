@@ -1,8 +1,9 @@
 //! W3C trace context (`traceparent`) propagation without a tracing backend.
 //!
-//! A command's `traceparent` header makes its span a child of the caller's:
-//! the span records the trace id, its own new span id and the parent id, and
-//! the result event carries `traceparent` = same trace, this span as parent,
+//! A command's `traceparent` header makes the worker's handling of it a
+//! child span of the caller's: the command's log entry records the trace id,
+//! its own new span id and the parent id, and the result event carries
+//! `traceparent` = same trace, this span as parent,
 //! so a tracing system can stitch publisher → worker → consumer together.
 
 use rand::Rng;

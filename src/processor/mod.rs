@@ -19,7 +19,6 @@ use std::sync::Arc;
 use lapin::message::Delivery;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 use crate::{
     breaker::Breaker,
@@ -34,6 +33,7 @@ use crate::{
     pacing::Pacer,
     park::Parking,
     redact::Redactor,
+    telemetry::{CommandContext, command_scope},
     trace_context::TraceParent,
 };
 
@@ -160,23 +160,28 @@ impl Processor {
                 rejected.partial.app_id.as_deref(),
             ),
         };
-        // The caller's trace context: this span becomes its child, and the
-        // result event carries this span as the parent.
+        // The caller's trace context: the worker's handling becomes its
+        // child span, and the result event carries that span as the parent.
         let parent = envelope.traceparent.as_deref().and_then(TraceParent::parse);
-        let child = parent.as_ref().map(TraceParent::child);
-        // ERROR level so the span (and its ids) exists whatever RUST_LOG
-        // says. Every field is set here: the JSON log format re-parses a
-        // span's fields on each later `record`.
-        let span = tracing::error_span!(
-            "command",
-            command_id,
-            app_id,
-            redelivered = delivery.redelivered,
-            trace_id = parent.as_ref().map(|p| p.trace_id.as_str()),
-            span_id = child.as_ref().map(|(id, _)| id.as_str()),
-            parent_span_id = parent.as_ref().map(|p| p.parent_id.as_str()),
-        );
-        envelope.traceparent = child.map(|(_, header)| header);
+        let (span_id, header) = parent.as_ref().map(TraceParent::child).unzip();
+        // What every log line about this command says (in place of a
+        // tracing span, which every command would pay for, logged or not).
+        let context = CommandContext {
+            command_id: command_id.to_owned(),
+            app_id: app_id.map(str::to_owned),
+            redelivered: delivery.redelivered,
+            span_id,
+            ..CommandContext::default()
+        };
+        let context = match parent {
+            Some(parent) => CommandContext {
+                trace_id: Some(parent.trace_id),
+                parent_span_id: Some(parent.parent_id),
+                ..context
+            },
+            None => context,
+        };
+        envelope.traceparent = header;
         let halt = Halt::new(self.shutdown.clone(), session.lost.clone());
         let inbound = Inbound {
             delivery,
@@ -185,7 +190,7 @@ impl Processor {
             session,
             halt,
         };
-        self.process(decoded, &inbound).instrument(span).await;
+        command_scope(context, self.process(decoded, &inbound)).await;
     }
 
     async fn process(&self, decoded: Result<Command, Box<command::Rejected>>, d: &Inbound) {

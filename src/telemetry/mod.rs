@@ -7,8 +7,10 @@ use tracing_subscriber::{EnvFilter, fmt::MakeWriter};
 
 use crate::{config::LogFormat, redact::Redactor};
 
+mod command_context;
 mod span_fields;
 
+pub use command_context::{CommandContext, CommandLines, scope as command_scope};
 pub use span_fields::JsonSpanFields;
 
 /// Writes to stderr with the token masked. Each log event reaches the writer
@@ -63,16 +65,24 @@ pub fn init(format: Option<LogFormat>, redactor: Redactor, default_filter: &str)
         .with_env_filter(filter)
         .with_writer(writer);
     let result = match format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            // Every enclosing span: a line logged inside another span
-            // still carries its command's command_id and app_id.
-            .with_span_list(true)
-            .fmt_fields(JsonSpanFields)
+        LogFormat::Json => {
+            let lines = tracing_subscriber::fmt::format()
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                // Every enclosing span, after the command's own entry.
+                .with_span_list(true);
+            builder
+                .with_ansi(false)
+                .fmt_fields(JsonSpanFields)
+                .event_format(CommandLines::json(lines))
+                .try_init()
+        }
+        LogFormat::Pretty => builder
+            .event_format(CommandLines::text(
+                tracing_subscriber::fmt::format().compact(),
+            ))
             .try_init(),
-        LogFormat::Pretty => builder.compact().try_init(),
     };
     // Already initialised (e.g. by an embedding test): keep the first.
     let _ = result;
