@@ -293,7 +293,7 @@ impl<'a> ResultEvent<'a> {
 
 /// Current time as RFC 3339 with millisecond precision, UTC.
 pub fn now_rfc3339() -> String {
-    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+    crate::timestamp::now()
 }
 
 #[cfg(test)]

@@ -31,5 +31,6 @@ pub mod redis_client;
 pub mod resources;
 pub mod simulator;
 pub mod telemetry;
+pub mod timestamp;
 pub mod trace_context;
 pub mod worker;

@@ -132,7 +132,7 @@ impl Callbacks {
             &sent,
             d.candidate.friend_wxid,
             d.received_at.clone(),
-            humantime::format_rfc3339_millis(accepted_at).to_string(),
+            crate::timestamp::format(accepted_at),
         );
         let published = accepted::publish(
             &self.result_exchange,

@@ -1,8 +1,6 @@
 //! What is remembered per commandId: the outcome, and which request it
 //! answered.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::{Digest, Sha256};
 
@@ -78,10 +76,7 @@ fn is_zero(n: &u32) -> bool {
 impl Record {
     /// An outcome known now, after `parked` earlier tries.
     pub fn new(fingerprint: Fingerprint, outcome: CallOutcome, parked: u32) -> Self {
-        let completed_at_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-            .unwrap_or(0);
+        let completed_at_ms = crate::timestamp::now_millis();
         Self {
             fingerprint,
             outcome,
@@ -92,8 +87,7 @@ impl Record {
 
     /// `completedAt` of its events (RFC 3339, milliseconds).
     pub fn completed_at(&self) -> String {
-        let at = UNIX_EPOCH + Duration::from_millis(self.completed_at_ms);
-        humantime::format_rfc3339_millis(at).to_string()
+        crate::timestamp::format_millis(self.completed_at_ms)
     }
 
     /// Whether GeWe may have acted on the request: a success, `rejected` or
