@@ -12,6 +12,7 @@ use crate::{
     callbacks::{self, Callbacks, Ingress, IngressLink, Store},
     config::{QueueType, Settings},
     gewe::{Backoff, GeweClient},
+    halt::Signal,
     http_server,
     idempotency::{Idempotency, LEASE_OVER_TIMEOUT},
     meters::meters,
@@ -36,7 +37,7 @@ pub struct Application {
     processor: Arc<Processor>,
     readiness: Arc<Readiness>,
     redis: Option<Arc<RedisClient>>,
-    stop_calls: CancellationToken,
+    stop_calls: Signal,
     ops_listener: TcpListener,
     ops_addr: SocketAddr,
     callbacks: CallbackParts,
@@ -81,7 +82,7 @@ impl Application {
             .map(|client| SharedPacing::new(client.clone(), REDIS_PREFIX));
         let breaker = Arc::new(Breaker::new(&settings.breaker));
         // Cancelled when shutdown begins: no GeWe call starts after it.
-        let stop_calls = CancellationToken::new();
+        let stop_calls = Signal::new();
         let c = &settings.callbacks;
         let matcher = c.enabled.then(|| {
             let store = match &redis {
@@ -190,7 +191,7 @@ impl Application {
         let signal = shutdown.clone();
         tokio::spawn(async move {
             signal.cancelled().await;
-            stop_calls.cancel();
+            stop_calls.raise();
         });
         let result = worker::run(
             &self.settings,

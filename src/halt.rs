@@ -9,9 +9,15 @@
 //! redelivery). [`Halt`] bundles both signals so every wait selects on one
 //! future.
 
-use std::future::Future;
+use std::{
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 /// Why a command was not carried to an outcome now; it is tried again later.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -39,30 +45,76 @@ impl Interrupted {
     }
 }
 
+/// A one-way stop signal (shutdown begins, a broker session is gone) that
+/// every step of every command checks.
+///
+/// Checking is one atomic load. `CancellationToken::is_cancelled` takes the
+/// token's mutex, and so do cloning and dropping a token: with every
+/// in-flight command checking the same process-wide token several times,
+/// from both runtime threads, that one lock was shared by all of them. The
+/// token is kept for waiting on the signal.
+#[derive(Debug, Clone, Default)]
+pub struct Signal(Arc<SignalState>);
+
+#[derive(Debug, Default)]
+struct SignalState {
+    raised: AtomicBool,
+    token: CancellationToken,
+}
+
+impl Signal {
+    /// A signal not raised yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Raises the signal: checks see it from now on, waiters wake.
+    pub fn raise(&self) {
+        // Before the token: a waiter woken by it already sees the flag.
+        self.0.raised.store(true, Ordering::Release);
+        self.0.token.cancel();
+    }
+
+    /// Whether the signal was raised.
+    pub fn is_raised(&self) -> bool {
+        self.0.raised.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the signal is raised.
+    pub fn raised(&self) -> WaitForCancellationFuture<'_> {
+        self.0.token.cancelled()
+    }
+
+    /// The token cancelled with the signal, for APIs that wait on one.
+    pub fn token(&self) -> &CancellationToken {
+        &self.0.token
+    }
+}
+
 /// The two signals that end a delivery's waits.
 #[derive(Debug, Clone)]
 pub struct Halt {
-    shutdown: CancellationToken,
-    session: CancellationToken,
+    shutdown: Signal,
+    session: Signal,
 }
 
 impl Halt {
     /// Waits end on `shutdown` (process-wide) or `session` (this delivery's
     /// broker session was lost).
-    pub fn new(shutdown: CancellationToken, session: CancellationToken) -> Self {
+    pub fn new(shutdown: Signal, session: Signal) -> Self {
         Self { shutdown, session }
     }
 
     /// A halt that never fires (tools and tests outside a session).
     pub fn never() -> Self {
-        Self::new(CancellationToken::new(), CancellationToken::new())
+        Self::new(Signal::new(), Signal::new())
     }
 
     /// Why waiting must stop now, if it must.
     pub fn check(&self) -> Result<(), Interrupted> {
-        if self.session.is_cancelled() {
+        if self.session.is_raised() {
             Err(Interrupted::SessionLost)
-        } else if self.shutdown.is_cancelled() {
+        } else if self.shutdown.is_raised() {
             Err(Interrupted::Shutdown)
         } else {
             Ok(())
@@ -71,15 +123,15 @@ impl Halt {
 
     /// Whether the delivery's session is gone (publishing is pointless).
     pub fn session_lost(&self) -> bool {
-        self.session.is_cancelled()
+        self.session.is_raised()
     }
 
     /// Resolves when either signal fires, with the reason.
     pub async fn fired(&self) -> Interrupted {
         tokio::select! {
             biased;
-            () = self.session.cancelled() => Interrupted::SessionLost,
-            () = self.shutdown.cancelled() => Interrupted::Shutdown,
+            () = self.session.raised() => Interrupted::SessionLost,
+            () = self.shutdown.raised() => Interrupted::Shutdown,
         }
     }
 
@@ -113,18 +165,18 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_lost_session_ends_a_wait_and_says_so() {
-        let (shutdown, session) = (CancellationToken::new(), CancellationToken::new());
+        let (shutdown, session) = (Signal::new(), Signal::new());
         let halt = Halt::new(shutdown.clone(), session.clone());
         let waiting = tokio::spawn({
             let halt = halt.clone();
             async move { halt.sleep(Duration::from_secs(3600)).await }
         });
         tokio::task::yield_now().await;
-        session.cancel();
+        session.raise();
         assert_eq!(waiting.await.expect("join"), Err(Interrupted::SessionLost));
-        shutdown.cancel();
+        shutdown.raise();
         assert_eq!(halt.check(), Err(Interrupted::SessionLost));
-        let other = Halt::new(shutdown, CancellationToken::new());
+        let other = Halt::new(shutdown, Signal::new());
         assert_eq!(other.check(), Err(Interrupted::Shutdown));
     }
 }

@@ -285,14 +285,14 @@ mod tests {
     async fn a_waiter_that_gives_up_leaves_its_start_to_the_next() {
         let p = pacer(5, 1000);
         let _first = p.turn("a", &Halt::never()).await.expect("turn");
-        let session = tokio_util::sync::CancellationToken::new();
-        let halt = Halt::new(tokio_util::sync::CancellationToken::new(), session.clone());
+        let session = crate::halt::Signal::new();
+        let halt = Halt::new(crate::halt::Signal::new(), session.clone());
         let abandoned = tokio::spawn({
             let p = p.clone();
             async move { p.turn("a", &halt).await.map(|t| t.waited) }
         });
         tokio::time::sleep(Duration::from_millis(100)).await;
-        session.cancel();
+        session.raise();
         assert_eq!(
             abandoned.await.expect("join").err(),
             Some(Interrupted::SessionLost)

@@ -28,6 +28,7 @@ use crate::{
     },
     callbacks::{Callbacks, IngressLink},
     config::Settings,
+    halt::Signal,
     meters::meters,
     processor::{Processor, SessionHandle},
     redis_client::RedisClient,
@@ -234,7 +235,7 @@ async fn consume(
     let handle = Arc::new(SessionHandle {
         publisher: session.publisher().clone(),
         broken: CancellationToken::new(),
-        lost: CancellationToken::new(),
+        lost: Signal::new(),
     });
     if let Some(link) = &callbacks.ingress {
         link.attach(session.connection()).await;
@@ -278,7 +279,7 @@ async fn consume(
             // The broker puts this session's deliveries back: their waits
             // end now (pacing turns and claims go to the redeliveries),
             // while GeWe calls already sent finish and store their answer.
-            handle.lost.cancel();
+            handle.lost.raise();
         }
         SessionEnd::Shutdown => {
             let deadline = *stop_deadline.get_or_init(|| Instant::now() + grace);
@@ -304,7 +305,7 @@ async fn consume(
                     "grace period over; unfinished commands go back to the queue"
                 );
             }
-            handle.lost.cancel();
+            handle.lost.raise();
         }
     }
     // Closing the connection returns every unacked delivery to the queue.

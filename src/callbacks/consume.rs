@@ -30,7 +30,7 @@ use super::{
 };
 use crate::{
     event::now_rfc3339,
-    halt::{Halt, Interrupted},
+    halt::{Halt, Interrupted, Signal},
     meters::{CallbackOutcome, meters},
     processor::SessionHandle,
 };
@@ -173,10 +173,7 @@ impl Callbacks {
     /// shutdown (the broker session may be gone meanwhile: a redelivery of
     /// the callback then waits for this and is acked as a repeat).
     async fn announced(&self, claim: &Claim) {
-        let until_shutdown = Halt::new(
-            self.shutdown.clone(),
-            tokio_util::sync::CancellationToken::new(),
-        );
+        let until_shutdown = Halt::new(self.shutdown.clone(), Signal::new());
         let marked = patiently(
             &until_shutdown,
             "could not mark the accepted event as published in Redis yet",

@@ -21,8 +21,6 @@ pub mod store;
 
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
-
 pub use accepted::{AcceptedEvent, ROUTING_ACCEPTED};
 pub use ingress::{Ingress, IngressLink};
 pub use store::{MAX_REMEMBERED, Sent, Store};
@@ -30,7 +28,7 @@ pub use store::{MAX_REMEMBERED, Sent, Store};
 use crate::{
     command::Envelope,
     event::ResultEvent,
-    halt::{Halt, Interrupted},
+    halt::{Halt, Interrupted, Signal},
     redis_client::RedisError,
 };
 
@@ -42,13 +40,13 @@ const REDIS_RETRY_MAX: Duration = Duration::from_secs(2);
 pub struct Callbacks {
     store: Store,
     result_exchange: String,
-    /// Cancelled when shutdown begins.
-    shutdown: CancellationToken,
+    /// Raised when shutdown begins.
+    shutdown: Signal,
 }
 
 impl Callbacks {
     /// Matching against `store`, publishing to `result_exchange`.
-    pub fn new(store: Store, result_exchange: String, shutdown: CancellationToken) -> Self {
+    pub fn new(store: Store, result_exchange: String, shutdown: Signal) -> Self {
         Self {
             store,
             result_exchange,

@@ -127,9 +127,9 @@ mod tests {
     async fn a_halted_waiter_gives_up() {
         let claims = LocalClaims::default();
         let _first = claims.acquire("c", &Halt::never()).await.expect("free");
-        let session = tokio_util::sync::CancellationToken::new();
-        let halt = Halt::new(tokio_util::sync::CancellationToken::new(), session.clone());
-        session.cancel();
+        let session = crate::halt::Signal::new();
+        let halt = Halt::new(crate::halt::Signal::new(), session.clone());
+        session.raise();
         assert_eq!(
             claims.acquire("c", &halt).await.err(),
             Some(Interrupted::SessionLost)

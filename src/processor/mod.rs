@@ -18,7 +18,6 @@ use std::sync::Arc;
 
 use lapin::message::Delivery;
 use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
 
 use crate::{
     breaker::Breaker,
@@ -27,7 +26,7 @@ use crate::{
     command::{self, Command, Envelope},
     event::{ResultEvent, now_rfc3339},
     gewe::{Backoff, GeweClient, Tally},
-    halt::{Halt, Interrupted},
+    halt::{Halt, Interrupted, Signal},
     idempotency::{Fingerprint, Found, Idempotency, Record, Stored},
     meters::{Requeue, meters},
     pacing::Pacer,
@@ -47,7 +46,7 @@ pub struct Processor {
     breaker: Arc<Breaker>,
     parking: Parking,
     redactor: Redactor,
-    shutdown: CancellationToken,
+    shutdown: Signal,
     delivery_limit: Option<u32>,
     /// One permit per delivery being processed, across broker sessions: a
     /// lost session's calls still finishing never add to a new session's
@@ -75,8 +74,8 @@ pub struct Parts {
     pub parking: Parking,
     /// Token remover.
     pub redactor: Redactor,
-    /// Cancelled on shutdown: no new GeWe call starts after it.
-    pub shutdown: CancellationToken,
+    /// Raised on shutdown: no new GeWe call starts after it.
+    pub shutdown: Signal,
     /// `amqp.prefetch`: deliveries processed at once.
     pub prefetch: u16,
     /// `amqp.delivery_limit` when the queue enforces it (quorum).
@@ -91,10 +90,10 @@ pub struct SessionHandle {
     /// Confirm-mode publishing channel.
     pub publisher: Publisher,
     /// Cancelled by a task that finds the publishing channel broken.
-    pub broken: CancellationToken,
-    /// Cancelled by the worker when the session is gone: the broker has
+    pub broken: tokio_util::sync::CancellationToken,
+    /// Raised by the worker when the session is gone: the broker has
     /// already put its deliveries back.
-    pub lost: CancellationToken,
+    pub lost: Signal,
 }
 
 /// One delivery on its way through: what settling and publishing need.
@@ -295,7 +294,7 @@ impl Processor {
             );
             if self.publish(&event, d).await {
                 if record.is_definitive() {
-                    claim.published(&self.shutdown).await;
+                    claim.published(self.shutdown.token()).await;
                 } else {
                     claim.release().await;
                 }
