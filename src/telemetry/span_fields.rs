@@ -1,13 +1,14 @@
 //! The JSON log format's span fields, written straight into the span's
 //! buffer.
 //!
-//! Every command opens a span, logged or not, and the JSON layer formats
-//! its fields when the span is created. tracing-subscriber's own
-//! `JsonFields` first builds a map of `serde_json::Value`s and then
-//! serialises it through a UTF-8-checking adaptor: about a dozen
-//! allocations and 7,000 instructions per command, for lines most commands
-//! never log (BENCHMARKS.md). This writes the same JSON object directly:
-//! names and strings by [`json_out`], other values by serde_json.
+//! The JSON layer formats a span's fields when the span is created, logged
+//! or not: each callback opens one (`callback`), and so did each command
+//! before its log context moved to a task-local ([`super::CommandLines`]).
+//! tracing-subscriber's own `JsonFields` first builds a map of
+//! `serde_json::Value`s and then serialises it through a UTF-8-checking
+//! adaptor: about a dozen allocations and 7,000 instructions per span
+//! (BENCHMARKS.md). This writes the same JSON object directly: names and
+//! strings by [`json_out`], other values by serde_json.
 
 use std::fmt::{self, Write};
 
