@@ -84,6 +84,13 @@ pub fn scope<F: Future>(command: CommandContext, work: F) -> impl Future<Output 
     COMMAND.scope(Box::new(command), work)
 }
 
+/// `f` of the command the current task is handling, if it handles one: for
+/// a tracing layer that attributes events to commands, as [`CommandLines`]
+/// does for log lines.
+pub fn with_current<R>(f: impl FnOnce(&CommandContext) -> R) -> Option<R> {
+    COMMAND.try_with(|command| f(command)).ok()
+}
+
 /// The line format: how the command is added to a line.
 #[derive(Debug, Clone, Copy)]
 enum Shape {
@@ -264,7 +271,12 @@ mod tests {
         let captured = Captured::default();
         let _guard = tracing::subscriber::set_default(json_subscriber(&captured));
         tracing::warn!(attempt = 2u64, "outside");
+        assert_eq!(with_current(|c| c.command_id.clone()), None);
         scope(command(), async {
+            assert_eq!(
+                with_current(|c| c.app_id.clone()),
+                Some(Some("app-1".to_owned()))
+            );
             tracing::warn!(attempt = 1u64, "plain");
             let inner = tracing::info_span!("call", host = "gewe");
             let _entered = inner.enter();

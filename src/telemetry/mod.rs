@@ -10,7 +10,9 @@ use crate::{config::LogFormat, redact::Redactor};
 mod command_context;
 mod span_fields;
 
-pub use command_context::{CommandContext, CommandLines, scope as command_scope};
+pub use command_context::{
+    CommandContext, CommandLines, scope as command_scope, with_current as with_current_command,
+};
 pub use span_fields::JsonSpanFields;
 
 /// Writes to stderr with the token masked. Each log event reaches the writer

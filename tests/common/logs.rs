@@ -3,9 +3,9 @@
 //! With `TEST_LOG` set (an `EnvFilter` directive such as `debug` or
 //! `gewe_friend_worker=debug`), the workers' logs go to the test's captured
 //! output, which `cargo test` shows when the test fails. Always, a layer
-//! records when each GeWe call started and for which appId, as the worker
-//! logs it: pacing tests judge what the worker controls, not when requests
-//! happened to arrive at the mock.
+//! records when each GeWe call started and for which appId (the command's
+//! log context), as the worker logs it: pacing tests judge what the worker
+//! controls, not when requests happened to arrive at the mock.
 
 use std::{
     collections::HashMap,
@@ -13,12 +13,12 @@ use std::{
     time::Instant,
 };
 
+use gewe_friend_worker::telemetry::{CommandLines, with_current_command};
 use tracing::{
     Event, Subscriber,
     field::{Field, Visit},
-    span::{Attributes, Id},
 };
-use tracing_subscriber::{EnvFilter, Layer, layer::Context, prelude::*, registry::LookupSpan};
+use tracing_subscriber::{EnvFilter, Layer, layer::Context, prelude::*};
 
 static STARTS: OnceLock<Mutex<HashMap<String, Vec<Instant>>>> = OnceLock::new();
 
@@ -33,6 +33,7 @@ pub fn init() {
         let shown = std::env::var("TEST_LOG").ok().map(|directives| {
             tracing_subscriber::fmt::layer()
                 .with_test_writer()
+                .event_format(CommandLines::text(tracing_subscriber::fmt::format()))
                 .with_filter(EnvFilter::new(directives))
         });
         let _ = tracing_subscriber::registry()
@@ -52,62 +53,35 @@ pub fn call_starts(app_id: &str) -> Vec<Instant> {
         .unwrap_or_default()
 }
 
-struct AppId(String);
-
 #[derive(Default)]
-struct Fields {
-    app_id: Option<String>,
-    message: Option<String>,
-}
+struct Message(Option<String>);
 
-impl Visit for Fields {
-    fn record_str(&mut self, field: &Field, value: &str) {
-        if field.name() == "app_id" {
-            self.app_id = Some(value.to_owned());
-        }
-    }
-
+impl Visit for Message {
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
         if field.name() == "message" {
-            self.message = Some(format!("{value:?}"));
+            self.0 = Some(format!("{value:?}"));
         }
     }
 }
 
 struct CallStarts;
 
-impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for CallStarts {
-    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
-        if attrs.metadata().name() != "command" {
-            return;
-        }
-        let mut fields = Fields::default();
-        attrs.record(&mut fields);
-        if let (Some(app_id), Some(span)) = (fields.app_id, ctx.span(id)) {
-            span.extensions_mut().insert(AppId(app_id));
-        }
-    }
-
-    fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
-        let mut fields = Fields::default();
-        event.record(&mut fields);
-        if fields.message.as_deref() != Some("calling GeWe") {
+impl<S: Subscriber> Layer<S> for CallStarts {
+    fn on_event(&self, event: &Event<'_>, _: Context<'_, S>) {
+        let mut message = Message::default();
+        event.record(&mut message);
+        if message.0.as_deref() != Some("calling GeWe") {
             return;
         }
         let at = Instant::now();
-        let Some(scope) = ctx.event_scope(event) else {
+        let Some(Some(app_id)) = with_current_command(|c| c.app_id.clone()) else {
             return;
         };
-        for span in scope {
-            if let Some(AppId(app_id)) = span.extensions().get::<AppId>() {
-                starts()
-                    .lock()
-                    .expect("lock")
-                    .entry(app_id.clone())
-                    .or_default()
-                    .push(at);
-                return;
-            }
-        }
+        starts()
+            .lock()
+            .expect("lock")
+            .entry(app_id)
+            .or_default()
+            .push(at);
     }
 }
