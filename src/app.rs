@@ -81,7 +81,7 @@ impl Application {
             .as_ref()
             .map(|client| SharedPacing::new(client.clone(), REDIS_PREFIX));
         let breaker = Arc::new(Breaker::new(&settings.breaker));
-        // Cancelled when shutdown begins: no GeWe call starts after it.
+        // Raised when shutdown begins: no GeWe call starts after it.
         let stop_calls = Signal::new();
         let c = &settings.callbacks;
         let matcher = c.enabled.then(|| {

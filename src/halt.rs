@@ -84,11 +84,6 @@ impl Signal {
     pub fn raised(&self) -> WaitForCancellationFuture<'_> {
         self.0.token.cancelled()
     }
-
-    /// The token cancelled with the signal, for APIs that wait on one.
-    pub fn token(&self) -> &CancellationToken {
-        &self.0.token
-    }
 }
 
 /// The two signals that end a delivery's waits.

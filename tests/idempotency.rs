@@ -11,12 +11,11 @@ use common::{redis_url, tcp_proxy::Mode, tcp_proxy::TcpProxy};
 use gewe_friend_worker::{
     command::Command,
     gewe::CallOutcome,
-    halt::{Halt, Interrupted},
+    halt::{Halt, Interrupted, Signal},
     idempotency::{Fingerprint, Found, Idempotency, Record, Stored},
     redis_client::RedisClient,
 };
 use redis::AsyncCommands;
-use tokio_util::sync::CancellationToken;
 
 const WINDOW: Duration = Duration::from_secs(600);
 /// Short, so lease tests end quickly: valid for `LEASE - 2 s` unrenewed.
@@ -117,7 +116,7 @@ async fn a_second_replica_waits_for_the_first_and_gets_its_outcome_as_a_duplicat
         !waiting.is_finished(),
         "stored but not yet announced: B still waits for A's event"
     );
-    claim.published(&CancellationToken::new()).await;
+    claim.published(&Signal::new()).await;
     let got = tokio::time::timeout(Duration::from_secs(5), waiting)
         .await
         .expect("B is answered once A's event is confirmed")
@@ -142,7 +141,7 @@ async fn when_the_first_event_is_not_published_the_next_copy_announces_the_store
             stored: Some(record),
         } => {
             assert_eq!(v3(&record), "v3_a", "B publishes A's answer, no new call");
-            claim.published(&CancellationToken::new()).await;
+            claim.published(&Signal::new()).await;
         }
         _ => panic!("B takes over the unannounced outcome"),
     }
@@ -161,7 +160,7 @@ async fn a_command_id_reused_for_another_member_is_a_conflict_and_the_outcome_st
         claim.store(&record("member_a", "v3_of_a")).await,
         Stored::Kept
     );
-    claim.published(&CancellationToken::new()).await;
+    claim.published(&Signal::new()).await;
     assert!(matches!(acquire(&b, "member_b").await, Found::Conflict));
     match acquire(&b, "member_a").await {
         Found::Duplicate(record) => assert_eq!(v3(&record), "v3_of_a"),
@@ -320,7 +319,7 @@ async fn after_redis_lost_its_data_no_free_command_id_is_claimed_for_a_lease_and
         .expect("get");
     assert!(holder.is_some(), "A re-asserted its claim");
     assert_eq!(claim.store(&record("m", "v3_a")).await, Stored::Kept);
-    claim.published(&CancellationToken::new()).await;
+    claim.published(&Signal::new()).await;
     let (duplicate, _) = waiting.await.expect("join");
     assert!(duplicate, "B gets A's outcome, no second call");
     delete_keys(&prefix).await;

@@ -25,7 +25,6 @@ use std::{
 };
 
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 pub use lease::LEASE_OVER_TIMEOUT;
 pub use memory::MAX_ENTRIES;
@@ -39,7 +38,7 @@ use self::{
     shared::{Acquired, SharedStore},
 };
 use crate::{
-    halt::{Halt, Interrupted},
+    halt::{Halt, Interrupted, Signal},
     redis_client::{RedisClient, RedisError},
 };
 
@@ -271,7 +270,7 @@ impl Claim<'_> {
     /// duplicates. Retried through a Redis outage until `shutdown` (the
     /// broker session may be gone meanwhile: a redelivery of this command
     /// waits for this and is then published as the duplicate it is).
-    pub async fn published(self, shutdown: &CancellationToken) {
+    pub async fn published(self, shutdown: &Signal) {
         match &self.store.backend {
             Backend::Memory(_) => {
                 let entry = self
@@ -295,7 +294,7 @@ impl Claim<'_> {
                                 "could not mark the outcome as published in Redis yet",
                             );
                             let gave_up = tokio::select! {
-                                () = shutdown.cancelled() => true,
+                                () = shutdown.raised() => true,
                                 () = tokio::time::sleep(wait) => false,
                             };
                             if gave_up {

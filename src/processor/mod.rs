@@ -294,7 +294,7 @@ impl Processor {
             );
             if self.publish(&event, d).await {
                 if record.is_definitive() {
-                    claim.published(self.shutdown.token()).await;
+                    claim.published(&self.shutdown).await;
                 } else {
                     claim.release().await;
                 }

@@ -72,7 +72,7 @@ impl CommandContext {
             ("parent_span_id", &self.parent_span_id),
         ] {
             if let Some(value) = value {
-                write!(out, " {name}={value}")?;
+                write!(out, " {name}={value:?}")?;
             }
         }
         out.write_char('}')
@@ -345,7 +345,7 @@ mod tests {
         let text = String::from_utf8(captured.0.lock().expect("lock").clone()).expect("utf-8");
         assert!(
             text.starts_with(
-                "command{command_id=\"c-\\\"1\\\"\" app_id=\"app-1\" redelivered=true trace_id=4bf92f3577b34da6a3ce929d0e0e4736 span_id=00f067aa0ba902b7} "
+                "command{command_id=\"c-\\\"1\\\"\" app_id=\"app-1\" redelivered=true trace_id=\"4bf92f3577b34da6a3ce929d0e0e4736\" span_id=\"00f067aa0ba902b7\"} "
             ),
             "{text}"
         );
