@@ -84,6 +84,9 @@ pub struct TestApp {
     pub events: Consumer,
     pub stop: CancellationToken,
     pub worker: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    /// Set once [`TestApp::stop`] removed the topology; until then dropping
+    /// the app removes it (a test that panicked never reaches `stop`).
+    removed: bool,
 }
 
 /// A received result event.
@@ -217,6 +220,7 @@ async fn listener(settings: Settings, bind_results: bool) -> TestApp {
         events,
         stop: CancellationToken::new(),
         worker: None,
+        removed: false,
     }
 }
 
@@ -369,15 +373,54 @@ impl TestApp {
                 .expect("worker stops in time");
             result.expect("worker task").expect("worker exits cleanly");
         }
-        topology::remove(&self.channel, &self.settings.amqp).await;
-        topology::remove_parking(
-            &self.channel,
-            &self.settings.amqp,
-            &self.settings.retry.park,
-        )
-        .await;
-        topology::remove_callbacks(&self.channel, &self.settings.callbacks).await;
+        remove_topology(&self.channel, &self.settings).await;
+        self.removed = true;
         let _ = self.connection.close(200, "test done".into()).await;
+    }
+}
+
+/// Deletes the queues and exchanges a [`TestApp`] declared.
+async fn remove_topology(channel: &Channel, settings: &Settings) {
+    topology::remove(channel, &settings.amqp).await;
+    topology::remove_parking(channel, &settings.amqp, &settings.retry.park).await;
+    topology::remove_callbacks(channel, &settings.callbacks).await;
+}
+
+impl Drop for TestApp {
+    /// A test that failed before [`TestApp::stop`] would leave its queues
+    /// and exchanges in the shared broker, where CI's next run finds them.
+    /// They are removed here, over a connection of its own on a thread of
+    /// its own: the test's runtime may be the one unwinding.
+    fn drop(&mut self) {
+        if self.removed {
+            return;
+        }
+        self.stop.cancel();
+        let settings = self.settings.clone();
+        let cleanup = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async {
+                let Ok(connector) = Connector::new(&settings.amqp) else {
+                    return;
+                };
+                let connect = connector.connect_first(ConnectionProperties::default());
+                let Ok(Ok(connection)) = tokio::time::timeout(WAIT, connect).await else {
+                    return;
+                };
+                if let Ok(channel) = connection.create_channel().await {
+                    let _ = tokio::time::timeout(WAIT, remove_topology(&channel, &settings)).await;
+                }
+                let _ = connection
+                    .close(200, "test failed; topology removed".into())
+                    .await;
+            });
+        });
+        let _ = cleanup.join();
     }
 }
 
