@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     command::{Command, Partial},
     gewe::CallOutcome,
-    json_out,
+    json_out, timestamp,
 };
 
 /// Routing key of a success event.
@@ -243,7 +243,7 @@ impl<'a> ResultEvent<'a> {
             ))),
             attempts: 0,
             received_at: Cow::Borrowed(received_at),
-            completed_at: Cow::Owned(now_rfc3339()),
+            completed_at: Cow::Owned(timestamp::now()),
             duplicate: false,
             parked: 0,
         }
@@ -289,11 +289,6 @@ impl<'a> ResultEvent<'a> {
     pub fn error_kind(&self) -> Option<ErrorKind> {
         self.error.as_ref().map(|e| e.kind)
     }
-}
-
-/// Current time as RFC 3339 with millisecond precision, UTC.
-pub fn now_rfc3339() -> String {
-    crate::timestamp::now()
 }
 
 #[cfg(test)]

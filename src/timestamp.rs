@@ -6,12 +6,16 @@
 //! fifth of them spent growing the `String`. This writes the 24 bytes
 //! directly. The output is humantime's, byte for byte (tested below).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Milliseconds since the Unix epoch now (0 for a clock set before 1970).
 pub fn now_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
+    millis_since_epoch(SystemTime::now())
+}
+
+/// Milliseconds from the Unix epoch to `at`, 0 for a time before it.
+fn millis_since_epoch(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
@@ -22,11 +26,7 @@ pub fn now() -> String {
 
 /// `at`, as RFC 3339 with milliseconds (the epoch for a time before it).
 pub fn format(at: SystemTime) -> String {
-    let millis = at
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO)
-        .as_millis();
-    format_millis(u64::try_from(millis).unwrap_or(u64::MAX))
+    format_millis(millis_since_epoch(at))
 }
 
 /// `millis` after the Unix epoch, as RFC 3339 with milliseconds. Years past
@@ -85,6 +85,8 @@ fn civil_date(days: u64) -> (u64, u64, u64) {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn humantime_of(millis: u64) -> String {

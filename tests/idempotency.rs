@@ -92,7 +92,7 @@ async fn a_second_replica_waits_for_the_first_and_gets_its_outcome_as_a_duplicat
     let prefix = prefix();
     let (a, b) = (replica(&prefix), replica(&prefix));
     let Found::Claimed {
-        claim,
+        mut claim,
         stored: None,
     } = acquire(&a, "m").await
     else {
@@ -129,7 +129,7 @@ async fn a_second_replica_waits_for_the_first_and_gets_its_outcome_as_a_duplicat
 async fn when_the_first_event_is_not_published_the_next_copy_announces_the_stored_outcome() {
     let prefix = prefix();
     let (a, b) = (replica(&prefix), replica(&prefix));
-    let Found::Claimed { claim, .. } = acquire(&a, "m").await else {
+    let Found::Claimed { mut claim, .. } = acquire(&a, "m").await else {
         panic!("A claims");
     };
     assert_eq!(claim.store(&record("m", "v3_a")).await, Stored::Kept);
@@ -153,7 +153,7 @@ async fn when_the_first_event_is_not_published_the_next_copy_announces_the_store
 async fn a_command_id_reused_for_another_member_is_a_conflict_and_the_outcome_stays() {
     let prefix = prefix();
     let (a, b) = (replica(&prefix), replica(&prefix));
-    let Found::Claimed { claim, .. } = acquire(&a, "member_a").await else {
+    let Found::Claimed { mut claim, .. } = acquire(&a, "member_a").await else {
         panic!("A claims");
     };
     assert_eq!(
@@ -167,7 +167,7 @@ async fn a_command_id_reused_for_another_member_is_a_conflict_and_the_outcome_st
         _ => panic!("the original request still gets its outcome"),
     }
     // Also before the first outcome is announced.
-    let Found::Claimed { claim, .. } = tokio::time::timeout(
+    let Found::Claimed { mut claim, .. } = tokio::time::timeout(
         Duration::from_secs(5),
         a.acquire("other", Fingerprint::of(&cmd("x")), &Halt::never()),
     )
@@ -286,7 +286,7 @@ async fn after_redis_lost_its_data_no_free_command_id_is_claimed_for_a_lease_and
     let prefix = prefix();
     let (a, b) = (replica(&prefix), replica(&prefix));
     // Both replicas have seen Redis' boot marker.
-    let Found::Claimed { claim, .. } = acquire(&a, "m").await else {
+    let Found::Claimed { mut claim, .. } = acquire(&a, "m").await else {
         panic!("A claims");
     };
     let Found::Claimed { claim: seen, .. } = tokio::time::timeout(

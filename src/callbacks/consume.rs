@@ -29,10 +29,10 @@ use super::{
     store::{Claim, Mark},
 };
 use crate::{
-    event::now_rfc3339,
     halt::{Halt, Interrupted, Signal},
     meters::{CallbackOutcome, meters},
     processor::SessionHandle,
+    timestamp,
 };
 
 /// Header the callback endpoint sets: when the callback reached the worker.
@@ -55,7 +55,7 @@ impl Callbacks {
     /// Handles one callback delivery to completion. Never panics on input;
     /// a broker or Redis problem leaves it to be redelivered.
     pub async fn handle(self: Arc<Self>, delivery: Delivery, session: Arc<SessionHandle>) {
-        let received_at = received_at(&delivery.properties).unwrap_or_else(now_rfc3339);
+        let received_at = received_at(&delivery.properties).unwrap_or_else(timestamp::now);
         let body = match callback::parse(&delivery.data) {
             Ok(body) => body,
             Err(invalid) => {
@@ -132,7 +132,7 @@ impl Callbacks {
             &sent,
             d.candidate.friend_wxid,
             d.received_at.clone(),
-            crate::timestamp::format(accepted_at),
+            timestamp::format(accepted_at),
         );
         let published = accepted::publish(
             &self.result_exchange,

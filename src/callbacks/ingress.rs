@@ -35,9 +35,9 @@ use subtle::ConstantTimeEq;
 use super::{callback, consume::RECEIVED_AT_HEADER};
 use crate::{
     broker::{PublishError, Publisher},
-    event::now_rfc3339,
     http_server::Limits,
     meters::meters,
+    timestamp,
 };
 
 /// The path GeWe posts to.
@@ -168,7 +168,7 @@ impl Ingress {
         let mut headers = FieldTable::default();
         headers.insert(
             RECEIVED_AT_HEADER.into(),
-            AMQPValue::LongString(now_rfc3339().into()),
+            AMQPValue::LongString(timestamp::now().into()),
         );
         let mut properties = BasicProperties::default()
             .with_content_type("application/json".into())

@@ -19,10 +19,7 @@ mod memory;
 mod record;
 mod shared;
 
-use std::{
-    sync::{Arc, Mutex, PoisonError},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use tokio::time::Instant;
 
@@ -161,7 +158,7 @@ impl Idempotency {
             command_id,
             _local: local,
             lease,
-            entry: Mutex::new(entry),
+            entry,
         };
         match stored {
             Some(record) if record.fingerprint != fingerprint => {
@@ -211,7 +208,7 @@ pub struct Claim<'a> {
     lease: Option<Lease>,
     /// The in-memory entry this claim found or stored, marked published
     /// without a second lookup.
-    entry: Mutex<Option<Arc<Entry>>>,
+    entry: Option<Arc<Entry>>,
 }
 
 impl Claim<'_> {
@@ -227,11 +224,10 @@ impl Claim<'_> {
     /// Stores GeWe's definitive answer before anything is published. Once
     /// GeWe answered, a Redis outage is waited out (the claim stays
     /// renewed); only the end of the process stops it.
-    pub async fn store(&self, record: &Record) -> Stored {
+    pub async fn store(&mut self, record: &Record) -> Stored {
         match &self.store.backend {
             Backend::Memory(memory) => {
-                let entry = memory.put(self.command_id, record.clone());
-                *self.entry.lock().unwrap_or_else(PoisonError::into_inner) = Some(entry);
+                self.entry = Some(memory.put(self.command_id, record.clone()));
                 Stored::Kept
             }
             Backend::Redis(shared) => {
@@ -273,12 +269,7 @@ impl Claim<'_> {
     pub async fn published(self, shutdown: &Signal) {
         match &self.store.backend {
             Backend::Memory(_) => {
-                let entry = self
-                    .entry
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .take();
-                if let Some(entry) = entry {
+                if let Some(entry) = &self.entry {
                     entry.mark_published();
                 }
             }

@@ -24,7 +24,7 @@ use crate::{
     broker::Publisher,
     callbacks::Callbacks,
     command::{self, Command, Envelope},
-    event::{ResultEvent, now_rfc3339},
+    event::ResultEvent,
     gewe::{Backoff, GeweClient, Tally},
     halt::{Halt, Interrupted, Signal},
     idempotency::{Fingerprint, Found, Idempotency, Record, Stored},
@@ -33,6 +33,7 @@ use crate::{
     park::Parking,
     redact::Redactor,
     telemetry::{CommandContext, command_scope},
+    timestamp,
     trace_context::TraceParent,
 };
 
@@ -149,7 +150,7 @@ impl Processor {
     /// broker error is logged and leaves the delivery to be redelivered.
     pub async fn handle(self: Arc<Self>, delivery: Delivery, session: Arc<SessionHandle>) {
         meters().commands_received.increment(1);
-        let received_at = now_rfc3339();
+        let received_at = timestamp::now();
         let mut envelope = Envelope::from_properties(&delivery.properties);
         let decoded = command::decode(&delivery.data, &envelope);
         let (command_id, app_id) = match &decoded {
@@ -163,22 +164,16 @@ impl Processor {
         // child span, and the result event carries that span as the parent.
         let parent = envelope.traceparent.as_deref().and_then(TraceParent::parse);
         let (span_id, header) = parent.as_ref().map(TraceParent::child).unzip();
+        let (trace_id, parent_span_id) = parent.map(|p| (p.trace_id, p.parent_id)).unzip();
         // What every log line about this command says (in place of a
         // tracing span, which every command would pay for, logged or not).
         let context = CommandContext {
             command_id: command_id.to_owned(),
             app_id: app_id.map(str::to_owned),
             redelivered: delivery.redelivered,
+            trace_id,
             span_id,
-            ..CommandContext::default()
-        };
-        let context = match parent {
-            Some(parent) => CommandContext {
-                trace_id: Some(parent.trace_id),
-                parent_span_id: Some(parent.parent_id),
-                ..context
-            },
-            None => context,
+            parent_span_id,
         };
         envelope.traceparent = header;
         let halt = Halt::new(self.shutdown.clone(), session.lost.clone());
@@ -231,7 +226,7 @@ impl Processor {
                 Ok(found) => found,
                 Err(interrupted) => return self.give_back(d, interrupted).await,
             };
-            let (claim, stored) = match found {
+            let (mut claim, stored) = match found {
                 Found::Duplicate(record) => return self.republish(cmd, &record, d).await,
                 Found::Conflict => return self.refuse_reused_id(cmd, d).await,
                 Found::Unreadable(reason) => return self.refuse_unreadable(cmd, &reason, d).await,

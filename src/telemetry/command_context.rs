@@ -28,7 +28,7 @@ tokio::task_local! {
 }
 
 /// What a command's log lines say about it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommandContext {
     /// The command's id (resolved, or what could be read of an invalid one).
     pub command_id: String,
