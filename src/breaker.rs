@@ -17,7 +17,7 @@ use tokio::{sync::Notify, time::Instant};
 
 use crate::{
     config::BreakerSettings,
-    event::ErrorKind,
+    error_kind::ErrorKind,
     halt::{Halt, Interrupted},
     meters::meters,
 };
@@ -84,16 +84,6 @@ impl Drop for Admission<'_> {
         if !self.recorded {
             self.breaker.release(self.probe);
         }
-    }
-}
-
-fn is_systemic(kind: ErrorKind) -> bool {
-    match kind {
-        ErrorKind::UpstreamUnavailable | ErrorKind::Unauthorized => true,
-        ErrorKind::InvalidCommand
-        | ErrorKind::AppOffline
-        | ErrorKind::Rejected
-        | ErrorKind::UnexpectedResponse => false,
     }
 }
 
@@ -182,7 +172,7 @@ impl Breaker {
     }
 
     fn record(&self, probe: bool, failure: Option<ErrorKind>) {
-        let systemic = failure.is_some_and(is_systemic);
+        let systemic = failure.is_some_and(ErrorKind::systemic);
         let mut inner = self.lock();
         let before = inner.state;
         if systemic {

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     command::{Command, Partial},
+    error_kind::ErrorKind,
     gewe::CallOutcome,
     json_out, timestamp,
 };
@@ -25,78 +26,12 @@ pub enum Status {
     Failed,
 }
 
-/// The stable error kinds of the contract.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorKind {
-    /// The message is not a valid command.
-    InvalidCommand,
-    /// GeWe refused the token.
-    Unauthorized,
-    /// The account behind `appId` is offline or unknown.
-    AppOffline,
-    /// Any other business refusal by GeWe.
-    Rejected,
-    /// GeWe could not be reached or kept failing transiently.
-    UpstreamUnavailable,
-    /// GeWe answered something the worker cannot use.
-    UnexpectedResponse,
-}
-
 impl Status {
     /// `succeeded` or `failed`.
     pub fn as_str(self) -> &'static str {
         match self {
             Status::Succeeded => "succeeded",
             Status::Failed => "failed",
-        }
-    }
-}
-
-impl ErrorKind {
-    /// Every kind, in [`ErrorKind::index`] order.
-    pub const ALL: [ErrorKind; 6] = [
-        ErrorKind::InvalidCommand,
-        ErrorKind::Unauthorized,
-        ErrorKind::AppOffline,
-        ErrorKind::Rejected,
-        ErrorKind::UpstreamUnavailable,
-        ErrorKind::UnexpectedResponse,
-    ];
-
-    /// Position in [`ErrorKind::ALL`].
-    pub fn index(self) -> usize {
-        match self {
-            ErrorKind::InvalidCommand => 0,
-            ErrorKind::Unauthorized => 1,
-            ErrorKind::AppOffline => 2,
-            ErrorKind::Rejected => 3,
-            ErrorKind::UpstreamUnavailable => 4,
-            ErrorKind::UnexpectedResponse => 5,
-        }
-    }
-
-    /// Whether the worker retries this kind (with backoff).
-    pub fn retryable(self) -> bool {
-        match self {
-            ErrorKind::UpstreamUnavailable => true,
-            ErrorKind::InvalidCommand
-            | ErrorKind::Unauthorized
-            | ErrorKind::AppOffline
-            | ErrorKind::Rejected
-            | ErrorKind::UnexpectedResponse => false,
-        }
-    }
-
-    /// The snake_case name used in events, logs and metric labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorKind::InvalidCommand => "invalid_command",
-            ErrorKind::Unauthorized => "unauthorized",
-            ErrorKind::AppOffline => "app_offline",
-            ErrorKind::Rejected => "rejected",
-            ErrorKind::UpstreamUnavailable => "upstream_unavailable",
-            ErrorKind::UnexpectedResponse => "unexpected_response",
         }
     }
 }
@@ -399,20 +334,5 @@ mod tests {
                 serde_json::to_string(e).expect("serialises")
             );
         }
-    }
-
-    #[test]
-    fn only_upstream_unavailable_is_retryable() {
-        use ErrorKind::*;
-        for k in [
-            InvalidCommand,
-            Unauthorized,
-            AppOffline,
-            Rejected,
-            UnexpectedResponse,
-        ] {
-            assert!(!k.retryable(), "{k:?}");
-        }
-        assert!(UpstreamUnavailable.retryable());
     }
 }

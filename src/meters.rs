@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 use metrics::{Counter, Gauge, Histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::event::ErrorKind;
+use crate::error_kind::ErrorKind;
 
 /// Why a delivery went back to the queue without a result event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

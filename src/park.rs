@@ -21,7 +21,7 @@ use lapin::{
     types::{AMQPValue, FieldTable, LongString},
 };
 
-use crate::{config::QueueType, event::ErrorKind};
+use crate::config::QueueType;
 
 /// Header: how often the command was parked so far.
 pub const PARKED_HEADER: &str = "x-gewe-parked";
@@ -40,18 +40,6 @@ pub fn label(delay: Duration) -> String {
 /// The delay queue of `command_queue` for `delay`.
 pub fn queue_name(command_queue: &str, delay: Duration) -> String {
     format!("{command_queue}.park.{}", label(delay))
-}
-
-/// Whether an outcome of `kind` may be tried again later: the account or
-/// GeWe was unreachable, so GeWe did not act on the request.
-pub fn is_parkable(kind: ErrorKind) -> bool {
-    match kind {
-        ErrorKind::AppOffline | ErrorKind::UpstreamUnavailable => true,
-        ErrorKind::InvalidCommand
-        | ErrorKind::Unauthorized
-        | ErrorKind::Rejected
-        | ErrorKind::UnexpectedResponse => false,
-    }
 }
 
 /// The arguments of the delay queue for `delay`, exactly as declared.

@@ -12,7 +12,8 @@ use serde_json::Value;
 
 use super::client::{Answer, TransportError};
 use crate::{
-    event::{ErrorKind, EventError, GeweReply, GeweReplyData},
+    error_kind::ErrorKind,
+    event::{EventError, GeweReply, GeweReplyData},
     redact::Redactor,
 };
 

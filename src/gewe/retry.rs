@@ -148,7 +148,7 @@ impl Tally {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::ErrorKind;
+    use crate::error_kind::ErrorKind;
     use rand::{SeedableRng, rngs::StdRng};
 
     fn policy(max_attempts: u32) -> Backoff {

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::{Digest, Sha256};
 
-use crate::{command::Command, event::ErrorKind, gewe::CallOutcome};
+use crate::{command::Command, gewe::CallOutcome};
 
 /// Identifies one request: `appId`, `chatroomId`, `memberWxid` and
 /// `content` (contract §3). A commandId is bound to the fingerprint of the
@@ -90,21 +90,13 @@ impl Record {
         crate::timestamp::format_millis(self.completed_at_ms)
     }
 
-    /// Whether GeWe may have acted on the request: a success, `rejected` or
-    /// `unexpected_response`. Only these are stored. The others say the
-    /// request did not get through (`upstream_unavailable`,
-    /// `unauthorized`, `app_offline`), so a later copy tries again once
-    /// the cause is fixed.
+    /// Whether GeWe may have acted on the request: a success, or a failure
+    /// of a [definitive](crate::error_kind::ErrorKind::definitive) kind.
+    /// Only these are stored.
     pub fn is_definitive(&self) -> bool {
         match &self.outcome.result {
             Ok(_) => true,
-            Err(e) => match e.kind {
-                ErrorKind::Rejected | ErrorKind::UnexpectedResponse => true,
-                ErrorKind::InvalidCommand
-                | ErrorKind::Unauthorized
-                | ErrorKind::AppOffline
-                | ErrorKind::UpstreamUnavailable => false,
-            },
+            Err(e) => e.kind.definitive(),
         }
     }
 }

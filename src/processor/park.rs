@@ -2,7 +2,6 @@
 
 use super::{Inbound, Processor};
 use crate::{
-    event::ErrorKind,
     idempotency::Record,
     meters::{Requeue, meters},
     park::{self, Slot},
@@ -12,8 +11,7 @@ impl Processor {
     /// The delay queue for `record`'s command, when its outcome may be
     /// tried again later and delays remain.
     pub(super) fn park_slot(&self, record: &Record, d: &Inbound) -> Option<Slot> {
-        let kind: ErrorKind = record.outcome.result.as_ref().err()?.kind;
-        if !park::is_parkable(kind) {
+        if !record.outcome.result.as_ref().err()?.kind.parkable() {
             return None;
         }
         self.parking.next(d.envelope.parked)

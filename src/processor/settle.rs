@@ -10,7 +10,8 @@ use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 
 use super::{Inbound, Processor};
 use crate::{
-    event::{ErrorKind, ResultEvent},
+    error_kind::ErrorKind,
+    event::ResultEvent,
     meters::{Requeue, meters},
     outbound::publish_event,
 };
