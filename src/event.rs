@@ -7,8 +7,9 @@ use serde::{Deserialize, Serialize};
 use crate::{
     command::{Command, Partial},
     error_kind::ErrorKind,
-    gewe::CallOutcome,
-    json_out, timestamp,
+    json_out,
+    outcome::{CallOutcome, EventError},
+    timestamp,
 };
 
 /// Routing key of a success event.
@@ -32,55 +33,6 @@ impl Status {
         match self {
             Status::Succeeded => "succeeded",
             Status::Failed => "failed",
-        }
-    }
-}
-
-/// What GeWe itself said, when it answered with a GeWe-shaped body.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GeweReply {
-    /// GeWe's `ret`.
-    pub ret: i64,
-    /// GeWe's `msg` (null when absent), token redacted.
-    pub msg: Option<String>,
-    /// `data.code` / `data.msg` when present.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub data: Option<GeweReplyData>,
-}
-
-/// The failure detail GeWe puts in `data`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GeweReplyData {
-    /// `data.code`, e.g. `"-1"`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub code: Option<String>,
-    /// `data.msg`, e.g. `微信已离线`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub msg: Option<String>,
-}
-
-/// The `error` object of a failed event.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EventError {
-    /// Stable classification.
-    pub kind: ErrorKind,
-    /// Human-readable explanation, token redacted.
-    pub message: String,
-    /// `kind.retryable()`, spelled out for consumers.
-    pub retryable: bool,
-    /// GeWe's answer, when there was one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gewe: Option<GeweReply>,
-}
-
-impl EventError {
-    /// An error of `kind` with `retryable` derived from it.
-    pub fn new(kind: ErrorKind, message: impl Into<String>, gewe: Option<GeweReply>) -> Self {
-        Self {
-            kind,
-            message: message.into(),
-            retryable: kind.retryable(),
-            gewe,
         }
     }
 }
@@ -229,6 +181,7 @@ impl<'a> ResultEvent<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::outcome::{GeweReply, GeweReplyData};
 
     #[test]
     fn failed_event_has_the_contract_shape() {

@@ -24,6 +24,7 @@ pub mod json_out;
 pub mod meters;
 pub mod ops;
 pub mod outbound;
+pub mod outcome;
 pub mod pacing;
 pub mod park;
 pub mod processor;

@@ -10,9 +10,9 @@ use std::{sync::Arc, time::Duration};
 use common::{redis_url, tcp_proxy::Mode, tcp_proxy::TcpProxy};
 use gewe_friend_worker::{
     command::Command,
-    gewe::CallOutcome,
     halt::{Halt, Interrupted, Signal},
     idempotency::{Fingerprint, Found, Idempotency, Record, Stored},
+    outcome::CallOutcome,
     redis_client::RedisClient,
 };
 use redis::AsyncCommands;

@@ -13,7 +13,7 @@ use serde_json::Value;
 use super::client::{Answer, TransportError};
 use crate::{
     error_kind::ErrorKind,
-    event::{EventError, GeweReply, GeweReplyData},
+    outcome::{EventError, GeweReply, GeweReplyData},
     redact::Redactor,
 };
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 use rand::Rng;
 
 use super::classify::Verdict;
-use crate::{config::RetrySettings, event::EventError};
+use crate::{config::RetrySettings, outcome::EventError};
 
 /// Backoff policy (`retry.*`).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -26,16 +26,6 @@ pub struct Backoff {
     pub max_delay: Duration,
     /// Growth of the ceiling per attempt.
     pub multiplier: f64,
-}
-
-/// The final result of all attempts for one command.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct CallOutcome {
-    /// The `v3` ticket, or the error of the last attempt (boxed: outcomes
-    /// are kept in the dedupe store, and most of them are successes).
-    pub result: Result<String, Box<EventError>>,
-    /// Attempts actually made.
-    pub attempts: u32,
 }
 
 /// Attempts made for one command so far.

@@ -124,7 +124,7 @@ impl MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{gewe::CallOutcome, idempotency::Fingerprint};
+    use crate::{idempotency::Fingerprint, outcome::CallOutcome};
 
     fn record() -> Record {
         let cmd = crate::command::Command {

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::{Digest, Sha256};
 
-use crate::{command::Command, gewe::CallOutcome};
+use crate::{command::Command, outcome::CallOutcome};
 
 /// Identifies one request: `appId`, `chatroomId`, `memberWxid` and
 /// `content` (contract §3). A commandId is bound to the fingerprint of the

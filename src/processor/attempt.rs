@@ -10,10 +10,11 @@ use tokio::time::Instant;
 use super::Processor;
 use crate::{
     command::Command,
-    gewe::{CallOutcome, Step, Tally, Verdict, classify},
+    gewe::{Step, Tally, Verdict, classify},
     halt::{Halt, Interrupted},
     idempotency::Claim,
     meters::meters,
+    outcome::CallOutcome,
 };
 
 impl Processor {
