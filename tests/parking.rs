@@ -155,8 +155,10 @@ async fn a_park_that_is_not_confirmed_leaves_the_command_in_the_queue() {
     wait_for_readyz(app.ops_addr, 200, "ready").await;
     // The delay queue is gone (deleted by an operator): the parked copy is
     // unroutable, so the command must not be acked.
-    let delay_queue =
-        gewe_friend_worker::park::queue_name(&settings.amqp.command_queue, Duration::from_secs(60));
+    let delay_queue = gewe_friend_worker::config::delay_queue_name(
+        &settings.amqp.command_queue,
+        Duration::from_secs(60),
+    );
     app.channel
         .queue_delete(delay_queue.as_str().into(), Default::default())
         .await
@@ -186,8 +188,10 @@ async fn a_delay_queue_declared_with_another_delay_is_named_in_the_error() {
     let gewe = FakeGewe::start(Duration::ZERO, offline).await;
     let settings = parking(&gewe, &[60]);
     let app = spawn_listener(&settings).await;
-    let delay_queue =
-        gewe_friend_worker::park::queue_name(&settings.amqp.command_queue, Duration::from_secs(60));
+    let delay_queue = gewe_friend_worker::config::delay_queue_name(
+        &settings.amqp.command_queue,
+        Duration::from_secs(60),
+    );
     app.channel
         .queue_delete(delay_queue.as_str().into(), Default::default())
         .await

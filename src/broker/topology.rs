@@ -17,10 +17,7 @@ use lapin::{
 
 use std::time::Duration;
 
-use crate::{
-    config::{AmqpSettings, CallbacksSettings, QueueType},
-    park,
-};
+use crate::config::{AmqpSettings, CallbacksSettings, QueueType, delay_queue_name};
 
 /// The `TypeName` of GeWe's contact-change callback, and the routing key the
 /// callbacks queue is bound with (contract §6).
@@ -252,6 +249,15 @@ pub async fn remove_callbacks(channel: &Channel, c: &CallbacksSettings) {
 
 /// Declares the delay queues of `retry.park` (see [`crate::park`]), with the
 /// same clear errors when one exists with other arguments.
+///
+/// A delay queue's message TTL is its delay and its dead-letter target the
+/// command queue, so the broker hands a parked command back when the delay
+/// has passed. The delay queues have the command queue's type. Quorum
+/// queues on RabbitMQ 3.10 honour `x-message-ttl` (checked against 3.10.8)
+/// and offer at-least-once dead-lettering (`x-dead-letter-strategy`, which
+/// needs `x-overflow: reject-publish`), so a parked command cannot be lost
+/// on its way back, and it is replicated like the commands themselves.
+/// Classic queues dead-letter at most once.
 pub async fn declare_parking(
     channel: &Channel,
     a: &AmqpSettings,
@@ -262,12 +268,12 @@ pub async fn declare_parking(
         ..QueueDeclareOptions::default()
     };
     for delay in delays {
-        let name = park::queue_name(&a.command_queue, *delay);
+        let name = delay_queue_name(&a.command_queue, *delay);
         channel
             .queue_declare(
                 ShortString::from(name.as_str()),
                 durable_queue,
-                park::queue_arguments(&a.command_queue, *delay, a.queue_type),
+                delay_queue_arguments(&a.command_queue, *delay, a.queue_type),
             )
             .await
             .map_err(|e| TopologyError::from_lapin(format!("queue '{name}'"), e))?;
@@ -275,10 +281,44 @@ pub async fn declare_parking(
     Ok(())
 }
 
+/// The arguments of the delay queue for `delay`, exactly as declared.
+fn delay_queue_arguments(
+    command_queue: &str,
+    delay: Duration,
+    queue_type: QueueType,
+) -> FieldTable {
+    let mut args = FieldTable::default();
+    let ttl = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+    args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(LongString::from("")),
+    );
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(LongString::from(command_queue)),
+    );
+    if queue_type == QueueType::Quorum {
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        args.insert(
+            "x-dead-letter-strategy".into(),
+            AMQPValue::LongString("at-least-once".into()),
+        );
+        args.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("reject-publish".into()),
+        );
+    }
+    args
+}
+
 /// Deletes the delay queues [`declare_parking`] creates (best effort).
 pub async fn remove_parking(channel: &Channel, a: &AmqpSettings, delays: &[Duration]) {
     for delay in delays {
-        let name = park::queue_name(&a.command_queue, *delay);
+        let name = delay_queue_name(&a.command_queue, *delay);
         let _ = channel
             .queue_delete(
                 ShortString::from(name.as_str()),

@@ -1,21 +1,17 @@
 //! Command messages as they arrive (contract §3): the AMQP properties the
-//! worker honours ([`Envelope`]) and the body ([`decode`]).
+//! worker honours and the try counters it keeps in headers ([`Envelope`])
+//! and the body ([`decode`]).
 //!
 //! Decoding never fails without telling what is wrong: every rejection is an
 //! [`InvalidCommand`] whose text ends up in the `invalid_command` event, and
 //! whatever could be read (ids, fields) is kept so the event can carry it.
 
 mod decode;
-
-use lapin::{
-    BasicProperties,
-    types::{AMQPValue, ShortString},
-};
+mod envelope;
 
 pub(crate) use decode::json_type;
 pub use decode::{decode, resolve_command_id};
-
-use crate::park;
+pub use envelope::{ATTEMPTS_HEADER, Envelope, PARKED_HEADER, with_try_counters};
 
 /// Bodies above this size are refused before parsing: no real greeting comes
 /// close, and parsing megabytes per message would let one publisher stall
@@ -26,51 +22,6 @@ pub const MAX_COMMAND_ID_CHARS: usize = 128;
 /// Longest accepted `commandId` in UTF-8 bytes: it becomes the event's
 /// `correlation_id`, an AMQP short string of at most 255 bytes.
 pub const MAX_COMMAND_ID_BYTES: usize = 255;
-
-/// AMQP properties of the delivery that the worker honours.
-#[derive(Debug, Clone, Default)]
-pub struct Envelope {
-    /// `message_id` property.
-    pub message_id: Option<String>,
-    /// `correlation_id` property.
-    pub correlation_id: Option<String>,
-    /// `reply_to` property.
-    pub reply_to: Option<String>,
-    /// `traceparent` header (W3C trace context), if any.
-    pub traceparent: Option<String>,
-    /// `x-gewe-parked`: times this command was parked so far (`retry.park`).
-    pub parked: u32,
-    /// `x-gewe-attempts`: GeWe attempts made on earlier tries.
-    pub prior_attempts: u32,
-    /// `x-delivery-count` (quorum queues): earlier deliveries of this one.
-    pub delivery_count: u32,
-}
-
-impl Envelope {
-    /// Reads the properties the worker honours from a delivery.
-    pub fn from_properties(p: &BasicProperties) -> Self {
-        let s = |v: &Option<ShortString>| v.as_ref().map(|v| v.as_str().to_owned());
-        let traceparent = p.headers().as_ref().and_then(|h| {
-            h.inner().get("traceparent").and_then(|v| match v {
-                AMQPValue::LongString(s) => {
-                    Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
-                }
-                AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
-                _ => None,
-            })
-        });
-        let headers = p.headers().as_ref();
-        Self {
-            message_id: s(p.message_id()),
-            correlation_id: s(p.correlation_id()),
-            reply_to: s(p.reply_to()),
-            traceparent,
-            parked: park::read_counter(headers, park::PARKED_HEADER),
-            prior_attempts: park::read_counter(headers, park::ATTEMPTS_HEADER),
-            delivery_count: park::read_counter(headers, "x-delivery-count"),
-        }
-    }
-}
 
 /// A valid command, ready to be sent to GeWe.
 #[derive(Debug, Clone, PartialEq, Eq)]

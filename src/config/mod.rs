@@ -252,7 +252,7 @@ impl Settings {
                     "delays must be between 1s and 7days",
                 ));
             }
-            if crate::park::queue_name(&self.amqp.command_queue, *delay).len() > 255 {
+            if delay_queue_name(&self.amqp.command_queue, *delay).len() > 255 {
                 return Err(ConfigError::invalid(
                     "retry.park",
                     "makes a delay queue name longer than 255 bytes (shorten amqp.command_queue)",

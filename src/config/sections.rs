@@ -91,6 +91,16 @@ pub struct RetrySettings {
     pub park: Vec<Duration>,
 }
 
+/// The delay queue `retry.park` puts a command of `command_queue` in for
+/// `delay` (contract §4): `<command_queue>.park.<delay>`, the delay as
+/// `1m`, `10m`, `1h30m`.
+pub fn delay_queue_name(command_queue: &str, delay: Duration) -> String {
+    let label = humantime::format_duration(delay)
+        .to_string()
+        .replace(' ', "");
+    format!("{command_queue}.park.{label}")
+}
+
 /// `[pacing]`
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]

@@ -2,9 +2,10 @@
 
 use super::{Inbound, Processor};
 use crate::{
+    command,
     idempotency::Record,
     meters::{Requeue, meters},
-    park::{self, Slot},
+    park::Slot,
 };
 
 impl Processor {
@@ -22,7 +23,7 @@ impl Processor {
     /// requeues it otherwise. No event: it comes with the last try.
     pub(super) async fn park(&self, slot: Slot, attempts: u32, d: &Inbound) {
         let parked = d.envelope.parked.saturating_add(1);
-        let properties = park::parked_properties(&d.delivery.properties, parked, attempts);
+        let properties = command::with_try_counters(&d.delivery.properties, parked, attempts);
         let published = d
             .session
             .publisher

@@ -1,0 +1,123 @@
+//! The AMQP properties of a command delivery that the worker honours, and
+//! the try counters it keeps in the headers of a parked copy (`retry.park`,
+//! contract §4): the command carries its own history, so nothing about it
+//! waits in the worker's memory.
+
+use lapin::{
+    BasicProperties,
+    types::{AMQPValue, FieldTable, ShortString},
+};
+
+/// Header: how often the command was parked so far.
+pub const PARKED_HEADER: &str = "x-gewe-parked";
+/// Header: GeWe attempts made for the command so far, over every try.
+pub const ATTEMPTS_HEADER: &str = "x-gewe-attempts";
+/// Set by quorum queues on delivery; not part of the command.
+const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
+
+/// AMQP properties of the delivery that the worker honours.
+#[derive(Debug, Clone, Default)]
+pub struct Envelope {
+    /// `message_id` property.
+    pub message_id: Option<String>,
+    /// `correlation_id` property.
+    pub correlation_id: Option<String>,
+    /// `reply_to` property.
+    pub reply_to: Option<String>,
+    /// `traceparent` header (W3C trace context), if any.
+    pub traceparent: Option<String>,
+    /// `x-gewe-parked`: times this command was parked so far (`retry.park`).
+    pub parked: u32,
+    /// `x-gewe-attempts`: GeWe attempts made on earlier tries.
+    pub prior_attempts: u32,
+    /// `x-delivery-count` (quorum queues): earlier deliveries of this one.
+    pub delivery_count: u32,
+}
+
+impl Envelope {
+    /// Reads the properties the worker honours from a delivery.
+    pub fn from_properties(p: &BasicProperties) -> Self {
+        let s = |v: &Option<ShortString>| v.as_ref().map(|v| v.as_str().to_owned());
+        let traceparent = p.headers().as_ref().and_then(|h| {
+            h.inner().get("traceparent").and_then(|v| match v {
+                AMQPValue::LongString(s) => {
+                    Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+                }
+                AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+                _ => None,
+            })
+        });
+        let headers = p.headers().as_ref();
+        Self {
+            message_id: s(p.message_id()),
+            correlation_id: s(p.correlation_id()),
+            reply_to: s(p.reply_to()),
+            traceparent,
+            parked: read_counter(headers, PARKED_HEADER),
+            prior_attempts: read_counter(headers, ATTEMPTS_HEADER),
+            delivery_count: read_counter(headers, DELIVERY_COUNT_HEADER),
+        }
+    }
+}
+
+/// The properties of a command's copy for its next try (`retry.park`):
+/// the command's own, with the try counters set and the broker's
+/// delivery count removed.
+pub fn with_try_counters(
+    original: &BasicProperties,
+    parked: u32,
+    attempts: u32,
+) -> BasicProperties {
+    let mut headers = original.headers().clone().unwrap_or_default();
+    let mut inner = headers.inner().clone();
+    inner.remove(DELIVERY_COUNT_HEADER);
+    inner.insert(
+        PARKED_HEADER.into(),
+        AMQPValue::LongLongInt(i64::from(parked)),
+    );
+    inner.insert(
+        ATTEMPTS_HEADER.into(),
+        AMQPValue::LongLongInt(i64::from(attempts)),
+    );
+    headers = FieldTable::from(inner);
+    original.clone().with_headers(headers)
+}
+
+/// A try counter from the headers; 0 when absent or not a count.
+fn read_counter(headers: Option<&FieldTable>, name: &str) -> u32 {
+    let Some(value) = headers.and_then(|h| h.inner().get(name)) else {
+        return 0;
+    };
+    let n: Option<i64> = match value {
+        AMQPValue::ShortShortInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortShortUInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortUInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongUInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongLongInt(v) => Some(*v),
+        _ => None,
+    };
+    n.and_then(|n| u32::try_from(n).ok()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_survive_a_round_trip_and_bad_values_count_as_zero() {
+        let original = BasicProperties::default().with_message_id("m".into());
+        let parked = with_try_counters(&original, 2, 7);
+        let headers = parked.headers().as_ref();
+        assert_eq!(read_counter(headers, PARKED_HEADER), 2);
+        assert_eq!(read_counter(headers, ATTEMPTS_HEADER), 7);
+        assert_eq!(parked.message_id(), original.message_id());
+        let mut odd = FieldTable::default();
+        odd.insert(PARKED_HEADER.into(), AMQPValue::LongLongInt(-3));
+        odd.insert(ATTEMPTS_HEADER.into(), AMQPValue::LongString("x".into()));
+        assert_eq!(read_counter(Some(&odd), PARKED_HEADER), 0);
+        assert_eq!(read_counter(Some(&odd), ATTEMPTS_HEADER), 0);
+        assert_eq!(read_counter(None, PARKED_HEADER), 0);
+    }
+}
