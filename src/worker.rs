@@ -23,14 +23,13 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     breaker::{self, Breaker},
     broker::{
-        Connector, Session, SessionError,
+        Connector, Session, SessionControl, SessionError,
         session::{CALLBACK_PREFETCH, Next},
     },
     callbacks::{Callbacks, IngressLink},
     config::Settings,
-    halt::Signal,
     meters::meters,
-    processor::{Processor, SessionHandle},
+    processor::Processor,
     redis_client::RedisClient,
 };
 
@@ -232,18 +231,14 @@ async fn consume(
     stop_deadline: &OnceLock<Instant>,
 ) -> SessionEnd {
     let tasks = TaskTracker::new();
-    let handle = Arc::new(SessionHandle {
-        publisher: session.publisher().clone(),
-        broken: CancellationToken::new(),
-        lost: Signal::new(),
-    });
+    let control = SessionControl::new(session.publisher().clone());
     if let Some(link) = &callbacks.ingress {
         link.attach(session.connection()).await;
     }
     // Made once, not per delivery: each one registers a waiter with its
     // token when first polled and takes it out again when dropped.
     let stopping = shutdown.cancelled();
-    let broken = handle.broken.cancelled();
+    let broken = control.broken();
     tokio::pin!(stopping, broken);
     let end = loop {
         tokio::select! {
@@ -251,13 +246,13 @@ async fn consume(
             () = &mut broken => break SessionEnd::Lost("the publishing channel failed".to_owned()),
             next = session.next() => match next {
                 Next::Command(Ok(delivery)) => {
-                    let work = commands.clone().handle(delivery, handle.clone());
+                    let work = commands.clone().handle(delivery, control.handle());
                     // Boxed so spawning moves a pointer, not the whole state machine.
                     all_tasks.spawn(tasks.track_future(Box::pin(work)));
                 }
                 Next::Callback(Ok(delivery)) => match &callbacks.matcher {
                     Some(matcher) => {
-                        let work = matcher.clone().handle(delivery, handle.clone());
+                        let work = matcher.clone().handle(delivery, control.handle());
                         all_tasks.spawn(tasks.track_future(Box::pin(work)));
                     }
                     // Not consumed without a matcher; left unacked, the
@@ -279,7 +274,7 @@ async fn consume(
             // The broker puts this session's deliveries back: their waits
             // end now (pacing turns and claims go to the redeliveries),
             // while GeWe calls already sent finish and store their answer.
-            handle.lost.raise();
+            control.lose();
         }
         SessionEnd::Shutdown => {
             let deadline = *stop_deadline.get_or_init(|| Instant::now() + grace);
@@ -305,7 +300,7 @@ async fn consume(
                     "grace period over; unfinished commands go back to the queue"
                 );
             }
-            handle.lost.raise();
+            control.lose();
         }
     }
     // Closing the connection returns every unacked delivery to the queue.

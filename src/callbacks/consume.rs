@@ -29,9 +29,9 @@ use super::{
     store::{Claim, Mark},
 };
 use crate::{
+    broker::SessionHandle,
     halt::{Halt, Interrupted, Signal},
     meters::{CallbackOutcome, meters},
-    processor::SessionHandle,
     timestamp,
 };
 
@@ -78,7 +78,7 @@ impl Callbacks {
         };
         let span = tracing::info_span!("callback", app_id = candidate.app_id);
         let inbound = Inbound {
-            halt: Halt::new(self.shutdown.clone(), session.lost.clone()),
+            halt: session.halt(self.shutdown.clone()),
             delivery,
             session,
             received_at,
@@ -138,14 +138,14 @@ impl Callbacks {
             &self.result_exchange,
             &event,
             &sent.correlation_id,
-            &d.session.publisher,
+            d.session.publisher(),
         )
         .await;
         if let Err(e) = published {
             meters().results_publish_failures.increment(1);
             tracing::error!(command_id, error = %e, "accepted event not confirmed; requeueing the callback");
             if e.breaks_channel() {
-                d.session.broken.cancel();
+                d.session.publishing_channel_broke();
             }
             if let Err(e) = self.store.release(&claim).await {
                 tracing::warn!(error = %e, "could not release the claim on the accepted event; it expires by itself");

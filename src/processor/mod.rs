@@ -21,7 +21,7 @@ use tokio::sync::Semaphore;
 
 use crate::{
     breaker::Breaker,
-    broker::Publisher,
+    broker::SessionHandle,
     callbacks::Callbacks,
     command::{self, Command, Envelope},
     event::ResultEvent,
@@ -83,18 +83,6 @@ pub struct Parts {
     pub delivery_limit: Option<u32>,
     /// With `callbacks.enabled`: where succeeded commands are remembered.
     pub callbacks: Option<Arc<Callbacks>>,
-}
-
-/// The broker session a delivery belongs to; one per session, shared by
-/// its deliveries (an `Arc` clone each, not a channel's and two tokens').
-pub struct SessionHandle {
-    /// Confirm-mode publishing channel.
-    pub publisher: Publisher,
-    /// Cancelled by a task that finds the publishing channel broken.
-    pub broken: tokio_util::sync::CancellationToken,
-    /// Raised by the worker when the session is gone: the broker has
-    /// already put its deliveries back.
-    pub lost: Signal,
 }
 
 /// One delivery on its way through: what settling and publishing need.
@@ -176,7 +164,7 @@ impl Processor {
             parent_span_id,
         };
         envelope.traceparent = header;
-        let halt = Halt::new(self.shutdown.clone(), session.lost.clone());
+        let halt = session.halt(self.shutdown.clone());
         let inbound = Inbound {
             delivery,
             envelope,

@@ -26,7 +26,7 @@ impl Processor {
         let properties = command::with_try_counters(&d.delivery.properties, parked, attempts);
         let published = d
             .session
-            .publisher
+            .publisher()
             .publish("", &slot.queue, true, &d.delivery.data, properties)
             .await;
         match published {
@@ -44,7 +44,7 @@ impl Processor {
             Err(e) => {
                 tracing::error!(error = %e, queue = %slot.queue, "could not park the command; requeueing it");
                 if e.breaks_channel() {
-                    d.session.broken.cancel();
+                    d.session.publishing_channel_broke();
                 }
                 self.requeue(d, Requeue::PublishFailed).await;
             }

@@ -31,7 +31,7 @@ impl Processor {
             &self.result_exchange,
             &d.envelope,
             event,
-            &d.session.publisher,
+            d.session.publisher(),
         ))
         .await
         {
@@ -61,7 +61,7 @@ impl Processor {
                 }
                 if e.breaks_channel() {
                     // Only a new session can publish again.
-                    d.session.broken.cancel();
+                    d.session.publishing_channel_broke();
                 }
                 false
             }
