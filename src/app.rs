@@ -11,7 +11,7 @@ use crate::{
     broker::Connector,
     callbacks::{self, Callbacks, Ingress, IngressLink, Store},
     config::{QueueType, Settings},
-    gewe::{Backoff, GeweClient},
+    gewe::{GeweClient, RetryPolicy},
     halt::Signal,
     http_server,
     idempotency::{Idempotency, LEASE_OVER_TIMEOUT},
@@ -113,7 +113,7 @@ impl Application {
         let processor = Arc::new(Processor::new(Parts {
             result_exchange: settings.amqp.result_exchange.clone(),
             gewe,
-            backoff: Backoff::from(&settings.retry),
+            retry: RetryPolicy::from(&settings.retry),
             pacer: Pacer::new(&settings.pacing, pacing),
             idempotency,
             breaker: breaker.clone(),

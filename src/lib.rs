@@ -6,6 +6,7 @@
 //! the repository's README and `shared/contract.md`.
 
 pub mod app;
+pub mod backoff;
 pub mod breaker;
 pub mod broker;
 pub mod callbacks;

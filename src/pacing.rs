@@ -28,17 +28,18 @@ use tokio::{
 };
 
 use crate::{
+    backoff::Backoff,
     config::PacingSettings,
     halt::{Halt, Interrupted},
     meters::meters,
-    redis_client::RedisClient,
+    redis_client::{RedisClient, retry_while_unavailable},
 };
 
 /// Sweep idle accounts once the map holds this many entries.
 const SWEEP_THRESHOLD: usize = 1024;
-/// Backoff while Redis is unavailable.
-const REDIS_RETRY_MIN: Duration = Duration::from_millis(200);
-const REDIS_RETRY_MAX: Duration = Duration::from_secs(5);
+/// Waits while Redis is unavailable.
+const REDIS_BACKOFF: Backoff =
+    Backoff::doubling(Duration::from_millis(200), Duration::from_secs(5));
 
 /// Reserves the next start for an account: returns how long to wait (ms).
 /// KEYS[1] = pacing key, ARGV[1] = interval ms. Uses the server clock so
@@ -85,28 +86,17 @@ impl SharedPacing {
         interval: Duration,
         halt: &Halt,
     ) -> Result<Duration, Interrupted> {
-        let mut pause = REDIS_RETRY_MIN;
-        loop {
-            let key = format!("{}:pace:{app_id}", self.prefix);
-            let reserved: Result<i64, _> = self
-                .client
-                .run(
-                    RESERVE_START
-                        .key(key)
-                        .arg(u64::try_from(interval.as_millis()).unwrap_or(u64::MAX)),
-                )
-                .await;
-            match reserved {
-                Ok(wait_ms) => {
-                    return Ok(Duration::from_millis(u64::try_from(wait_ms).unwrap_or(0)));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in_ms = pause.as_millis() as u64, "Redis unavailable: pacing waits, GeWe is not called");
-                    halt.sleep(pause).await?;
-                    pause = (pause * 2).min(REDIS_RETRY_MAX);
-                }
-            }
-        }
+        let key = format!("{}:pace:{app_id}", self.prefix);
+        let (key, client) = (key.as_str(), &self.client);
+        let interval_ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
+        let wait_ms: i64 = retry_while_unavailable(
+            REDIS_BACKOFF,
+            halt,
+            "Redis unavailable: pacing waits, GeWe is not called",
+            || async move { client.run(RESERVE_START.key(key).arg(interval_ms)).await },
+        )
+        .await?;
+        Ok(Duration::from_millis(u64::try_from(wait_ms).unwrap_or(0)))
     }
 }
 

@@ -15,7 +15,12 @@ use redis::{FromRedisValue, Script, ScriptInvocation, aio::ConnectionManager};
 use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 
-use crate::{config::redact_url_password, meters::meters};
+use crate::{
+    backoff::{Backoff, Waits},
+    config::redact_url_password,
+    halt::{Halt, Interrupted},
+    meters::meters,
+};
 
 /// How often the health probe pings Redis.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
@@ -34,6 +39,40 @@ return 0
 /// A TTL or lease in Redis' milliseconds; never 0, which Redis refuses.
 pub fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+/// Logs that Redis did not answer, with `what` waits for it, and returns
+/// how long to wait before the next try.
+pub fn note_unavailable(error: &RedisError, waits: &mut Waits, what: &'static str) -> Duration {
+    let wait = waits.next_wait();
+    tracing::warn!(%error, retry_in_ms = wait.as_millis() as u64, "{what}");
+    wait
+}
+
+/// Runs `op` until Redis answers, waiting as `backoff` says (and logging
+/// `what`) while it does not; stops retrying when `halt` fires. The first
+/// try is always made: work finishing during the shutdown grace period
+/// still completes.
+pub async fn retry_while_unavailable<T, F, Fut>(
+    backoff: Backoff,
+    halt: &Halt,
+    what: &'static str,
+    mut op: F,
+) -> Result<T, Interrupted>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, RedisError>>,
+{
+    let mut waits = backoff.waits();
+    loop {
+        match op().await {
+            Ok(value) => return Ok(value),
+            Err(error) => {
+                halt.sleep(note_unavailable(&error, &mut waits, what))
+                    .await?
+            }
+        }
+    }
 }
 
 /// Redis could not be used.

@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
+    backoff::Backoff,
     breaker::{self, Breaker},
     broker::{
         Connector, Session, SessionControl, SessionError,
@@ -33,9 +34,10 @@ use crate::{
     redis_client::RedisClient,
 };
 
-/// First and largest pause between reconnection attempts.
-const RECONNECT_MIN: Duration = Duration::from_millis(200);
-const RECONNECT_MAX: Duration = Duration::from_secs(10);
+/// Pauses between rounds of reconnection attempts: 200 ms, doubling up
+/// to 10 s.
+const RECONNECT_BACKOFF: Backoff =
+    Backoff::doubling(Duration::from_millis(200), Duration::from_secs(10));
 /// A session that lived this long resets the reconnect backoff; one that
 /// died sooner keeps it growing, so a flapping broker is not hammered.
 const HEALTHY_SESSION: Duration = Duration::from_secs(5);
@@ -127,7 +129,7 @@ pub async fn run(
     let tasks = TaskTracker::new();
     // One grace period for the whole shutdown, set when it begins.
     let stop_deadline = OnceLock::new();
-    let mut pause = RECONNECT_MIN;
+    let mut pauses = RECONNECT_BACKOFF.waits();
     let mut started = false;
     // The node each round starts with.
     let mut first = 0;
@@ -175,28 +177,27 @@ pub async fn run(
             first = node + 1;
             if opened_at.elapsed() >= HEALTHY_SESSION {
                 // The others are tried right away, this node last.
-                pause = RECONNECT_MIN;
+                pauses.reset();
                 tracing::warn!(node = connector.shown(node), %reason, "broker session lost; reconnecting");
                 continue 'rounds;
             }
             // A session that died young ends the round with a backoff, so
             // a flapping node is not hammered.
-            tracing::warn!(node = connector.shown(node), %reason, retry_in_ms = pause.as_millis() as u64, "broker session lost soon after it opened; reconnecting");
+            tracing::warn!(node = connector.shown(node), %reason, retry_in_ms = pauses.peek().as_millis() as u64, "broker session lost soon after it opened; reconnecting");
             every_node_failed = false;
             break;
         }
         if every_node_failed {
             tracing::warn!(
                 nodes = connector.len(),
-                retry_in_ms = pause.as_millis() as u64,
+                retry_in_ms = pauses.peek().as_millis() as u64,
                 "no broker node answered; retrying"
             );
         }
         tokio::select! {
             () = shutdown.cancelled() => break,
-            () = tokio::time::sleep(pause) => {}
+            () = tokio::time::sleep(pauses.next_wait()) => {}
         }
-        pause = (pause * 2).min(RECONNECT_MAX);
     }
     readiness.stopping.store(true, Ordering::Relaxed);
     readiness.set_consuming(false);

@@ -22,16 +22,16 @@ use lapin::{
 use tracing::Instrument;
 
 use super::{
-    Callbacks, accepted,
+    Callbacks, REDIS_BACKOFF, accepted,
     accepted::AcceptedEvent,
     callback::{self, Candidate},
-    patiently,
     store::{Claim, Mark},
 };
 use crate::{
     broker::SessionHandle,
     halt::{Halt, Interrupted, Signal},
     meters::{CallbackOutcome, meters},
+    redis_client::retry_while_unavailable,
     timestamp,
 };
 
@@ -89,9 +89,12 @@ impl Callbacks {
 
     async fn match_candidate(&self, d: &Inbound<'_>) {
         let Candidate { app_id, v3, .. } = d.candidate;
-        let found = patiently(&d.halt, "Redis unavailable: holding the callback", || {
-            self.store.lookup(app_id, v3)
-        })
+        let found = retry_while_unavailable(
+            REDIS_BACKOFF,
+            &d.halt,
+            "Redis unavailable: holding the callback",
+            || self.store.lookup(app_id, v3),
+        )
         .await;
         let sent = match found {
             Ok(Some(sent)) => sent,
@@ -105,9 +108,12 @@ impl Callbacks {
         };
         let command_id = sent.command_id.as_str();
         let claim = loop {
-            let mark = patiently(&d.halt, "Redis unavailable: holding the callback", || {
-                self.store.claim(command_id)
-            })
+            let mark = retry_while_unavailable(
+                REDIS_BACKOFF,
+                &d.halt,
+                "Redis unavailable: holding the callback",
+                || self.store.claim(command_id),
+            )
             .await;
             match mark {
                 Ok(Mark::Claimed(claim)) => break claim,
@@ -174,7 +180,8 @@ impl Callbacks {
     /// the callback then waits for this and is acked as a repeat).
     async fn announced(&self, claim: &Claim) {
         let until_shutdown = Halt::new(self.shutdown.clone(), Signal::new());
-        let marked = patiently(
+        let marked = retry_while_unavailable(
+            REDIS_BACKOFF,
             &until_shutdown,
             "could not mark the accepted event as published in Redis yet",
             || self.store.announced(claim),

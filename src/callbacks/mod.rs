@@ -26,15 +26,16 @@ pub use ingress::{Ingress, IngressLink};
 pub use store::{MAX_REMEMBERED, Sent, Store};
 
 use crate::{
+    backoff::Backoff,
     command::Envelope,
     event::ResultEvent,
-    halt::{Halt, Interrupted, Signal},
-    redis_client::RedisError,
+    halt::{Halt, Signal},
+    redis_client::retry_while_unavailable,
 };
 
-/// Backoff while Redis is unavailable.
-const REDIS_RETRY_MIN: Duration = Duration::from_millis(100);
-const REDIS_RETRY_MAX: Duration = Duration::from_secs(2);
+/// Waits while Redis is unavailable.
+const REDIS_BACKOFF: Backoff =
+    Backoff::doubling(Duration::from_millis(100), Duration::from_secs(2));
 
 /// Remembers succeeded commands and matches callbacks to them.
 pub struct Callbacks {
@@ -62,33 +63,15 @@ impl Callbacks {
         let Some(sent) = Sent::of(event, envelope) else {
             return;
         };
-        let remembered = patiently(halt, "could not remember the v3 in Redis yet", || {
-            self.store.remember(&sent)
-        })
+        let remembered = retry_while_unavailable(
+            REDIS_BACKOFF,
+            halt,
+            "could not remember the v3 in Redis yet",
+            || self.store.remember(&sent),
+        )
         .await;
         if let Err(interrupted) = remembered {
             tracing::warn!(reason = %interrupted, "gave up remembering the v3: a callback for it will match nothing");
-        }
-    }
-}
-
-/// Runs `op` until Redis answers, backing off (and logging `what`) while it
-/// does not; stops retrying when `halt` fires. The first try is always
-/// made: work finishing during the shutdown grace period still completes.
-async fn patiently<T, F, Fut>(halt: &Halt, what: &'static str, mut op: F) -> Result<T, Interrupted>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, RedisError>>,
-{
-    let mut pause = REDIS_RETRY_MIN;
-    loop {
-        match op().await {
-            Ok(value) => return Ok(value),
-            Err(error) => {
-                tracing::warn!(%error, retry_in_ms = pause.as_millis() as u64, "{what}");
-                halt.sleep(pause).await?;
-                pause = (pause * 2).min(REDIS_RETRY_MAX);
-            }
         }
     }
 }

@@ -8,7 +8,7 @@ pub mod retry;
 
 pub use classify::{Verdict, classify};
 pub use client::{Answer, GeweClient, TransportError};
-pub use retry::{Backoff, Step, Tally};
+pub use retry::{RetryPolicy, Step, Tally};
 
 /// Path of the endpoint the worker calls.
 pub const ADD_MEMBER_PATH: &str = "/gewe/v2/api/group/addGroupMemberAsFriend";

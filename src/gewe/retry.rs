@@ -1,31 +1,27 @@
 //! Exponential backoff with full jitter around GeWe attempts.
 //!
 //! The policy only looks at [`Verdict`]s, one attempt at a time
-//! ([`Backoff::after`]): `Success` and `Permanent` end the command,
+//! ([`RetryPolicy::after`]): `Success` and `Permanent` end the command,
 //! `Transient` asks for another attempt after a wait while attempts remain.
 //! The caller makes the attempts (each admitted by the breaker and paced);
-//! this module only decides. Full jitter (a uniform wait in `0..=ceiling`)
-//! spreads retries of many replicas out so a recovering GeWe is not hit by
-//! a synchronised wave.
+//! this module only decides. The waits are [`Backoff`]'s with full jitter
+//! (a uniform wait below the ceiling), which spreads retries of many
+//! replicas out so a recovering GeWe is not hit by a synchronised wave.
 
 use std::time::Duration;
 
 use rand::Rng;
 
 use super::classify::Verdict;
-use crate::{config::RetrySettings, outcome::EventError};
+use crate::{backoff::Backoff, config::RetrySettings, outcome::EventError};
 
-/// Backoff policy (`retry.*`).
+/// The retry policy of GeWe attempts (`retry.*`).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Backoff {
+pub struct RetryPolicy {
     /// Attempts per command, the first included (≥ 1).
-    pub max_attempts: u32,
-    /// Ceiling of the first wait.
-    pub initial_delay: Duration,
-    /// Cap of any single wait, `Retry-After` included.
-    pub max_delay: Duration,
-    /// Growth of the ceiling per attempt.
-    pub multiplier: f64,
+    max_attempts: u32,
+    /// The waits between attempts; its cap also bounds `Retry-After`.
+    backoff: Backoff,
 }
 
 /// Attempts made for one command so far.
@@ -49,31 +45,28 @@ pub enum Step {
     Retry(Duration),
 }
 
-impl From<&RetrySettings> for Backoff {
+impl From<&RetrySettings> for RetryPolicy {
     fn from(r: &RetrySettings) -> Self {
-        Self {
-            max_attempts: r.max_attempts.max(1),
-            initial_delay: r.initial_delay,
-            max_delay: r.max_delay,
-            multiplier: r.multiplier,
-        }
+        Self::new(
+            r.max_attempts,
+            Backoff::new(r.initial_delay, r.max_delay, r.multiplier),
+        )
     }
 }
 
-impl Backoff {
-    /// Upper bound of the wait after failed attempt number `attempt` (1-based).
-    pub fn ceiling(&self, attempt: u32) -> Duration {
-        let exp = attempt.saturating_sub(1).min(64) as i32;
-        let secs = self.initial_delay.as_secs_f64() * self.multiplier.powi(exp);
-        if !secs.is_finite() || secs >= self.max_delay.as_secs_f64() {
-            self.max_delay
-        } else {
-            Duration::from_secs_f64(secs)
+impl RetryPolicy {
+    /// At most `max_attempts` counted attempts per command (at least one),
+    /// waiting as `backoff` says between them.
+    pub fn new(max_attempts: u32, backoff: Backoff) -> Self {
+        Self {
+            max_attempts: max_attempts.max(1),
+            backoff,
         }
     }
 
-    /// The wait after failed attempt `attempt`: the server's `Retry-After`
-    /// (clamped to `max_delay`) when given, else full jitter below the ceiling.
+    /// The wait after failed attempt `attempt` (1-based): the server's
+    /// `Retry-After` (clamped to the backoff's cap) when given, else full
+    /// jitter below the backoff's ceiling.
     pub fn delay(
         &self,
         attempt: u32,
@@ -81,15 +74,8 @@ impl Backoff {
         rng: &mut impl Rng,
     ) -> Duration {
         match retry_after {
-            Some(wanted) => wanted.min(self.max_delay),
-            None => {
-                let ceiling = self.ceiling(attempt);
-                if ceiling.is_zero() {
-                    ceiling
-                } else {
-                    Duration::from_secs_f64(rng.random_range(0.0..=ceiling.as_secs_f64()))
-                }
-            }
+            Some(wanted) => wanted.min(self.backoff.max()),
+            None => self.backoff.full_jitter(attempt.saturating_sub(1), rng),
         }
     }
 
@@ -141,13 +127,11 @@ mod tests {
     use crate::error_kind::ErrorKind;
     use rand::{SeedableRng, rngs::StdRng};
 
-    fn policy(max_attempts: u32) -> Backoff {
-        Backoff {
+    fn policy(max_attempts: u32) -> RetryPolicy {
+        RetryPolicy::new(
             max_attempts,
-            initial_delay: Duration::from_millis(500),
-            max_delay: Duration::from_secs(30),
-            multiplier: 2.0,
-        }
+            Backoff::new(Duration::from_millis(500), Duration::from_secs(30), 2.0),
+        )
     }
 
     fn transient(retry_after: Option<Duration>) -> Verdict {
@@ -158,23 +142,18 @@ mod tests {
     }
 
     #[test]
-    fn ceiling_grows_and_is_capped() {
-        let p = policy(5);
-        assert_eq!(p.ceiling(1), Duration::from_millis(500));
-        assert_eq!(p.ceiling(2), Duration::from_secs(1));
-        assert_eq!(p.ceiling(3), Duration::from_secs(2));
-        assert_eq!(p.ceiling(8), Duration::from_secs(30));
-        assert_eq!(p.ceiling(u32::MAX), Duration::from_secs(30));
-    }
-
-    #[test]
-    fn full_jitter_stays_below_the_ceiling_and_spreads() {
+    fn without_retry_after_the_wait_is_below_the_attempts_ceiling() {
         let p = policy(5);
         let mut rng = StdRng::seed_from_u64(7);
-        let delays: Vec<_> = (0..1000).map(|_| p.delay(3, None, &mut rng)).collect();
-        assert!(delays.iter().all(|d| *d <= Duration::from_secs(2)));
-        assert!(delays.iter().any(|d| *d < Duration::from_millis(200)));
-        assert!(delays.iter().any(|d| *d > Duration::from_millis(1800)));
+        for (attempt, ceiling) in [(1, 500), (2, 1000), (3, 2000), (9, 30_000)] {
+            for _ in 0..100 {
+                let wait = p.delay(attempt, None, &mut rng);
+                assert!(
+                    wait <= Duration::from_millis(ceiling),
+                    "{attempt}: {wait:?}"
+                );
+            }
+        }
     }
 
     #[test]
@@ -204,7 +183,7 @@ mod tests {
     /// Feeds `script` to the policy as successive attempts; returns the
     /// final result, the tally and the waits asked for in between.
     fn run(
-        p: Backoff,
+        p: RetryPolicy,
         script: Vec<(Verdict, bool)>,
     ) -> (Result<String, Box<EventError>>, Tally, Vec<Duration>) {
         let mut rng = StdRng::seed_from_u64(3);

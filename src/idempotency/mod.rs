@@ -35,15 +35,16 @@ use self::{
     shared::{Acquired, SharedStore},
 };
 use crate::{
+    backoff::Backoff,
     halt::{Halt, Interrupted, Signal},
-    redis_client::{RedisClient, RedisError},
+    redis_client::{RedisClient, note_unavailable},
 };
 
 /// Poll period while another replica holds a commandId.
 const HELD_POLL: Duration = Duration::from_millis(100);
-/// Backoff while Redis is unavailable.
-const REDIS_RETRY_MIN: Duration = Duration::from_millis(100);
-const REDIS_RETRY_MAX: Duration = Duration::from_secs(2);
+/// Waits while Redis is unavailable.
+const REDIS_BACKOFF: Backoff =
+    Backoff::doubling(Duration::from_millis(100), Duration::from_secs(2));
 
 /// What [`Idempotency::acquire`] found for a commandId.
 pub enum Found<'a> {
@@ -126,7 +127,7 @@ impl Idempotency {
                 None => (None, None),
             },
             Backend::Redis(shared) => {
-                let mut pause = REDIS_RETRY_MIN;
+                let mut waits = REDIS_BACKOFF.waits();
                 loop {
                     let sent = Instant::now();
                     let wait = match shared.acquire(command_id).await {
@@ -143,9 +144,9 @@ impl Idempotency {
                             }
                             return Ok(Found::Unreadable(reason));
                         }
-                        Err(e) => redis_failed(
+                        Err(e) => note_unavailable(
                             &e,
-                            &mut pause,
+                            &mut waits,
                             "Redis unavailable: holding the command, GeWe is not called",
                         ),
                     };
@@ -176,15 +177,6 @@ fn announced<'a>(record: Record, fingerprint: Fingerprint) -> Found<'a> {
     } else {
         Found::Conflict
     }
-}
-
-/// Logs a Redis failure; returns how long to wait before the next try,
-/// doubling `pause` up to its ceiling.
-fn redis_failed(error: &RedisError, pause: &mut Duration, what: &'static str) -> Duration {
-    tracing::warn!(%error, retry_in_ms = pause.as_millis() as u64, "{what}");
-    let wait = *pause;
-    *pause = (*pause * 2).min(REDIS_RETRY_MAX);
-    wait
 }
 
 /// Whether a stored outcome is the one to publish.
@@ -238,15 +230,15 @@ impl Claim<'_> {
                         return Stored::Unencodable;
                     }
                 };
-                let mut pause = REDIS_RETRY_MIN;
+                let mut waits = REDIS_BACKOFF.waits();
                 loop {
                     match shared.store(self.command_id, &json).await {
                         Ok(true) => return Stored::Kept,
                         Ok(false) => return Stored::Lost,
                         Err(e) => {
-                            let wait = redis_failed(
+                            let wait = note_unavailable(
                                 &e,
-                                &mut pause,
+                                &mut waits,
                                 "could not store GeWe's answer in Redis yet; holding it and the command",
                             );
                             tokio::time::sleep(wait).await;
@@ -274,14 +266,14 @@ impl Claim<'_> {
                 }
             }
             Backend::Redis(shared) => {
-                let mut pause = REDIS_RETRY_MIN;
+                let mut waits = REDIS_BACKOFF.waits();
                 loop {
                     match shared.published(self.command_id).await {
                         Ok(()) => return,
                         Err(e) => {
-                            let wait = redis_failed(
+                            let wait = note_unavailable(
                                 &e,
-                                &mut pause,
+                                &mut waits,
                                 "could not mark the outcome as published in Redis yet",
                             );
                             let gave_up = tokio::select! {

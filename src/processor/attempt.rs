@@ -29,7 +29,7 @@ impl Processor {
     ) -> Result<CallOutcome, Interrupted> {
         loop {
             let (verdict, probe) = self.attempt(cmd, claim, halt, tally.attempts + 1).await?;
-            let step = self.backoff.after(tally, verdict, probe, &mut rand::rng());
+            let step = self.retry.after(tally, verdict, probe, &mut rand::rng());
             match step {
                 Step::Done(result) => {
                     match &result {

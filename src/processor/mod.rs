@@ -25,7 +25,7 @@ use crate::{
     callbacks::Callbacks,
     command::{self, Command, Envelope},
     event::ResultEvent,
-    gewe::{Backoff, GeweClient, Tally},
+    gewe::{GeweClient, RetryPolicy, Tally},
     halt::{Halt, Interrupted, Signal},
     idempotency::{Fingerprint, Found, Idempotency, Record, Stored},
     meters::{Requeue, meters},
@@ -41,7 +41,7 @@ use crate::{
 pub struct Processor {
     result_exchange: String,
     gewe: GeweClient,
-    backoff: Backoff,
+    retry: RetryPolicy,
     pacer: Pacer,
     idempotency: Idempotency,
     breaker: Arc<Breaker>,
@@ -63,8 +63,8 @@ pub struct Parts {
     pub result_exchange: String,
     /// GeWe client (connection-pooled).
     pub gewe: GeweClient,
-    /// Retry policy.
-    pub backoff: Backoff,
+    /// Retry policy of GeWe attempts.
+    pub retry: RetryPolicy,
     /// Per-account pacing.
     pub pacer: Pacer,
     /// Known outcomes and claims.
@@ -116,7 +116,7 @@ impl Processor {
         Self {
             result_exchange: parts.result_exchange,
             gewe: parts.gewe,
-            backoff: parts.backoff,
+            retry: parts.retry,
             pacer: parts.pacer,
             idempotency: parts.idempotency,
             breaker: parts.breaker,
