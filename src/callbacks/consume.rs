@@ -13,12 +13,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use lapin::{
-    BasicProperties,
-    message::Delivery,
-    options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions},
-    types::AMQPValue,
-};
+use lapin::{BasicProperties, message::Delivery, types::AMQPValue};
 use tracing::Instrument;
 
 use super::{
@@ -28,7 +23,7 @@ use super::{
     store::{Claim, Mark},
 };
 use crate::{
-    broker::SessionHandle,
+    broker::{SessionHandle, settle},
     halt::{Halt, Interrupted, Signal},
     meters::{CallbackOutcome, meters},
     redis_client::retry_while_unavailable,
@@ -39,8 +34,6 @@ use crate::{
 pub const RECEIVED_AT_HEADER: &str = "x-gewe-received-at";
 /// Poll period while another delivery publishes the same accepted event.
 const HELD_POLL: Duration = Duration::from_millis(100);
-/// Pause before requeueing, so a persistent problem is not a hot loop.
-const REQUEUE_PAUSE: Duration = Duration::from_millis(500);
 
 /// A callback delivery on its way through.
 struct Inbound<'a> {
@@ -61,11 +54,7 @@ impl Callbacks {
             Err(invalid) => {
                 tracing::warn!(reason = %invalid, "callback is not a JSON object; dead-lettering it");
                 meters().callback(CallbackOutcome::Invalid).increment(1);
-                let rejected = delivery
-                    .acker
-                    .reject(BasicRejectOptions { requeue: false })
-                    .await;
-                return report_settled(rejected, "dead-lettered");
+                return settle::dead_letter(&delivery, "callback").await;
             }
         };
         let candidate = match callback::candidate(&body) {
@@ -123,7 +112,7 @@ impl Callbacks {
                         "accepted event already published; acknowledging the repeated callback"
                     );
                     meters().callback(CallbackOutcome::Repeated).increment(1);
-                    return ack(&d.delivery).await;
+                    return settle::ack(&d.delivery, "callback").await;
                 }
                 Ok(Mark::Held) => {
                     if let Err(interrupted) = d.halt.sleep(HELD_POLL).await {
@@ -156,7 +145,7 @@ impl Callbacks {
             if let Err(e) = self.store.release(&claim).await {
                 tracing::warn!(error = %e, "could not release the claim on the accepted event; it expires by itself");
             }
-            return requeue(&d.delivery).await;
+            return settle::requeue(&d.delivery, "callback").await;
         }
         self.announced(&claim).await;
         let delay = humantime::parse_rfc3339(&sent.completed_at)
@@ -172,7 +161,7 @@ impl Callbacks {
             accepted_after_s = delay.map(|d| d.as_secs()),
             "friend request accepted; accepted event published"
         );
-        ack(&d.delivery).await;
+        settle::ack(&d.delivery, "callback").await;
     }
 
     /// Marks the accepted event as out, through a Redis outage until
@@ -209,12 +198,7 @@ fn received_at(properties: &BasicProperties) -> Option<String> {
 
 async fn unmatched(delivery: &Delivery) {
     meters().callback(CallbackOutcome::Unmatched).increment(1);
-    ack(delivery).await;
-}
-
-async fn ack(delivery: &Delivery) {
-    let acked = delivery.acker.ack(BasicAckOptions::default()).await;
-    report_settled(acked, "acked");
+    settle::ack(delivery, "callback").await;
 }
 
 /// A callback without an outcome for now goes back to the queue.
@@ -223,27 +207,8 @@ async fn give_back(d: &Inbound<'_>, interrupted: Interrupted) {
     match interrupted {
         // The broker already has it back.
         Interrupted::SessionLost => {}
-        Interrupted::Shutdown | Interrupted::ClaimLost => requeue(&d.delivery).await,
-    }
-}
-
-async fn requeue(delivery: &Delivery) {
-    tokio::time::sleep(REQUEUE_PAUSE).await;
-    let nack = BasicNackOptions {
-        requeue: true,
-        ..BasicNackOptions::default()
-    };
-    if let Err(e) = delivery.acker.nack(nack).await {
-        tracing::warn!(error = %e, "requeue failed; the broker redelivers the callback when the channel closes");
-    }
-}
-
-fn report_settled(result: Result<bool, lapin::Error>, how: &str) {
-    match result {
-        Ok(true) => tracing::debug!(how, "callback settled"),
-        Ok(false) | Err(_) => tracing::warn!(
-            how,
-            "settling the callback failed; the broker will redeliver it"
-        ),
+        Interrupted::Shutdown | Interrupted::ClaimLost => {
+            settle::requeue(&d.delivery, "callback").await
+        }
     }
 }

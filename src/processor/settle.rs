@@ -4,21 +4,14 @@
 //! dead-letter exchange after a confirmed `invalid_command` event, requeue
 //! (after a pause) when the event was not confirmed.
 
-use std::time::Duration;
-
-use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
-
 use super::{Inbound, Processor};
 use crate::{
+    broker::settle,
     error_kind::ErrorKind,
     event::ResultEvent,
     meters::{Requeue, meters},
     outbound::publish_event,
 };
-
-/// Pause before requeueing, so a persistent problem does not become a hot
-/// redelivery loop.
-const REQUEUE_PAUSE: Duration = Duration::from_millis(500);
 
 impl Processor {
     /// Publishes `event` with a confirm; true when the broker took it. A
@@ -78,8 +71,7 @@ impl Processor {
 
     /// Acks a delivery whose event was confirmed.
     pub(super) async fn ack(&self, d: &Inbound) {
-        let acked = d.delivery.acker.ack(BasicAckOptions::default()).await;
-        report_settled(acked, "acked");
+        settle::ack(&d.delivery, "command").await;
     }
 
     /// Publishes an `invalid_command` event, then rejects the delivery
@@ -88,37 +80,12 @@ impl Processor {
         if !self.publish(event, d).await {
             return self.requeue(d, Requeue::PublishFailed).await;
         }
-        let rejected = d
-            .delivery
-            .acker
-            .reject(BasicRejectOptions { requeue: false })
-            .await;
-        report_settled(rejected, "dead-lettered");
+        settle::dead_letter(&d.delivery, "command").await;
     }
 
-    /// Returns the delivery to the queue after [`REQUEUE_PAUSE`].
+    /// Returns the delivery to the queue after [`settle::REQUEUE_PAUSE`].
     pub(super) async fn requeue(&self, d: &Inbound, reason: Requeue) {
         meters().requeued(reason).increment(1);
-        tokio::time::sleep(REQUEUE_PAUSE).await;
-        let nack = BasicNackOptions {
-            requeue: true,
-            ..BasicNackOptions::default()
-        };
-        if let Err(e) = d.delivery.acker.nack(nack).await {
-            tracing::warn!(error = %e, "requeue failed; the broker redelivers the command when the channel closes");
-        }
-    }
-}
-
-fn report_settled(result: Result<bool, lapin::Error>, how: &str) {
-    match result {
-        Ok(true) => tracing::debug!(how, "result confirmed; delivery settled"),
-        Ok(false) => tracing::warn!(
-            how,
-            "result confirmed but the channel is gone; the broker will redeliver the command"
-        ),
-        Err(e) => {
-            tracing::warn!(how, error = %e, "result confirmed but settling failed; the broker will redeliver the command")
-        }
+        settle::requeue(&d.delivery, "command").await;
     }
 }
