@@ -1,6 +1,6 @@
 //! Writing the small JSON documents every command produces (its GeWe
-//! request, its result event, its log span's fields) straight into a byte
-//! buffer.
+//! request, its result event, the command entry of its log lines)
+//! straight into a byte buffer.
 //!
 //! serde_json writes every key and string through a byte-at-a-time escape
 //! loop; for these documents that loop was about 5,000 of the worker's

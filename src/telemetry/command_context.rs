@@ -250,7 +250,7 @@ mod tests {
         tracing_subscriber::fmt()
             .with_max_level(tracing::Level::TRACE)
             .with_writer(captured.clone())
-            .fmt_fields(crate::telemetry::JsonSpanFields)
+            .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
             .event_format(CommandLines::json(format))
             .finish()
     }

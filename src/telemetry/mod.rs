@@ -3,17 +3,18 @@
 
 use std::io::{self, IsTerminal, Write};
 
-use tracing_subscriber::{EnvFilter, fmt::MakeWriter};
+use tracing_subscriber::{
+    EnvFilter,
+    fmt::{MakeWriter, format::JsonFields},
+};
 
 use crate::{config::LogFormat, redact::Redactor};
 
 mod command_context;
-mod span_fields;
 
 pub use command_context::{
     CommandContext, CommandLines, scope as command_scope, with_current as with_current_command,
 };
-pub use span_fields::JsonSpanFields;
 
 /// Writes to stderr with the token masked. Each log event reaches the writer
 /// as one formatted buffer, so a token is never split across writes.
@@ -76,7 +77,7 @@ pub fn init(format: Option<LogFormat>, redactor: Redactor, default_filter: &str)
                 .with_span_list(true);
             builder
                 .with_ansi(false)
-                .fmt_fields(JsonSpanFields)
+                .fmt_fields(JsonFields::new())
                 .event_format(CommandLines::json(lines))
                 .try_init()
         }
