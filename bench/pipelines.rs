@@ -78,7 +78,7 @@ pub async fn run_child(pipeline: Pipeline) -> anyhow::Result<()> {
             // Quiet unless RUST_LOG says otherwise (the soak keeps a log).
             telemetry::init(
                 settings.log.format,
-                Redactor::new(settings.secrets()),
+                Redactor::new(settings.secrets())?,
                 "error",
             );
             Application::build(settings)

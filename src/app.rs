@@ -52,7 +52,7 @@ impl Application {
         // Every metric exists from start-up, before the first command.
         let _ = meters();
         let token = settings.require_token()?;
-        let redactor = Redactor::new(settings.secrets());
+        let redactor = Redactor::new(settings.secrets())?;
         let connector = Connector::new(&settings.amqp)?;
         let fd_limit = resources::fd_limit();
         let gewe = GeweClient::new(

@@ -45,8 +45,8 @@ fn main() -> ExitCode {
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let settings = Settings::load(cli.config.as_deref())?;
     // Everything logged from here on is cleaned of every configured secret,
-    // whichever crate writes the line.
-    let redactor = Redactor::new(settings.secrets());
+    // whichever crate writes the line; without that filter nothing runs.
+    let redactor = Redactor::new(settings.secrets())?;
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => {
             telemetry::init(settings.log.format, redactor, "info");

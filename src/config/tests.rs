@@ -388,7 +388,7 @@ fn the_redactor_of_the_settings_masks_every_secret_in_any_text() {
     )
     .expect("valid");
     let key_text = std::fs::read_to_string(&key).expect("key");
-    let redactor = crate::redact::Redactor::new(s.secrets());
+    let redactor = crate::redact::Redactor::new(s.secrets()).expect("redactor");
     let text = format!(
         "tok-1a2b pw-one pw%21two pw!two redis-pw {key_text} {}",
         serde_json::json!({ "e": "pw!two" })

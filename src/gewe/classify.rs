@@ -339,7 +339,7 @@ mod tests {
 
     #[test]
     fn the_contracts_failure_bodies() {
-        let r = Redactor::new(["tok-secret"]);
+        let r = Redactor::new(["tok-secret"]).expect("redactor");
         let cases = [
             (
                 r#"{"ret":500,"msg":"HTTP HEADER: X-GEWE-TOKEN=tok-secret 不可用或已过期"}"#,
