@@ -134,6 +134,82 @@ async fn check_config_without_a_token_is_valid_but_warns_that_run_needs_it() {
     );
 }
 
+/// Makes an X.509 v1 client certificate and its key in `dir` the way an
+/// operator would by mistake: `openssl x509 -req` without `-extfile`.
+fn v1_client_certificate(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (key, csr, cert) = (
+        dir.join("client.key"),
+        dir.join("client.csr"),
+        dir.join("client.pem"),
+    );
+    let openssl = |args: &[&std::ffi::OsStr]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("openssl runs");
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    };
+    openssl(&[
+        "req".as_ref(),
+        "-new".as_ref(),
+        "-newkey".as_ref(),
+        "rsa:2048".as_ref(),
+        "-nodes".as_ref(),
+        "-subj".as_ref(),
+        "/CN=gewe-friend-worker".as_ref(),
+        "-keyout".as_ref(),
+        key.as_os_str(),
+        "-out".as_ref(),
+        csr.as_os_str(),
+    ]);
+    openssl(&[
+        "x509".as_ref(),
+        "-req".as_ref(),
+        "-days".as_ref(),
+        "2".as_ref(),
+        "-in".as_ref(),
+        csr.as_os_str(),
+        "-signkey".as_ref(),
+        key.as_os_str(),
+        "-out".as_ref(),
+        cert.as_os_str(),
+    ]);
+    (cert, key)
+}
+
+#[tokio::test]
+async fn an_x509_v1_client_certificate_is_refused_naming_the_key_and_the_fix() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = v1_client_certificate(dir.path());
+    for command in ["check-config", "run"] {
+        let mut cmd = program();
+        cmd.arg(command)
+            .env(
+                "GEWE_WORKER__AMQP__URL",
+                "amqps://guest:guest@127.0.0.1:5771/%2f",
+            )
+            .env("GEWE_WORKER__AMQP__TLS__CLIENT_CERT_FILE", &cert)
+            .env("GEWE_WORKER__AMQP__TLS__CLIENT_KEY_FILE", &key)
+            .env("GEWE_WORKER__GEWE__TOKEN", TOKEN)
+            .env("GEWE_WORKER__HTTP__LISTEN", "127.0.0.1:0");
+        let out = output(cmd, WAIT).await;
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "{command} must refuse it: {stderr}");
+        for needle in [
+            "amqp.tls.client_cert_file",
+            "X.509 v1",
+            "v3",
+            "extendedKeyUsage=clientAuth",
+        ] {
+            assert!(
+                stderr.contains(needle),
+                "{command}: {needle:?} missing from {stderr:?}"
+            );
+        }
+        assert!(!stderr.contains("ca_file"), "{command}: {stderr}");
+    }
+}
+
 #[tokio::test]
 async fn demo_runs_end_to_end_and_exits_zero() {
     let mut cmd = program();

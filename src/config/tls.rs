@@ -3,7 +3,8 @@
 //!
 //! The files are read and parsed when the configuration is validated, so a
 //! missing or wrong file stops the program at start-up with the key's name
-//! instead of failing every connection attempt later. Messages about the
+//! instead of failing every connection attempt later; that includes a
+//! client certificate rustls cannot present (X.509 v1). Messages about the
 //! key file never quote its content.
 
 use std::path::{Path, PathBuf};
@@ -68,8 +69,9 @@ impl TlsSettings {
                 ));
             }
             (Some(cert_path), Some(key_path)) => {
-                let pem = read("amqp.tls.client_cert_file", cert_path)?;
-                certificates("amqp.tls.client_cert_file", cert_path, &pem)?;
+                let pem = read(CLIENT_CERT_KEY, cert_path)?;
+                certificates(CLIENT_CERT_KEY, cert_path, &pem)?;
+                usable_as_client_certificate(cert_path, &pem)?;
                 let key = read("amqp.tls.client_key_file", key_path)?;
                 // The parser's error can quote a line of the file: never
                 // shown for the key.
@@ -107,6 +109,41 @@ impl TlsSettings {
             .filter(|l| !l.is_empty() && !l.starts_with("-----"))
             .map(str::to_owned)
             .collect()
+    }
+}
+
+/// The key of the client certificate, named by every message about it.
+const CLIENT_CERT_KEY: &str = "amqp.tls.client_cert_file";
+
+/// How to make a client certificate rustls can present.
+const REISSUE: &str = "re-issue it as an X.509 v3 certificate with extendedKeyUsage=clientAuth (openssl x509 -req makes v1 unless given -extfile with a line 'extendedKeyUsage=clientAuth')";
+
+/// Checks that rustls can present the first certificate of `pem` (the
+/// client's own). rustls parses it with webpki, which takes X.509 v3 only:
+/// an X.509 v1 certificate, what `openssl x509 -req` makes without
+/// `-extfile`, fails every handshake before it starts, in a way the
+/// connection error reports as the broker's certificate not being trusted.
+fn usable_as_client_certificate(path: &Path, pem: &[u8]) -> Result<(), ConfigError> {
+    // `certificates` has checked that there is one and that it is PEM.
+    let Some(Ok(der)) = CertificateDer::pem_slice_iter(pem).next() else {
+        return Ok(());
+    };
+    match webpki::EndEntityCert::try_from(&der) {
+        Ok(_) => Ok(()),
+        Err(webpki::Error::UnsupportedCertVersion) => Err(ConfigError::invalid(
+            CLIENT_CERT_KEY,
+            format!(
+                "{} is an X.509 v1 certificate, which TLS (rustls) cannot use as a client certificate: {REISSUE}",
+                path.display()
+            ),
+        )),
+        Err(e) => Err(ConfigError::invalid(
+            CLIENT_CERT_KEY,
+            format!(
+                "{} holds a certificate TLS (rustls) cannot use as a client certificate ({e}): {REISSUE}",
+                path.display()
+            ),
+        )),
     }
 }
 
