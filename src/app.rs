@@ -138,10 +138,10 @@ impl Application {
             stop_calls,
             ops_listener,
             ops_addr,
-            callbacks: CallbackParts {
+            callbacks: CallbackParts::new(
                 matcher,
-                ingress: callback_endpoint.as_ref().map(|(_, i)| i.link()),
-            },
+                callback_endpoint.as_ref().map(|(_, i)| i.link()),
+            ),
             callback_endpoint,
             callback_addr,
         })

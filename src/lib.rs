@@ -5,6 +5,8 @@
 //! The contract (CLI, configuration, message formats, error kinds) lives in
 //! the repository's README and `shared/contract.md`.
 
+#![forbid(unsafe_code)]
+
 pub mod app;
 pub mod backoff;
 pub mod breaker;

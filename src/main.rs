@@ -1,5 +1,7 @@
 //! Entry point: parse the command line, load configuration, dispatch.
 
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 
 use anyhow::Context;

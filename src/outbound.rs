@@ -64,7 +64,7 @@ pub async fn publish_event(
     event.write_json(&mut body)?;
     let properties = event_properties(envelope, event);
     let routing_key = event.routing_key();
-    let Some(reply_to) = envelope.reply_to.as_deref() else {
+    let Some(reply_to) = envelope.reply_to() else {
         // The common case: the properties are moved, not copied.
         return Ok(publisher
             .publish(result_exchange, routing_key, true, &body, properties)
@@ -94,14 +94,11 @@ pub async fn publish_event(
 
 /// Contract §4 properties of a result event.
 pub fn event_properties(envelope: &Envelope, event: &ResultEvent<'_>) -> BasicProperties {
-    let correlation = envelope
-        .correlation_id
-        .as_deref()
-        .unwrap_or(&event.command_id);
+    let correlation = envelope.correlation_id().unwrap_or(&event.command_id);
     properties(
         correlation,
         event.routing_key(),
-        envelope.traceparent.as_deref(),
+        envelope.event_traceparent(),
     )
 }
 

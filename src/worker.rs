@@ -101,9 +101,18 @@ pub enum WorkerError {
 #[derive(Clone, Default)]
 pub struct CallbackParts {
     /// Handles callbacks from `callbacks.queue` (`callbacks.enabled`).
-    pub matcher: Option<Arc<Callbacks>>,
+    matcher: Option<Arc<Callbacks>>,
     /// The callback endpoint's view of the session (`callbacks.listen`).
-    pub ingress: Option<Arc<IngressLink>>,
+    ingress: Option<Arc<IngressLink>>,
+}
+
+impl CallbackParts {
+    /// Sessions hand their callbacks to `matcher` (with
+    /// `callbacks.enabled`) and lend themselves to the endpoint's `ingress`
+    /// link (with `callbacks.listen`).
+    pub fn new(matcher: Option<Arc<Callbacks>>, ingress: Option<Arc<IngressLink>>) -> Self {
+        Self { matcher, ingress }
+    }
 }
 
 enum SessionEnd {

@@ -57,7 +57,7 @@ fn record(member: &str, v3: &str) -> Record {
 }
 
 fn v3(record: &Record) -> String {
-    record.outcome.result.clone().expect("a success")
+    record.outcome().result.clone().expect("a success")
 }
 
 /// A direct connection, to look at and tamper with the stored state.

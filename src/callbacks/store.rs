@@ -63,9 +63,8 @@ impl Sent {
             member_wxid: event.member_wxid.as_deref()?.to_owned(),
             v3: event.v3.as_deref()?.to_owned(),
             correlation_id: envelope
-                .correlation_id
-                .clone()
-                .unwrap_or_else(|| event.command_id.clone().into_owned()),
+                .correlation_id()
+                .map_or_else(|| event.command_id.clone().into_owned(), str::to_owned),
             completed_at: event.completed_at.clone().into_owned(),
         })
     }

@@ -149,8 +149,8 @@ fn decode_valid(text: &str, envelope: &Envelope) -> Option<Command> {
 /// is logged: the id generated instead cannot recognise a redelivery.
 pub fn resolve_command_id(envelope: &Envelope) -> String {
     for (property, value) in [
-        ("message_id", envelope.message_id.as_deref()),
-        ("correlation_id", envelope.correlation_id.as_deref()),
+        ("message_id", envelope.message_id()),
+        ("correlation_id", envelope.correlation_id()),
     ] {
         let Some(value) = value else { continue };
         if valid_command_id(value) {
@@ -225,14 +225,23 @@ pub(crate) fn json_type(v: &Value) -> &'static str {
 mod tests {
     use super::*;
 
+    /// The envelope of a delivery with these ids.
+    fn envelope(message_id: Option<&str>, correlation_id: Option<&str>) -> Envelope {
+        let mut properties = lapin::BasicProperties::default();
+        if let Some(id) = message_id {
+            properties = properties.with_message_id(id.into());
+        }
+        if let Some(id) = correlation_id {
+            properties = properties.with_correlation_id(id.into());
+        }
+        Envelope::from_properties(&properties)
+    }
+
     const GOOD: &str = r#"{"commandId":"c-1","appId":"wx_app","chatroomId":"1@chatroom","memberWxid":"wxid_a","content":"hi","extra":1}"#;
 
     #[test]
     fn the_fast_path_never_accepts_what_the_slow_path_would_not() {
-        let env = Envelope {
-            message_id: Some("mid".into()),
-            ..Envelope::default()
-        };
+        let env = envelope(Some("mid"), None);
         let long_id = "x".repeat(MAX_COMMAND_ID_BYTES + 1);
         let deep = format!(r#"{}1{}"#, "[".repeat(200), "]".repeat(200));
         let bodies = [
@@ -304,16 +313,9 @@ mod tests {
     #[test]
     fn command_id_falls_back_to_message_id_then_correlation_id() {
         let body = br#"{"appId":"a","chatroomId":"c","memberWxid":"m","content":"x"}"#;
-        let env = Envelope {
-            message_id: Some("mid".into()),
-            correlation_id: Some("cid".into()),
-            ..Envelope::default()
-        };
+        let env = envelope(Some("mid"), Some("cid"));
         assert_eq!(decode(body, &env).expect("valid").command_id, "mid");
-        let env = Envelope {
-            correlation_id: Some("cid".into()),
-            ..Envelope::default()
-        };
+        let env = envelope(None, Some("cid"));
         assert_eq!(decode(body, &env).expect("valid").command_id, "cid");
         let generated = decode(body, &Envelope::default())
             .expect("valid")

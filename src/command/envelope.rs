@@ -8,6 +8,8 @@ use lapin::{
     types::{AMQPValue, FieldTable, ShortString},
 };
 
+use crate::trace_context::TraceParent;
+
 /// Header: how often the command was parked so far.
 pub const PARKED_HEADER: &str = "x-gewe-parked";
 /// Header: GeWe attempts made for the command so far, over every try.
@@ -19,19 +21,23 @@ const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
 #[derive(Debug, Clone, Default)]
 pub struct Envelope {
     /// `message_id` property.
-    pub message_id: Option<String>,
+    message_id: Option<String>,
     /// `correlation_id` property.
-    pub correlation_id: Option<String>,
+    correlation_id: Option<String>,
     /// `reply_to` property.
-    pub reply_to: Option<String>,
-    /// `traceparent` header (W3C trace context), if any.
-    pub traceparent: Option<String>,
+    reply_to: Option<String>,
+    /// The `traceparent` header (W3C trace context) as received, until
+    /// [`Envelope::continue_trace`] takes it.
+    traceparent: Option<String>,
+    /// The `traceparent` the command's events carry, set by
+    /// [`Envelope::continue_trace`].
+    event_traceparent: Option<String>,
     /// `x-gewe-parked`: times this command was parked so far (`retry.park`).
-    pub parked: u32,
+    parked: u32,
     /// `x-gewe-attempts`: GeWe attempts made on earlier tries.
-    pub prior_attempts: u32,
+    prior_attempts: u32,
     /// `x-delivery-count` (quorum queues): earlier deliveries of this one.
-    pub delivery_count: u32,
+    delivery_count: u32,
 }
 
 impl Envelope {
@@ -53,10 +59,59 @@ impl Envelope {
             correlation_id: s(p.correlation_id()),
             reply_to: s(p.reply_to()),
             traceparent,
+            event_traceparent: None,
             parked: read_counter(headers, PARKED_HEADER),
             prior_attempts: read_counter(headers, ATTEMPTS_HEADER),
             delivery_count: read_counter(headers, DELIVERY_COUNT_HEADER),
         }
+    }
+
+    /// Makes the worker's handling of the command a child span of the
+    /// caller's trace, when the command carries a valid `traceparent`
+    /// (anything else is ignored, as the W3C spec says): returns the
+    /// caller's header and the worker's new span id. From then on
+    /// [`Envelope::event_traceparent`] names that span as the parent.
+    pub fn continue_trace(&mut self) -> Option<(TraceParent, String)> {
+        let parent = TraceParent::parse(&self.traceparent.take()?)?;
+        let (span_id, header) = parent.child();
+        self.event_traceparent = Some(header);
+        Some((parent, span_id))
+    }
+
+    /// The `message_id` property.
+    pub fn message_id(&self) -> Option<&str> {
+        self.message_id.as_deref()
+    }
+
+    /// The `correlation_id` property.
+    pub fn correlation_id(&self) -> Option<&str> {
+        self.correlation_id.as_deref()
+    }
+
+    /// The `reply_to` property: where a copy of the result event goes.
+    pub fn reply_to(&self) -> Option<&str> {
+        self.reply_to.as_deref()
+    }
+
+    /// The `traceparent` the command's events carry: the worker's span in
+    /// the caller's trace (see [`Envelope::continue_trace`]).
+    pub fn event_traceparent(&self) -> Option<&str> {
+        self.event_traceparent.as_deref()
+    }
+
+    /// `x-gewe-parked`: times this command was parked so far.
+    pub fn parked(&self) -> u32 {
+        self.parked
+    }
+
+    /// `x-gewe-attempts`: GeWe attempts made on earlier tries.
+    pub fn prior_attempts(&self) -> u32 {
+        self.prior_attempts
+    }
+
+    /// `x-delivery-count` (quorum queues): earlier deliveries of this one.
+    pub fn delivery_count(&self) -> u32 {
+        self.delivery_count
     }
 }
 
@@ -119,5 +174,26 @@ mod tests {
         assert_eq!(read_counter(Some(&odd), PARKED_HEADER), 0);
         assert_eq!(read_counter(Some(&odd), ATTEMPTS_HEADER), 0);
         assert_eq!(read_counter(None, PARKED_HEADER), 0);
+    }
+
+    #[test]
+    fn events_continue_the_callers_trace_and_a_bad_header_is_ignored() {
+        let header = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut headers = FieldTable::default();
+        headers.insert("traceparent".into(), AMQPValue::LongString(header.into()));
+        let properties = BasicProperties::default().with_headers(headers);
+        let mut envelope = Envelope::from_properties(&properties);
+        assert_eq!(envelope.event_traceparent(), None);
+        let (parent, span_id) = envelope.continue_trace().expect("a valid header");
+        assert_eq!(parent.parent_id, "00f067aa0ba902b7");
+        assert_eq!(
+            envelope.event_traceparent(),
+            Some(format!("00-4bf92f3577b34da6a3ce929d0e0e4736-{span_id}-01").as_str())
+        );
+        let mut odd = FieldTable::default();
+        odd.insert("traceparent".into(), AMQPValue::LongString("00-zz".into()));
+        let mut envelope = Envelope::from_properties(&BasicProperties::default().with_headers(odd));
+        assert!(envelope.continue_trace().is_none());
+        assert_eq!(envelope.event_traceparent(), None);
     }
 }

@@ -28,12 +28,12 @@ pub struct RetryPolicy {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Tally {
     /// Every GeWe HTTP attempt (what the event's `attempts` reports).
-    pub attempts: u32,
+    attempts: u32,
     /// Attempts that count towards `retry.max_attempts`: all but the
     /// breaker's half-open probes. A probe that fails means GeWe is still
     /// down, which is the breaker's business: the command waits for the
     /// next probe instead of using up its retries.
-    pub counted: u32,
+    counted: u32,
 }
 
 /// What to do after an attempt.
@@ -112,6 +112,20 @@ impl RetryPolicy {
 }
 
 impl Tally {
+    /// A command's tally on a new try, after `attempts` made on earlier
+    /// ones (they are reported, but its retries start afresh).
+    pub fn after_earlier_tries(attempts: u32) -> Self {
+        Self {
+            attempts,
+            counted: 0,
+        }
+    }
+
+    /// Every GeWe HTTP attempt made for the command so far.
+    pub fn attempts(&self) -> u32 {
+        self.attempts
+    }
+
     /// One more attempt reached GeWe.
     fn count(&mut self, probe: bool) {
         self.attempts = self.attempts.saturating_add(1);

@@ -162,7 +162,7 @@ impl Idempotency {
             entry,
         };
         match stored {
-            Some(record) if record.fingerprint != fingerprint => {
+            Some(record) if record.fingerprint() != fingerprint => {
                 claim.release().await;
                 Ok(Found::Conflict)
             }
@@ -172,7 +172,7 @@ impl Idempotency {
 }
 
 fn announced<'a>(record: Record, fingerprint: Fingerprint) -> Found<'a> {
-    if record.fingerprint == fingerprint {
+    if record.fingerprint() == fingerprint {
         Found::Duplicate(record)
     } else {
         Found::Conflict

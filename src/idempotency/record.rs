@@ -59,14 +59,14 @@ impl<'de> Deserialize<'de> for Fingerprint {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Record {
     /// The request this outcome answered.
-    pub fingerprint: Fingerprint,
+    fingerprint: Fingerprint,
     /// What GeWe said, after all attempts.
-    pub outcome: CallOutcome,
+    outcome: CallOutcome,
     /// When the outcome was known, in milliseconds since the Unix epoch.
-    pub completed_at_ms: u64,
+    completed_at_ms: u64,
     /// Times the command was parked before this outcome (`retry.park`).
     #[serde(default, skip_serializing_if = "is_zero")]
-    pub parked: u32,
+    parked: u32,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -83,6 +83,21 @@ impl Record {
             completed_at_ms,
             parked,
         }
+    }
+
+    /// The request this outcome answered.
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.fingerprint
+    }
+
+    /// What GeWe said, after all attempts.
+    pub fn outcome(&self) -> &CallOutcome {
+        &self.outcome
+    }
+
+    /// Times the command was parked before this outcome.
+    pub fn parked(&self) -> u32 {
+        self.parked
     }
 
     /// `completedAt` of its events (RFC 3339, milliseconds).

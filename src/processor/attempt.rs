@@ -28,7 +28,7 @@ impl Processor {
         tally: &mut Tally,
     ) -> Result<CallOutcome, Interrupted> {
         loop {
-            let (verdict, probe) = self.attempt(cmd, claim, halt, tally.attempts + 1).await?;
+            let (verdict, probe) = self.attempt(cmd, claim, halt, tally.attempts() + 1).await?;
             let step = self.retry.after(tally, verdict, probe, &mut rand::rng());
             match step {
                 Step::Done(result) => {
@@ -36,11 +36,11 @@ impl Processor {
                         // Debug, not info: one line per success would put
                         // JSON logging on the hot path; the event is the record.
                         Ok(_) => tracing::debug!(
-                            attempts = tally.attempts,
+                            attempts = tally.attempts(),
                             "GeWe accepted the friend request"
                         ),
                         Err(e) => tracing::warn!(
-                            attempts = tally.attempts,
+                            attempts = tally.attempts(),
                             kind = e.kind.as_str(),
                             error = %e.message,
                             "GeWe call failed"
@@ -48,13 +48,13 @@ impl Processor {
                     }
                     return Ok(CallOutcome {
                         result,
-                        attempts: tally.attempts,
+                        attempts: tally.attempts(),
                     });
                 }
                 Step::Retry(wait) => {
                     meters().gewe_retries.increment(1);
                     tracing::debug!(
-                        attempt = tally.attempts,
+                        attempt = tally.attempts(),
                         wait_ms = wait.as_millis() as u64,
                         "GeWe attempt failed transiently; backing off"
                     );

@@ -34,7 +34,6 @@ use crate::{
     redact::Redactor,
     telemetry::{CommandContext, command_scope},
     timestamp,
-    trace_context::TraceParent,
 };
 
 /// The parts of the command pipeline, shared by all deliveries.
@@ -150,9 +149,12 @@ impl Processor {
         };
         // The caller's trace context: the worker's handling becomes its
         // child span, and the result event carries that span as the parent.
-        let parent = envelope.traceparent.as_deref().and_then(TraceParent::parse);
-        let (span_id, header) = parent.as_ref().map(TraceParent::child).unzip();
-        let (trace_id, parent_span_id) = parent.map(|p| (p.trace_id, p.parent_id)).unzip();
+        let (trace_id, span_id, parent_span_id) = match envelope.continue_trace() {
+            Some((parent, span_id)) => {
+                (Some(parent.trace_id), Some(span_id), Some(parent.parent_id))
+            }
+            None => (None, None, None),
+        };
         // What every log line about this command says (in place of a
         // tracing span, which every command would pay for, logged or not).
         let context = CommandContext {
@@ -163,7 +165,6 @@ impl Processor {
             span_id,
             parent_span_id,
         };
-        envelope.traceparent = header;
         let halt = session.halt(self.shutdown.clone());
         let inbound = Inbound {
             delivery,
@@ -201,10 +202,7 @@ impl Processor {
         let fingerprint = Fingerprint::of(cmd);
         // Kept across a lost claim and parked tries, so `attempts` counts
         // every request.
-        let mut tally = Tally {
-            attempts: d.envelope.prior_attempts,
-            counted: 0,
-        };
+        let mut tally = Tally::after_earlier_tries(d.envelope.prior_attempts());
         loop {
             let found = match self
                 .idempotency
@@ -236,7 +234,7 @@ impl Processor {
                             return self.give_back(d, interrupted).await;
                         }
                     };
-                    let record = Record::new(fingerprint, outcome, d.envelope.parked);
+                    let record = Record::new(fingerprint, outcome, d.envelope.parked());
                     // GeWe answered: keep the answer before anything is
                     // published, so no redelivery calls again.
                     if record.is_definitive() {
@@ -265,12 +263,12 @@ impl Processor {
             if let Some(slot) = self.park_slot(&record, d) {
                 // Not stored: the next try calls GeWe again.
                 claim.release().await;
-                return self.park(slot, record.outcome.attempts, d).await;
+                return self.park(slot, record.outcome().attempts, d).await;
             }
             let event = ResultEvent::of_outcome(
                 cmd,
-                &record.outcome,
-                record.parked,
+                record.outcome(),
+                record.parked(),
                 &d.received_at,
                 record.completed_at(),
                 false,
@@ -297,8 +295,8 @@ impl Processor {
         meters().commands_duplicate.increment(1);
         let event = ResultEvent::of_outcome(
             cmd,
-            &record.outcome,
-            record.parked,
+            record.outcome(),
+            record.parked(),
             &d.received_at,
             record.completed_at(),
             true,

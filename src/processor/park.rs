@@ -12,17 +12,17 @@ impl Processor {
     /// The delay queue for `record`'s command, when its outcome may be
     /// tried again later and delays remain.
     pub(super) fn park_slot(&self, record: &Record, d: &Inbound) -> Option<Slot> {
-        if !record.outcome.result.as_ref().err()?.kind.parkable() {
+        if !record.outcome().result.as_ref().err()?.kind.parkable() {
             return None;
         }
-        self.parking.next(d.envelope.parked)
+        self.parking.next(d.envelope.parked())
     }
 
     /// Publishes the command, unchanged but for its try counters, to
     /// `slot`'s delay queue; acks the delivery once that copy is confirmed,
     /// requeues it otherwise. No event: it comes with the last try.
     pub(super) async fn park(&self, slot: Slot, attempts: u32, d: &Inbound) {
-        let parked = d.envelope.parked.saturating_add(1);
+        let parked = d.envelope.parked().saturating_add(1);
         let properties = command::with_try_counters(&d.delivery.properties, parked, attempts);
         let published = d
             .session

@@ -66,7 +66,7 @@ impl Processor {
     /// the first delivery) is at most the limit. Classic queues have none.
     fn is_last_delivery(&self, d: &Inbound) -> bool {
         self.delivery_limit
-            .is_some_and(|limit| d.envelope.delivery_count >= limit)
+            .is_some_and(|limit| d.envelope.delivery_count() >= limit)
     }
 
     /// Acks a delivery whose event was confirmed.
