@@ -2,12 +2,13 @@
 //!
 //! [`run`] keeps one [`Session`] alive at a time: it opens it, hands every
 //! delivery to a task of the [`Processor`] (the broker's prefetch bounds how
-//! many run at once), every callback (with `callbacks.enabled`) to a task of
-//! [`Callbacks`], lends the session to the callback endpoint, and when the
-//! session dies opens a new one after a capped backoff. Shutdown is a [`CancellationToken`] passed in: on cancel
-//! the consumer is cancelled, in-flight commands get `shutdown.grace` to
-//! finish, and closing the connection hands whatever is left back to the
-//! queue.
+//! many are delivered at once), every callback (with `callbacks.enabled`)
+//! to a task of [`Callbacks`], lends the session to the callback endpoint,
+//! and when the session dies (declaring it lost to its deliveries through
+//! [`SessionControl`]) opens a new one after a capped backoff. Shutdown is
+//! a [`CancellationToken`] passed in: on cancel the consumer is cancelled,
+//! in-flight commands get `shutdown.grace` to finish, and closing the
+//! connection hands whatever is left back to the queue.
 
 use std::{
     sync::{

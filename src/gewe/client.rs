@@ -49,7 +49,8 @@ pub enum TransportError {
 pub struct Answer {
     /// HTTP status code.
     pub status: u16,
-    /// `Retry-After`, when given in seconds.
+    /// `Retry-After`, when given as delay-seconds or an HTTP-date (a date
+    /// already past is no wait).
     pub retry_after: Option<Duration>,
     /// Raw body.
     pub body: Bytes,

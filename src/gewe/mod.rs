@@ -1,6 +1,8 @@
 //! The GeWe boundary: one HTTP attempt ([`client`]), the exhaustive
-//! classification of its result ([`classify`]) and the retrying caller
-//! ([`retry`]).
+//! classification of its result ([`classify`]) and the retry policy that
+//! decides, after each attempt, whether to wait and try again ([`retry`]).
+//! The attempts themselves are made by the processor, which puts each one
+//! through the breaker and pacing first.
 
 pub mod classify;
 pub mod client;

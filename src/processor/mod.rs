@@ -1,7 +1,9 @@
-//! What happens to one delivery, top to bottom: wait for a prefetch slot,
-//! decode, find or claim the commandId's outcome, call GeWe if there is
-//! none (breaker-gated, paced, retried: [`attempt`]), store a definitive
-//! answer, publish the confirmed result event, then settle ([`settle`]).
+//! What happens to one delivery, top to bottom: decode it (so that even a
+//! delivery still waiting logs under its commandId), wait for a slot of
+//! `amqp.prefetch`, find or claim the commandId's outcome, call GeWe if
+//! there is none (breaker-gated, paced, retried: [`attempt`]), store a
+//! definitive answer, publish the confirmed result event, then settle
+//! ([`settle`]).
 //!
 //! The order is the guarantee. A delivery is acked (or, when invalid,
 //! rejected to the dead-letter exchange) only after its event is confirmed,
