@@ -13,7 +13,6 @@
 //! the only one not marked `duplicate`.
 
 mod attempt;
-mod park;
 mod settle;
 
 use std::sync::Arc;
@@ -86,9 +85,11 @@ pub struct Parts {
     pub callbacks: Option<Arc<Callbacks>>,
 }
 
-/// One delivery on its way through: what settling and publishing need.
-struct Inbound {
-    delivery: Delivery,
+/// A command delivery on its way through: the message and what settling
+/// and publishing need.
+struct CommandDelivery {
+    /// The message as the broker delivered it.
+    message: Delivery,
     envelope: Envelope,
     received_at: String,
     session: Arc<SessionHandle>,
@@ -137,11 +138,11 @@ impl Processor {
 
     /// Handles one delivery to completion. Never panics on input; every
     /// broker error is logged and leaves the delivery to be redelivered.
-    pub async fn handle(self: Arc<Self>, delivery: Delivery, session: Arc<SessionHandle>) {
+    pub async fn handle(self: Arc<Self>, message: Delivery, session: Arc<SessionHandle>) {
         meters().commands_received.increment(1);
         let received_at = timestamp::now();
-        let mut envelope = Envelope::from_properties(&delivery.properties);
-        let decoded = command::decode(&delivery.data, &envelope);
+        let mut envelope = Envelope::from_properties(&message.properties);
+        let decoded = command::decode(&message.data, &envelope);
         let (command_id, app_id) = match &decoded {
             Ok(cmd) => (cmd.command_id.as_str(), Some(cmd.app_id.as_str())),
             Err(rejected) => (
@@ -162,68 +163,77 @@ impl Processor {
         let context = CommandContext {
             command_id: command_id.to_owned(),
             app_id: app_id.map(str::to_owned),
-            redelivered: delivery.redelivered,
+            redelivered: message.redelivered,
             trace_id,
             span_id,
             parent_span_id,
         };
         let halt = session.halt(self.shutdown.clone());
-        let inbound = Inbound {
-            delivery,
+        let delivery = CommandDelivery {
+            message,
             envelope,
             received_at,
             session,
             halt,
         };
-        command_scope(context, self.process(decoded, &inbound)).await;
+        command_scope(context, self.process(decoded, &delivery)).await;
     }
 
-    async fn process(&self, decoded: Result<Command, Box<command::Rejected>>, d: &Inbound) {
-        let slot = match d.halt.guard(self.slots.acquire()).await {
+    async fn process(
+        &self,
+        decoded: Result<Command, Box<command::Rejected>>,
+        delivery: &CommandDelivery,
+    ) {
+        let slot = match delivery.halt.guard(self.slots.acquire()).await {
             Ok(Ok(slot)) => slot,
             // The semaphore is never closed.
-            Ok(Err(_)) => return self.give_back(d, Interrupted::Shutdown).await,
-            Err(interrupted) => return self.give_back(d, interrupted).await,
+            Ok(Err(_)) => return self.give_back(delivery, Interrupted::Shutdown).await,
+            Err(interrupted) => return self.give_back(delivery, interrupted).await,
         };
         let _in_flight = InFlight::enter();
         match decoded {
-            Ok(cmd) => self.carry_out(&cmd, d).await,
+            Ok(cmd) => self.carry_out(&cmd, delivery).await,
             Err(rejected) => {
                 let command::Rejected { reason, partial } = *rejected;
                 let message = self.redactor.redact(&reason.to_string()).into_owned();
                 tracing::warn!(reason = %message, "invalid command; dead-lettering it");
-                let event = ResultEvent::invalid(partial, message, &d.received_at);
-                self.refuse(&event, d).await;
+                let event = ResultEvent::invalid(partial, message, &delivery.received_at);
+                self.refuse(&event, delivery).await;
             }
         }
         drop(slot);
     }
 
     /// A valid command: its outcome is found or made, then announced.
-    async fn carry_out(&self, cmd: &Command, d: &Inbound) {
+    async fn carry_out(&self, cmd: &Command, delivery: &CommandDelivery) {
         let fingerprint = Fingerprint::of(cmd);
         // Kept across a lost claim and parked tries, so `attempts` counts
         // every request.
-        let mut tally = Tally::after_earlier_tries(d.envelope.prior_attempts());
+        let mut tally = Tally::after_earlier_tries(delivery.envelope.prior_attempts());
         loop {
             let found = match self
                 .idempotency
-                .acquire(&cmd.command_id, fingerprint, &d.halt)
+                .acquire(&cmd.command_id, fingerprint, &delivery.halt)
                 .await
             {
                 Ok(found) => found,
-                Err(interrupted) => return self.give_back(d, interrupted).await,
+                Err(interrupted) => return self.give_back(delivery, interrupted).await,
             };
             let (mut claim, stored) = match found {
-                Found::Duplicate(record) => return self.republish(cmd, &record, d).await,
-                Found::Conflict => return self.refuse_reused_id(cmd, d).await,
-                Found::Unreadable(reason) => return self.refuse_unreadable(cmd, &reason, d).await,
+                Found::Duplicate(record) => return self.republish(cmd, &record, delivery).await,
+                Found::Conflict => return self.refuse_reused_id(cmd, delivery).await,
+                Found::Unreadable(reason) => {
+                    return self.refuse_unreadable(cmd, &reason, delivery).await;
+                }
                 Found::Claimed { claim, stored } => (claim, stored),
             };
             let record = match stored {
                 Some(record) => record,
                 None => {
-                    let outcome = match self.call_gewe(cmd, &claim, &d.halt, &mut tally).await {
+                    let outcome = match self
+                        .call_gewe(cmd, &claim, &delivery.halt, &mut tally)
+                        .await
+                    {
                         Ok(outcome) => outcome,
                         Err(Interrupted::ClaimLost) => {
                             tracing::warn!(
@@ -233,10 +243,10 @@ impl Processor {
                         }
                         Err(interrupted) => {
                             claim.release().await;
-                            return self.give_back(d, interrupted).await;
+                            return self.give_back(delivery, interrupted).await;
                         }
                     };
-                    let record = Record::new(fingerprint, outcome, d.envelope.parked());
+                    let record = Record::new(fingerprint, outcome, delivery.envelope.parked());
                     // GeWe answered: keep the answer before anything is
                     // published, so no redelivery calls again.
                     if record.is_definitive() {
@@ -250,103 +260,103 @@ impl Processor {
                             }
                             Stored::Unencodable => {
                                 claim.release().await;
-                                return self.requeue(d, Requeue::PublishFailed).await;
+                                return self.requeue(delivery, Requeue::PublishFailed).await;
                             }
                         }
                     }
                     record
                 }
             };
-            if d.halt.session_lost() {
+            if delivery.halt.session_lost() {
                 // The stored answer waits for the redelivery.
                 claim.release().await;
-                return self.give_back(d, Interrupted::SessionLost).await;
+                return self.give_back(delivery, Interrupted::SessionLost).await;
             }
-            if let Some(slot) = self.park_slot(&record, d) {
+            if let Some(slot) = self.park_slot(&record, delivery) {
                 // Not stored: the next try calls GeWe again.
                 claim.release().await;
-                return self.park(slot, record.outcome().attempts, d).await;
+                return self.park(slot, record.outcome().attempts, delivery).await;
             }
             let event = ResultEvent::of_outcome(
                 cmd,
                 record.outcome(),
                 record.parked(),
-                &d.received_at,
+                &delivery.received_at,
                 record.completed_at(),
                 false,
             );
-            if self.publish(&event, d).await {
+            if self.publish(&event, delivery).await {
                 if record.is_definitive() {
                     claim.published(&self.shutdown).await;
                 } else {
                     claim.release().await;
                 }
-                self.ack(d).await;
+                self.ack(delivery).await;
             } else {
                 // The next copy of this command publishes it unmarked.
                 claim.release().await;
-                self.requeue(d, Requeue::PublishFailed).await;
+                self.requeue(delivery, Requeue::PublishFailed).await;
             }
             return;
         }
     }
 
     /// An outcome already announced: published again, marked duplicate.
-    async fn republish(&self, cmd: &Command, record: &Record, d: &Inbound) {
+    async fn republish(&self, cmd: &Command, record: &Record, delivery: &CommandDelivery) {
         tracing::info!("commandId already has a published outcome; republishing it");
         meters().commands_duplicate.increment(1);
         let event = ResultEvent::of_outcome(
             cmd,
             record.outcome(),
             record.parked(),
-            &d.received_at,
+            &delivery.received_at,
             record.completed_at(),
             true,
         );
-        if self.publish(&event, d).await {
-            self.ack(d).await;
+        if self.publish(&event, delivery).await {
+            self.ack(delivery).await;
         } else {
-            self.requeue(d, Requeue::PublishFailed).await;
+            self.requeue(delivery, Requeue::PublishFailed).await;
         }
     }
 
     /// A commandId reused for another request gets neither that request's
     /// outcome nor a GeWe call.
-    async fn refuse_reused_id(&self, cmd: &Command, d: &Inbound) {
+    async fn refuse_reused_id(&self, cmd: &Command, delivery: &CommandDelivery) {
         let message = format!(
             "commandId '{}' was already used for another request (a different appId, chatroomId, memberWxid or content); give each request its own commandId",
             cmd.command_id
         );
-        self.refuse_command(cmd, &message, d).await;
+        self.refuse_command(cmd, &message, delivery).await;
     }
 
     /// A stored outcome this version cannot read: calling again could
     /// double the friend request, so the command is dead-lettered.
-    async fn refuse_unreadable(&self, cmd: &Command, reason: &str, d: &Inbound) {
+    async fn refuse_unreadable(&self, cmd: &Command, reason: &str, delivery: &CommandDelivery) {
         let message = format!(
             "commandId '{}' has a stored outcome this version cannot read ({reason}); it was not sent to GeWe again",
             cmd.command_id
         );
-        self.refuse_command(cmd, &message, d).await;
+        self.refuse_command(cmd, &message, delivery).await;
     }
 
     /// A valid command that is not carried out: `invalid_command` saying
     /// why, and the original to the dead letters.
-    async fn refuse_command(&self, cmd: &Command, message: &str, d: &Inbound) {
+    async fn refuse_command(&self, cmd: &Command, message: &str, delivery: &CommandDelivery) {
         let message = self.redactor.redact(message).into_owned();
         tracing::warn!(reason = %message, "command refused; dead-lettering it");
-        let event = ResultEvent::invalid(cmd.partial(), message, &d.received_at);
-        self.refuse(&event, d).await;
+        let event = ResultEvent::invalid(cmd.partial(), message, &delivery.received_at);
+        self.refuse(&event, delivery).await;
     }
 
     /// Gives a delivery without an outcome back to the queue.
-    async fn give_back(&self, d: &Inbound, interrupted: Interrupted) {
+    async fn give_back(&self, delivery: &CommandDelivery, interrupted: Interrupted) {
         tracing::warn!(reason = %interrupted, "no outcome for now; the command goes back to the queue");
         match interrupted {
             // The broker already has it back; nothing to settle on a dead channel.
             Interrupted::SessionLost => meters().requeued(Requeue::SessionLost).increment(1),
-            Interrupted::Shutdown => self.requeue(d, Requeue::Shutdown).await,
-            Interrupted::ClaimLost => self.requeue(d, Requeue::ClaimLost).await,
+            Interrupted::Shutdown => self.requeue(delivery, Requeue::Shutdown).await,
+            Interrupted::ClaimLost => self.requeue(delivery, Requeue::ClaimLost).await,
         }
     }
 }

@@ -1,37 +1,50 @@
-//! Publishing a delivery's event and settling the delivery.
+//! How a delivery ends: its result event published, then the delivery
+//! settled; or, for a command whose account or GeWe is unreachable while
+//! `retry.park` delays remain, a copy parked in a delay queue and the
+//! delivery acked (no event: it comes with the last try).
 //!
-//! Settling follows the event: ack after a confirmed event, reject to the
-//! dead-letter exchange after a confirmed `invalid_command` event, requeue
-//! (after a pause) when the event was not confirmed.
+//! Settling follows what was published: ack after a confirmed event or
+//! parked copy, reject to the dead-letter exchange after a confirmed
+//! `invalid_command` event, requeue (after a pause) when nothing was
+//! confirmed.
 
-use super::{Inbound, Processor};
+use super::{CommandDelivery, Processor};
 use crate::{
     broker::settle,
+    command,
     error_kind::ErrorKind,
     event::ResultEvent,
+    idempotency::Record,
     meters::{Requeue, meters},
     outbound::publish_event,
+    park::Slot,
 };
 
 impl Processor {
     /// Publishes `event` with a confirm; true when the broker took it. A
     /// confirmed `succeeded` event's `v3` is remembered for callbacks before
     /// the delivery is settled.
-    pub(super) async fn publish(&self, event: &ResultEvent<'_>, d: &Inbound) -> bool {
+    pub(super) async fn publish(
+        &self,
+        event: &ResultEvent<'_>,
+        delivery: &CommandDelivery,
+    ) -> bool {
         // Boxed: it holds two publishes at once (result exchange and
         // `reply_to`); inline, every path that publishes would carry them.
         match Box::pin(publish_event(
             &self.result_exchange,
-            &d.envelope,
+            &delivery.envelope,
             event,
-            d.session.publisher(),
+            delivery.session.publisher(),
         ))
         .await
         {
             Ok(()) => {
                 meters().result_published(event.error_kind()).increment(1);
                 if let Some(callbacks) = &self.callbacks {
-                    callbacks.remember(event, &d.envelope, &d.halt).await;
+                    callbacks
+                        .remember(event, &delivery.envelope, &delivery.halt)
+                        .await;
                 }
                 true
             }
@@ -42,7 +55,7 @@ impl Processor {
                 let status = event.status.as_str();
                 let kind = event.error_kind().map(ErrorKind::as_str);
                 let v3 = event.v3.as_deref();
-                let then = if self.is_last_delivery(d) {
+                let then = if self.is_last_delivery(delivery) {
                     "the broker dead-letters the command now: its last delivery under amqp.delivery_limit"
                 } else {
                     "the command goes back to the queue"
@@ -54,7 +67,7 @@ impl Processor {
                 }
                 if e.breaks_channel() {
                     // Only a new session can publish again.
-                    d.session.publishing_channel_broke();
+                    delivery.session.publishing_channel_broke();
                 }
                 false
             }
@@ -64,28 +77,70 @@ impl Processor {
     /// Whether a requeue now makes the broker dead-letter the delivery:
     /// a quorum queue delivers a message while its `x-delivery-count` (0 on
     /// the first delivery) is at most the limit. Classic queues have none.
-    fn is_last_delivery(&self, d: &Inbound) -> bool {
+    fn is_last_delivery(&self, delivery: &CommandDelivery) -> bool {
         self.delivery_limit
-            .is_some_and(|limit| d.envelope.delivery_count() >= limit)
+            .is_some_and(|limit| delivery.envelope.delivery_count() >= limit)
     }
 
     /// Acks a delivery whose event was confirmed.
-    pub(super) async fn ack(&self, d: &Inbound) {
-        settle::ack(&d.delivery, "command").await;
+    pub(super) async fn ack(&self, delivery: &CommandDelivery) {
+        settle::ack(&delivery.message, "command").await;
     }
 
     /// Publishes an `invalid_command` event, then rejects the delivery
     /// without requeue so the broker dead-letters the original.
-    pub(super) async fn refuse(&self, event: &ResultEvent<'_>, d: &Inbound) {
-        if !self.publish(event, d).await {
-            return self.requeue(d, Requeue::PublishFailed).await;
+    pub(super) async fn refuse(&self, event: &ResultEvent<'_>, delivery: &CommandDelivery) {
+        if !self.publish(event, delivery).await {
+            return self.requeue(delivery, Requeue::PublishFailed).await;
         }
-        settle::dead_letter(&d.delivery, "command").await;
+        settle::dead_letter(&delivery.message, "command").await;
     }
 
     /// Returns the delivery to the queue after [`settle::REQUEUE_PAUSE`].
-    pub(super) async fn requeue(&self, d: &Inbound, reason: Requeue) {
+    pub(super) async fn requeue(&self, delivery: &CommandDelivery, reason: Requeue) {
         meters().requeued(reason).increment(1);
-        settle::requeue(&d.delivery, "command").await;
+        settle::requeue(&delivery.message, "command").await;
+    }
+
+    /// The delay queue for `record`'s command, when its outcome may be
+    /// tried again later and delays remain.
+    pub(super) fn park_slot(&self, record: &Record, delivery: &CommandDelivery) -> Option<Slot> {
+        if !record.outcome().result.as_ref().err()?.kind.parkable() {
+            return None;
+        }
+        self.parking.next(delivery.envelope.parked())
+    }
+
+    /// Publishes the command, unchanged but for its try counters, to
+    /// `slot`'s delay queue; acks the delivery once that copy is confirmed,
+    /// requeues it otherwise. No event: it comes with the last try.
+    pub(super) async fn park(&self, slot: Slot, attempts: u32, delivery: &CommandDelivery) {
+        let parked = delivery.envelope.parked().saturating_add(1);
+        let properties = command::with_try_counters(&delivery.message.properties, parked, attempts);
+        let published = delivery
+            .session
+            .publisher()
+            .publish("", &slot.queue, true, &delivery.message.data, properties)
+            .await;
+        match published {
+            Ok(()) => {
+                meters().commands_parked.increment(1);
+                tracing::info!(
+                    queue = %slot.queue,
+                    delay_ms = slot.delay.as_millis() as u64,
+                    parked,
+                    attempts,
+                    "parked the command; it comes back after the delay"
+                );
+                self.ack(delivery).await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, queue = %slot.queue, "could not park the command; requeueing it");
+                if e.breaks_channel() {
+                    delivery.session.publishing_channel_broke();
+                }
+                self.requeue(delivery, Requeue::PublishFailed).await;
+            }
+        }
     }
 }
