@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     breaker::Breaker,
     broker::Connector,
-    callbacks::{self, Callbacks, Ingress, IngressLink, Store},
+    callbacks::{self, Ingress, IngressLink, Matcher, Store},
     config::{QueueType, Settings},
     gewe::{GeweClient, RetryPolicy},
     halt::Signal,
@@ -89,7 +89,7 @@ impl Application {
                 Some(client) => Store::in_redis(client.clone(), REDIS_PREFIX, c.match_window),
                 None => Store::in_memory(c.match_window),
             };
-            Arc::new(Callbacks::new(
+            Arc::new(Matcher::new(
                 store,
                 settings.amqp.result_exchange.clone(),
                 stop_calls.clone(),
@@ -123,7 +123,7 @@ impl Application {
             prefetch: settings.amqp.prefetch,
             delivery_limit: (settings.amqp.queue_type == QueueType::Quorum)
                 .then_some(settings.amqp.delivery_limit),
-            callbacks: matcher.clone(),
+            matcher: matcher.clone(),
         }));
         let ops_listener = TcpListener::bind(settings.http.listen)
             .await

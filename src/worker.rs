@@ -3,7 +3,7 @@
 //! [`run`] keeps one [`Session`] alive at a time: it opens it, hands every
 //! delivery to a task of the [`Processor`] (the broker's prefetch bounds how
 //! many are delivered at once), every callback (with `callbacks.enabled`)
-//! to a task of [`Callbacks`], lends the session to the callback endpoint,
+//! to a task of [`Matcher`], lends the session to the callback endpoint,
 //! and when the session dies (declaring it lost to its deliveries through
 //! [`SessionControl`]) opens a new one after a capped backoff. Shutdown is
 //! a [`CancellationToken`] passed in: on cancel the consumer is cancelled,
@@ -28,7 +28,7 @@ use crate::{
         Connector, Session, SessionControl, SessionError,
         session::{CALLBACK_PREFETCH, Next},
     },
-    callbacks::{Callbacks, IngressLink},
+    callbacks::{IngressLink, Matcher},
     config::Settings,
     meters::meters,
     processor::Processor,
@@ -102,7 +102,7 @@ pub enum WorkerError {
 #[derive(Clone, Default)]
 pub struct CallbackParts {
     /// Handles callbacks from `callbacks.queue` (`callbacks.enabled`).
-    matcher: Option<Arc<Callbacks>>,
+    matcher: Option<Arc<Matcher>>,
     /// The callback endpoint's view of the session (`callbacks.listen`).
     ingress: Option<Arc<IngressLink>>,
 }
@@ -111,7 +111,7 @@ impl CallbackParts {
     /// Sessions hand their callbacks to `matcher` (with
     /// `callbacks.enabled`) and lend themselves to the endpoint's `ingress`
     /// link (with `callbacks.listen`).
-    pub fn new(matcher: Option<Arc<Callbacks>>, ingress: Option<Arc<IngressLink>>) -> Self {
+    pub fn new(matcher: Option<Arc<Matcher>>, ingress: Option<Arc<IngressLink>>) -> Self {
         Self { matcher, ingress }
     }
 }

@@ -37,8 +37,8 @@ pub enum Next {
     Cancelled(&'static str),
 }
 
-/// The callbacks consumer and its channel.
-struct Callbacks {
+/// The consumer of `callbacks.queue` and its channel.
+struct CallbackConsumer {
     channel: Channel,
     consumer: Consumer,
 }
@@ -82,7 +82,7 @@ pub struct Session {
     consume_channel: Channel,
     consumer: Consumer,
     publisher: Publisher,
-    callbacks: Option<Callbacks>,
+    callbacks: Option<CallbackConsumer>,
 }
 
 impl Session {
@@ -121,7 +121,7 @@ impl Session {
             .await
             .map_err(channel_err("the consumer"))?;
         let callbacks = if c.enabled {
-            Some(Callbacks::open(&connection, c, consumer_tag).await?)
+            Some(CallbackConsumer::open(&connection, c, consumer_tag).await?)
         } else {
             None
         };
@@ -135,7 +135,7 @@ impl Session {
     }
 }
 
-impl Callbacks {
+impl CallbackConsumer {
     async fn open(
         connection: &Connection,
         c: &CallbacksSettings,

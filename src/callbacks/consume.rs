@@ -17,7 +17,7 @@ use lapin::{BasicProperties, message::Delivery, types::AMQPValue};
 use tracing::Instrument;
 
 use super::{
-    Callbacks, REDIS_BACKOFF, accepted,
+    Matcher, REDIS_BACKOFF, accepted,
     accepted::AcceptedEvent,
     callback::{self, Candidate},
     store::{Claim, Mark},
@@ -36,25 +36,26 @@ pub const RECEIVED_AT_HEADER: &str = "x-gewe-received-at";
 const HELD_POLL: Duration = Duration::from_millis(100);
 
 /// A callback delivery on its way through.
-struct Inbound<'a> {
-    delivery: Delivery,
+struct CallbackDelivery<'a> {
+    /// The message as the broker delivered it.
+    message: Delivery,
     session: Arc<SessionHandle>,
     halt: Halt,
     received_at: String,
     candidate: Candidate<'a>,
 }
 
-impl Callbacks {
+impl Matcher {
     /// Handles one callback delivery to completion. Never panics on input;
     /// a broker or Redis problem leaves it to be redelivered.
-    pub async fn handle(self: Arc<Self>, delivery: Delivery, session: Arc<SessionHandle>) {
-        let received_at = received_at(&delivery.properties).unwrap_or_else(timestamp::now);
-        let body = match callback::parse(&delivery.data) {
+    pub async fn handle(self: Arc<Self>, message: Delivery, session: Arc<SessionHandle>) {
+        let received_at = received_at(&message.properties).unwrap_or_else(timestamp::now);
+        let body = match callback::parse(&message.data) {
             Ok(body) => body,
             Err(invalid) => {
                 tracing::warn!(reason = %invalid, "callback is not a JSON object; dead-lettering it");
                 meters().callback(CallbackOutcome::Invalid).increment(1);
-                return settle::dead_letter(&delivery, "callback").await;
+                return settle::dead_letter(&message, "callback").await;
             }
         };
         let candidate = match callback::candidate(&body) {
@@ -62,25 +63,25 @@ impl Callbacks {
             Err(why) => {
                 let type_name = callback::type_name(&body).unwrap_or("");
                 tracing::debug!(type_name, reason = %why, "callback reports no accepted friend request");
-                return unmatched(&delivery).await;
+                return unmatched(&message).await;
             }
         };
         let span = tracing::info_span!("callback", app_id = candidate.app_id);
-        let inbound = Inbound {
+        let delivery = CallbackDelivery {
             halt: session.halt(self.shutdown.clone()),
-            delivery,
+            message,
             session,
             received_at,
             candidate,
         };
-        self.match_candidate(&inbound).instrument(span).await;
+        self.match_candidate(&delivery).instrument(span).await;
     }
 
-    async fn match_candidate(&self, d: &Inbound<'_>) {
-        let Candidate { app_id, v3, .. } = d.candidate;
+    async fn match_candidate(&self, delivery: &CallbackDelivery<'_>) {
+        let Candidate { app_id, v3, .. } = delivery.candidate;
         let found = retry_while_unavailable(
             REDIS_BACKOFF,
-            &d.halt,
+            &delivery.halt,
             "Redis unavailable: holding the callback",
             || self.store.lookup(app_id, v3),
         )
@@ -91,15 +92,15 @@ impl Callbacks {
                 tracing::debug!(
                     "callback v3 is not one of this account's succeeded commands (unknown, expired or another account's)"
                 );
-                return unmatched(&d.delivery).await;
+                return unmatched(&delivery.message).await;
             }
-            Err(interrupted) => return give_back(d, interrupted).await,
+            Err(interrupted) => return give_back(delivery, interrupted).await,
         };
         let command_id = sent.command_id.as_str();
         let claim = loop {
             let mark = retry_while_unavailable(
                 REDIS_BACKOFF,
-                &d.halt,
+                &delivery.halt,
                 "Redis unavailable: holding the callback",
                 || self.store.claim(command_id),
             )
@@ -112,40 +113,40 @@ impl Callbacks {
                         "accepted event already published; acknowledging the repeated callback"
                     );
                     meters().callback(CallbackOutcome::Repeated).increment(1);
-                    return settle::ack(&d.delivery, "callback").await;
+                    return settle::ack(&delivery.message, "callback").await;
                 }
                 Ok(Mark::Held) => {
-                    if let Err(interrupted) = d.halt.sleep(HELD_POLL).await {
-                        return give_back(d, interrupted).await;
+                    if let Err(interrupted) = delivery.halt.sleep(HELD_POLL).await {
+                        return give_back(delivery, interrupted).await;
                     }
                 }
-                Err(interrupted) => return give_back(d, interrupted).await,
+                Err(interrupted) => return give_back(delivery, interrupted).await,
             }
         };
         let accepted_at = SystemTime::now();
         let event = AcceptedEvent::new(
             &sent,
-            d.candidate.friend_wxid,
-            d.received_at.clone(),
+            delivery.candidate.friend_wxid,
+            delivery.received_at.clone(),
             timestamp::format(accepted_at),
         );
         let published = accepted::publish(
             &self.result_exchange,
             &event,
             &sent.correlation_id,
-            d.session.publisher(),
+            delivery.session.publisher(),
         )
         .await;
         if let Err(e) = published {
             meters().results_publish_failures.increment(1);
             tracing::error!(command_id, error = %e, "accepted event not confirmed; requeueing the callback");
             if e.breaks_channel() {
-                d.session.publishing_channel_broke();
+                delivery.session.publishing_channel_broke();
             }
             if let Err(e) = self.store.release(&claim).await {
                 tracing::warn!(error = %e, "could not release the claim on the accepted event; it expires by itself");
             }
-            return settle::requeue(&d.delivery, "callback").await;
+            return settle::requeue(&delivery.message, "callback").await;
         }
         self.announced(&claim).await;
         let delay = humantime::parse_rfc3339(&sent.completed_at)
@@ -161,7 +162,7 @@ impl Callbacks {
             accepted_after_s = delay.map(|d| d.as_secs()),
             "friend request accepted; accepted event published"
         );
-        settle::ack(&d.delivery, "callback").await;
+        settle::ack(&delivery.message, "callback").await;
     }
 
     /// Marks the accepted event as out, through a Redis outage until
@@ -202,13 +203,13 @@ async fn unmatched(delivery: &Delivery) {
 }
 
 /// A callback without an outcome for now goes back to the queue.
-async fn give_back(d: &Inbound<'_>, interrupted: Interrupted) {
+async fn give_back(delivery: &CallbackDelivery<'_>, interrupted: Interrupted) {
     tracing::warn!(reason = %interrupted, "callback not matched for now; it goes back to the queue");
     match interrupted {
         // The broker already has it back.
         Interrupted::SessionLost => {}
         Interrupted::Shutdown | Interrupted::ClaimLost => {
-            settle::requeue(&d.delivery, "callback").await
+            settle::requeue(&delivery.message, "callback").await
         }
     }
 }

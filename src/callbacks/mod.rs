@@ -2,11 +2,11 @@
 //!
 //! Three parts:
 //! - remembering: once a `succeeded` event is confirmed, the processor
-//!   hands it to [`Callbacks::remember`], which keeps its `v3` for
+//!   hands it to [`Matcher::remember`], which keeps its `v3` for
 //!   `callbacks.match_window` ([`store`]);
 //! - matching: the worker consumes `callbacks.queue` in the same broker
 //!   session as the commands (its own channel and prefetch), and
-//!   [`Callbacks::handle`] turns a `ModContacts` callback carrying a
+//!   [`Matcher::handle`] turns a `ModContacts` callback carrying a
 //!   remembered `v3` of the same account into one `add_friend.accepted`
 //!   event ([`consume`], [`accepted`], [`callback`]);
 //! - receiving: with `callbacks.listen`, `POST /gewe/callback` publishes
@@ -37,15 +37,16 @@ use crate::{
 const REDIS_BACKOFF: Backoff =
     Backoff::doubling(Duration::from_millis(100), Duration::from_secs(2));
 
-/// Remembers succeeded commands and matches callbacks to them.
-pub struct Callbacks {
+/// Remembers the `v3` of succeeded commands and matches callbacks to
+/// them, publishing an accepted event for each match.
+pub struct Matcher {
     store: Store,
     result_exchange: String,
     /// Raised when shutdown begins.
     shutdown: Signal,
 }
 
-impl Callbacks {
+impl Matcher {
     /// Matching against `store`, publishing to `result_exchange`.
     pub fn new(store: Store, result_exchange: String, shutdown: Signal) -> Self {
         Self {

@@ -23,7 +23,7 @@ use tokio::sync::Semaphore;
 use crate::{
     breaker::Breaker,
     broker::SessionHandle,
-    callbacks::Callbacks,
+    callbacks::Matcher,
     command::{self, Command, Envelope},
     event::ResultEvent,
     gewe::{GeweClient, RetryPolicy, Tally},
@@ -54,7 +54,7 @@ pub struct Processor {
     /// prefetch.
     slots: Semaphore,
     /// With `callbacks.enabled`: remembers the `v3` of succeeded events.
-    callbacks: Option<Arc<Callbacks>>,
+    matcher: Option<Arc<Matcher>>,
 }
 
 /// What [`Processor::new`] is made of.
@@ -82,7 +82,7 @@ pub struct Parts {
     /// `amqp.delivery_limit` when the queue enforces it (quorum).
     pub delivery_limit: Option<u32>,
     /// With `callbacks.enabled`: where succeeded commands are remembered.
-    pub callbacks: Option<Arc<Callbacks>>,
+    pub matcher: Option<Arc<Matcher>>,
 }
 
 /// A command delivery on its way through: the message and what settling
@@ -127,7 +127,7 @@ impl Processor {
             shutdown: parts.shutdown,
             delivery_limit: parts.delivery_limit,
             slots: Semaphore::new(usize::from(parts.prefetch.max(1))),
-            callbacks: parts.callbacks,
+            matcher: parts.matcher,
         }
     }
 

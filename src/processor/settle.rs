@@ -41,8 +41,8 @@ impl Processor {
         {
             Ok(()) => {
                 meters().result_published(event.error_kind()).increment(1);
-                if let Some(callbacks) = &self.callbacks {
-                    callbacks
+                if let Some(matcher) = &self.matcher {
+                    matcher
                         .remember(event, &delivery.envelope, &delivery.halt)
                         .await;
                 }
