@@ -13,14 +13,14 @@ use serde::{Deserialize, Serialize};
 
 mod durations;
 mod nodes;
-mod redact;
+mod secrets;
 mod sections;
 #[cfg(test)]
 mod tests;
 mod tls;
 
 pub use nodes::{broker_urls, url_password};
-pub use redact::{amqp_env, redact_url_list, redact_url_password};
+pub use secrets::{redact_url_list, redact_url_password};
 pub use sections::*;
 pub use tls::TlsSettings;
 
@@ -50,7 +50,7 @@ pub enum ConfigError {
 
 impl From<config::ConfigError> for ConfigError {
     fn from(e: config::ConfigError) -> Self {
-        Self::Load(redact::error_text(&e, &[]))
+        Self::Load(secrets::error_text(&e, &[]))
     }
 }
 
@@ -162,10 +162,10 @@ impl Settings {
             .try_parsing(false)
             .source(env);
         let layers = builder.add_source(environment).build()?;
-        let secrets = redact::secret_values(&layers);
+        let secrets = secrets::secret_values(&layers);
         let settings: Settings = layers
             .try_deserialize()
-            .map_err(|e| ConfigError::Load(redact::error_text(&e, &secrets)))?;
+            .map_err(|e| ConfigError::Load(secrets::error_text(&e, &secrets)))?;
         settings.validate()?;
         Ok(settings)
     }

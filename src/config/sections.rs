@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     TlsSettings,
-    redact::{serialize_opt_url_redacted, serialize_secret, serialize_url_list_redacted},
+    secrets::{serialize_opt_url_redacted, serialize_secret, serialize_url_list_redacted},
 };
 
 /// Type of the command queue.
@@ -55,6 +55,43 @@ impl AmqpSettings {
     pub fn tls_unused(&self) -> bool {
         self.tls.is_set() && !super::broker_urls(&self.url).any(|u| u.starts_with("amqps://"))
     }
+}
+
+/// The environment variables that point another process at the same broker
+/// and topology as `a` (used to start worker processes in tests and the
+/// benchmark).
+pub fn amqp_env(a: &AmqpSettings) -> Vec<(&'static str, String)> {
+    let tls = [
+        ("GEWE_WORKER__AMQP__TLS__CA_FILE", &a.tls.ca_file),
+        (
+            "GEWE_WORKER__AMQP__TLS__CLIENT_CERT_FILE",
+            &a.tls.client_cert_file,
+        ),
+        (
+            "GEWE_WORKER__AMQP__TLS__CLIENT_KEY_FILE",
+            &a.tls.client_key_file,
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| Some((k, v.as_ref()?.display().to_string())));
+    let mut env = vec![
+        ("GEWE_WORKER__AMQP__URL", a.url.clone()),
+        ("GEWE_WORKER__AMQP__COMMAND_QUEUE", a.command_queue.clone()),
+        (
+            "GEWE_WORKER__AMQP__RESULT_EXCHANGE",
+            a.result_exchange.clone(),
+        ),
+        (
+            "GEWE_WORKER__AMQP__DEAD_LETTER_EXCHANGE",
+            a.dead_letter_exchange.clone(),
+        ),
+        (
+            "GEWE_WORKER__AMQP__DEAD_LETTER_QUEUE",
+            a.dead_letter_queue.clone(),
+        ),
+    ];
+    env.extend(tls);
+    env
 }
 
 /// `[gewe]`

@@ -1,10 +1,11 @@
-//! Printing configuration without its secrets, and the list of secrets
-//! every outgoing text is cleaned of.
+//! The configuration's secrets: which texts are secret (the list every
+//! outgoing text is cleaned of), and printing the configuration and its
+//! errors without them.
 
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serializer;
 
-use super::{AmqpSettings, Settings, broker_urls, url_password};
+use super::{Settings, broker_urls, url_password};
 
 pub(super) fn serialize_secret<S: Serializer>(
     v: &Option<SecretString>,
@@ -28,43 +29,6 @@ pub(super) fn serialize_opt_url_redacted<S: Serializer>(
         Some(url) => s.serialize_str(&redact_url_password(url)),
         None => s.serialize_none(),
     }
-}
-
-/// The environment variables that point another process at the same broker
-/// and topology as `a` (used to start worker processes in tests and the
-/// benchmark).
-pub fn amqp_env(a: &AmqpSettings) -> Vec<(&'static str, String)> {
-    let tls = [
-        ("GEWE_WORKER__AMQP__TLS__CA_FILE", &a.tls.ca_file),
-        (
-            "GEWE_WORKER__AMQP__TLS__CLIENT_CERT_FILE",
-            &a.tls.client_cert_file,
-        ),
-        (
-            "GEWE_WORKER__AMQP__TLS__CLIENT_KEY_FILE",
-            &a.tls.client_key_file,
-        ),
-    ]
-    .into_iter()
-    .filter_map(|(k, v)| Some((k, v.as_ref()?.display().to_string())));
-    let mut env = vec![
-        ("GEWE_WORKER__AMQP__URL", a.url.clone()),
-        ("GEWE_WORKER__AMQP__COMMAND_QUEUE", a.command_queue.clone()),
-        (
-            "GEWE_WORKER__AMQP__RESULT_EXCHANGE",
-            a.result_exchange.clone(),
-        ),
-        (
-            "GEWE_WORKER__AMQP__DEAD_LETTER_EXCHANGE",
-            a.dead_letter_exchange.clone(),
-        ),
-        (
-            "GEWE_WORKER__AMQP__DEAD_LETTER_QUEUE",
-            a.dead_letter_queue.clone(),
-        ),
-    ];
-    env.extend(tls);
-    env
 }
 
 /// `amqp.url` with the password of every URL in the list replaced by `***`.
