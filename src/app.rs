@@ -17,7 +17,7 @@ use crate::{
     idempotency::{Idempotency, LEASE_OVER_TIMEOUT},
     meters::meters,
     ops,
-    pacing::{Pacer, SharedPacing},
+    pacing::{Pacer, RedisPacing},
     park::Parking,
     processor::{Parts, Processor},
     redact::Redactor,
@@ -79,7 +79,7 @@ impl Application {
         };
         let pacing = redis
             .as_ref()
-            .map(|client| SharedPacing::new(client.clone(), REDIS_PREFIX));
+            .map(|client| RedisPacing::new(client.clone(), REDIS_PREFIX));
         let breaker = Arc::new(Breaker::new(&settings.breaker));
         // Raised when shutdown begins: no GeWe call starts after it.
         let stop_calls = Signal::new();

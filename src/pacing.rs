@@ -64,12 +64,12 @@ struct Account {
 }
 
 /// Pacing reservations kept in Redis, shared by every replica.
-pub struct SharedPacing {
+pub struct RedisPacing {
     client: Arc<RedisClient>,
     prefix: String,
 }
 
-impl SharedPacing {
+impl RedisPacing {
     /// Reservations under `prefix` on `client`.
     pub fn new(client: Arc<RedisClient>, prefix: &str) -> Self {
         Self {
@@ -107,7 +107,7 @@ pub struct Pacer {
     /// ahash: randomly seeded per process like std's SipHash, so input
     /// cannot pick collisions, and cheaper on short keys.
     accounts: Mutex<HashMap<String, Arc<Account>, ahash::RandomState>>,
-    shared: Option<SharedPacing>,
+    redis: Option<RedisPacing>,
 }
 
 /// Held while a GeWe call for the account is in flight.
@@ -118,13 +118,13 @@ pub struct Turn {
 }
 
 impl Pacer {
-    /// A pacer with the configured limits; intervals live in `shared` when given.
-    pub fn new(settings: &PacingSettings, shared: Option<SharedPacing>) -> Self {
+    /// A pacer with the configured limits; intervals live in `redis` when given.
+    pub fn new(settings: &PacingSettings, redis: Option<RedisPacing>) -> Self {
         Self {
             concurrency: settings.per_app_concurrency.max(1) as usize,
             interval: settings.per_app_min_interval,
             accounts: Mutex::new(HashMap::default()),
-            shared,
+            redis,
         }
     }
 
@@ -139,9 +139,9 @@ impl Pacer {
             .await?
             .ok();
         if !self.interval.is_zero() {
-            match &self.shared {
-                Some(shared) => {
-                    let wait = shared.reserve(app_id, self.interval, halt).await?;
+            match &self.redis {
+                Some(redis) => {
+                    let wait = redis.reserve(app_id, self.interval, halt).await?;
                     halt.sleep(wait).await?;
                 }
                 None => loop {

@@ -1,5 +1,6 @@
-//! The Redis connection shared by idempotency and pacing (`redis.url`), and
-//! its health as `/readyz` reports it.
+//! The Redis connection shared by idempotency, pacing and the callbacks'
+//! store (`redis.url`), its health as `/readyz` reports it, and waiting an
+//! outage out ([`retry_while_unavailable`]).
 //!
 //! Every operation goes through [`RedisClient::run`], which records whether
 //! Redis answered; a background probe keeps that current while no command

@@ -3,13 +3,13 @@
 //! and per commandId a mark that its accepted event was published.
 //!
 //! In memory ([`memory`]) when `redis.url` is unset: per process, bounded.
-//! In Redis ([`shared`]) otherwise, so a callback matches whichever replica
+//! In Redis ([`redis`]) otherwise, so a callback matches whichever replica
 //! takes it, after restarts too, and two replicas handling copies of one
 //! callback publish one accepted event: the mark is claimed atomically
 //! before publishing and set once the event is confirmed.
 
 mod memory;
-mod shared;
+mod redis;
 
 use std::{sync::Arc, time::Duration};
 
@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 pub use memory::MAX_REMEMBERED;
 
-use self::{memory::MemoryStore, shared::SharedStore};
+use self::{memory::MemoryStore, redis::RedisStore};
 use crate::{
     command::Envelope,
     event::{ResultEvent, Status},
@@ -99,7 +99,7 @@ pub enum Store {
     /// This process only.
     Memory(MemoryStore),
     /// Redis, shared by every replica.
-    Redis(SharedStore),
+    Redis(RedisStore),
 }
 
 impl Store {
@@ -110,7 +110,7 @@ impl Store {
 
     /// Remembers for `window` in Redis, under `prefix`.
     pub fn in_redis(client: Arc<RedisClient>, prefix: &str, window: Duration) -> Self {
-        Store::Redis(SharedStore::new(client, prefix, window))
+        Store::Redis(RedisStore::new(client, prefix, window))
     }
 
     /// Remembers `sent` by `(appId, v3)`. A `v3` already remembered keeps

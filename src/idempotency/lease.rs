@@ -19,7 +19,7 @@ use std::{
 use tokio::{sync::Notify, time::Instant};
 use tokio_util::task::AbortOnDropHandle;
 
-use super::shared::{Renewed, SharedStore};
+use super::redis::{RedisStore, Renewed};
 use crate::{
     halt::{Halt, Interrupted},
     meters::meters,
@@ -81,7 +81,7 @@ pub struct Lease {
 
 impl Lease {
     /// Starts renewing the claim on `command_id`, sent at `since`.
-    pub fn hold(store: SharedStore, command_id: &str, since: Instant) -> Self {
+    pub fn hold(store: RedisStore, command_id: &str, since: Instant) -> Self {
         let lease = store.lease();
         let watch = Arc::new(Watch {
             since,
@@ -130,7 +130,7 @@ impl Lease {
 
 /// Renews the claim every [`RENEW`] until it is lost: taken over, or not
 /// confirmed before its validity ends, whether Redis refuses or hangs.
-async fn renew(store: SharedStore, command_id: String, watch: Arc<Watch>) {
+async fn renew(store: RedisStore, command_id: String, watch: Arc<Watch>) {
     let mut next = watch.since + RENEW;
     loop {
         let renewal = async {

@@ -10,14 +10,14 @@
 //! arrive meanwhile wait, then find the outcome marked published.
 //!
 //! Without Redis the outcomes live in this process ([`memory`]); with Redis
-//! they and the claims live there ([`shared`]), the claim kept alive by a
+//! they and the claims live there ([`redis`]), the claim kept alive by a
 //! [`lease`]. Only definitive outcomes are stored ([`Record::is_definitive`]).
 
 mod lease;
 mod local;
 mod memory;
 mod record;
-mod shared;
+mod redis;
 
 use std::{sync::Arc, time::Duration};
 
@@ -32,7 +32,7 @@ use self::{
     lease::Lease,
     local::{LocalClaims, LocalGuard},
     memory::{Entry, MemoryStore},
-    shared::{Acquired, SharedStore},
+    redis::{Acquired, RedisStore},
 };
 use crate::{
     backoff::Backoff,
@@ -70,7 +70,7 @@ pub enum Found<'a> {
 /// Where outcomes are kept.
 enum Backend {
     Memory(MemoryStore),
-    Redis(SharedStore),
+    Redis(RedisStore),
 }
 
 /// The idempotency store: local claims plus the outcome backend.
@@ -98,7 +98,7 @@ impl Idempotency {
     ) -> Self {
         Self {
             local: LocalClaims::default(),
-            backend: Backend::Redis(SharedStore::new(client, prefix, window, lease)),
+            backend: Backend::Redis(RedisStore::new(client, prefix, window, lease)),
         }
     }
 
@@ -126,20 +126,20 @@ impl Idempotency {
                 }
                 None => (None, None),
             },
-            Backend::Redis(shared) => {
+            Backend::Redis(redis) => {
                 let mut waits = REDIS_BACKOFF.waits();
                 loop {
                     let sent = Instant::now();
-                    let wait = match shared.acquire(command_id).await {
+                    let wait = match redis.acquire(command_id).await {
                         Ok(Acquired::Published(record)) => {
                             return Ok(announced(record, fingerprint));
                         }
                         Ok(Acquired::Claimed(stored)) => {
-                            break (stored, Some(Lease::hold(shared.clone(), command_id, sent)));
+                            break (stored, Some(Lease::hold(redis.clone(), command_id, sent)));
                         }
                         Ok(Acquired::Wait) => HELD_POLL,
                         Ok(Acquired::Unreadable { reason, claimed }) => {
-                            if claimed && let Err(e) = shared.release(command_id).await {
+                            if claimed && let Err(e) = redis.release(command_id).await {
                                 tracing::warn!(error = %e, "could not release the claim; it expires by itself");
                             }
                             return Ok(Found::Unreadable(reason));
@@ -222,7 +222,7 @@ impl Claim<'_> {
                 self.entry = Some(memory.put(self.command_id, record.clone()));
                 Stored::Kept
             }
-            Backend::Redis(shared) => {
+            Backend::Redis(redis) => {
                 let json = match serde_json::to_string(record) {
                     Ok(json) => json,
                     Err(e) => {
@@ -232,7 +232,7 @@ impl Claim<'_> {
                 };
                 let mut waits = REDIS_BACKOFF.waits();
                 loop {
-                    match shared.store(self.command_id, &json).await {
+                    match redis.store(self.command_id, &json).await {
                         Ok(true) => return Stored::Kept,
                         Ok(false) => return Stored::Lost,
                         Err(e) => {
@@ -265,10 +265,10 @@ impl Claim<'_> {
                     entry.mark_published();
                 }
             }
-            Backend::Redis(shared) => {
+            Backend::Redis(redis) => {
                 let mut waits = REDIS_BACKOFF.waits();
                 loop {
-                    match shared.published(self.command_id).await {
+                    match redis.published(self.command_id).await {
                         Ok(()) => return,
                         Err(e) => {
                             let wait = note_unavailable(
@@ -295,8 +295,8 @@ impl Claim<'_> {
 
     /// Lets go without announcing anything; a stored outcome stays.
     pub async fn release(self) {
-        if let Backend::Redis(shared) = &self.store.backend
-            && let Err(e) = shared.release(self.command_id).await
+        if let Backend::Redis(redis) = &self.store.backend
+            && let Err(e) = redis.release(self.command_id).await
         {
             tracing::warn!(error = %e, "could not release the claim; it expires by itself");
         }

@@ -110,7 +110,7 @@ return 1
     )
 });
 
-/// What [`SharedStore::acquire`] found.
+/// What [`RedisStore::acquire`] found.
 pub enum Acquired {
     /// An outcome whose event was confirmed.
     Published(Record),
@@ -137,7 +137,7 @@ pub enum Renewed {
 
 /// Redis side of the idempotency store. Cheap to clone.
 #[derive(Clone)]
-pub struct SharedStore {
+pub struct RedisStore {
     inner: Arc<Inner>,
 }
 
@@ -151,7 +151,7 @@ struct Inner {
     seen: Mutex<String>,
 }
 
-impl SharedStore {
+impl RedisStore {
     /// A store under `prefix`, remembering outcomes for `window` and
     /// claiming commandIds for `lease`.
     pub fn new(client: Arc<RedisClient>, prefix: &str, window: Duration, lease: Duration) -> Self {

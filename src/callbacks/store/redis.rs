@@ -53,13 +53,13 @@ return 1
 });
 
 /// The Redis store.
-pub struct SharedStore {
+pub struct RedisStore {
     client: Arc<RedisClient>,
     prefix: String,
     window: Duration,
 }
 
-impl SharedStore {
+impl RedisStore {
     /// A store under `prefix`, remembering for `window`.
     pub fn new(client: Arc<RedisClient>, prefix: &str, window: Duration) -> Self {
         Self {
