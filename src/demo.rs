@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     app::Application,
     broker::{Connector, topology},
-    client::{CommandClient, Listen, NewCommand},
+    command_publisher::{CommandPublisher, Listen, NewCommand},
     config::Settings,
     simulator,
 };
@@ -74,7 +74,7 @@ pub async fn run(mut settings: Settings, timeout: Duration) -> anyhow::Result<()
     let setup_channel = setup.create_channel().await?;
     topology::declare(&setup_channel, &settings.amqp).await?;
     topology::declare_callbacks(&setup_channel, &settings.amqp, &settings.callbacks).await?;
-    let mut client = CommandClient::connect(&settings.amqp, Listen::ResultExchange).await?;
+    let mut publisher = CommandPublisher::connect(&settings.amqp, Listen::ResultExchange).await?;
 
     let app = Application::build(settings.clone()).await?;
     let callback_addr = app
@@ -106,13 +106,13 @@ pub async fn run(mut settings: Settings, timeout: Duration) -> anyhow::Result<()
 
     let commands = demo_commands(&run_id);
     for c in &commands {
-        client.send(c).await?;
+        publisher.send(c).await?;
         println!(
             "→ published {} (appId {}, member {})",
             c.command_id, c.app_id, c.member_wxid
         );
     }
-    client
+    publisher
         .send_raw(
             b"{this is not json",
             Some(&format!("demo-{run_id}-malformed")),
@@ -129,7 +129,7 @@ pub async fn run(mut settings: Settings, timeout: Duration) -> anyhow::Result<()
             break Ok(());
         }
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match client.next_result(left).await {
+        match publisher.next_result(left).await {
             Ok(event) => {
                 let status = event["status"].as_str().unwrap_or("?");
                 if status == "accepted" {
@@ -159,7 +159,7 @@ pub async fn run(mut settings: Settings, timeout: Duration) -> anyhow::Result<()
         Ok(Err(e)) => eprintln!("worker error: {e:#}"),
         Err(e) => eprintln!("worker task failed: {e}"),
     }
-    client.close().await;
+    publisher.close().await;
     let dead = topology::remove(&setup_channel, &settings.amqp).await;
     topology::remove_callbacks(&setup_channel, &settings.callbacks).await;
     let _ = setup.close(200, "demo done".into()).await;

@@ -9,7 +9,7 @@ use clap::Parser;
 use gewe_friend_worker::{
     app::{self, Application},
     cli::{Cli, Command, PublishArgs},
-    client::{CommandClient, Listen, NewCommand},
+    command_publisher::{CommandPublisher, Listen, NewCommand},
     config::Settings,
     demo,
     redact::Redactor,
@@ -142,13 +142,13 @@ async fn publish(settings: &Settings, args: PublishArgs) -> anyhow::Result<()> {
     } else {
         Listen::Nothing
     };
-    let mut client = CommandClient::connect(&settings.amqp, listen).await?;
-    client.send(&command).await?;
+    let mut publisher = CommandPublisher::connect(&settings.amqp, listen).await?;
+    publisher.send(&command).await?;
     eprintln!("published command {}", command.command_id);
     if let Some(wait) = args.wait {
-        let event = client.wait_for(&command.command_id, wait).await?;
+        let event = publisher.wait_for(&command.command_id, wait).await?;
         println!("{}", serde_json::to_string_pretty(&event)?);
     }
-    client.close().await;
+    publisher.close().await;
     Ok(())
 }

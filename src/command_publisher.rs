@@ -1,5 +1,5 @@
-//! Publishing commands and awaiting their results: what `publish`, `demo`
-//! and the tests do as a backend would.
+//! Publishing commands and awaiting their results, as a backend does:
+//! what the `publish` and `demo` commands use.
 
 use std::time::Duration;
 
@@ -33,7 +33,7 @@ pub struct NewCommand {
     pub content: String,
 }
 
-/// How the client hears about results.
+/// How the publisher hears about results.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Listen {
     /// Commands carry `reply_to` = the private queue (request/reply).
@@ -48,7 +48,7 @@ pub enum Listen {
 }
 
 /// A publisher connection with confirms and a private queue for results.
-pub struct CommandClient {
+pub struct CommandPublisher {
     connection: Connection,
     channel: Channel,
     reply_queue: String,
@@ -57,7 +57,7 @@ pub struct CommandClient {
     listen: Listen,
 }
 
-impl CommandClient {
+impl CommandPublisher {
     /// Connects to the broker of `amqp` and opens a private result queue.
     pub async fn connect(amqp: &AmqpSettings, listen: Listen) -> anyhow::Result<Self> {
         let connection = Connector::new(amqp)?
