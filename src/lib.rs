@@ -9,6 +9,7 @@
 
 pub mod app;
 pub mod backoff;
+pub mod bounded_cache;
 pub mod breaker;
 pub mod broker;
 pub mod callbacks;

@@ -13,22 +13,13 @@ use quick_cache::sync::Cache;
 use tokio::time::Instant;
 
 use super::Record;
+use crate::bounded_cache;
 
 /// Bound on commandIds remembered (quick_cache evicts beyond it). An entry
 /// costs a few hundred bytes (BENCHMARKS.md), so this caps the store at a
 /// few MiB; deployments that need all of `dedupe.window` at high volume
 /// set `redis.url`.
 pub const MAX_ENTRIES: usize = 20_000;
-/// Share of the store kept for entries read again. quick_cache evicts
-/// unread ("cold") entries first, and most outcomes are never read again;
-/// with its default of 97 % a new outcome would be evicted after a few
-/// hundred newer ones, with 10 % it outlives at least ~80 % of
-/// `MAX_ENTRIES` newer ones (tested below).
-const HOT_SHARE: f64 = 0.1;
-/// Divides `MAX_ENTRIES` (and the callbacks' bound) exactly: capacity does
-/// not depend on the host.
-const SHARDS: usize = 8;
-
 /// A stored outcome.
 pub struct Entry {
     stored: Instant,
@@ -55,33 +46,11 @@ pub struct MemoryStore {
     window: Duration,
 }
 
-/// A cache of at most `capacity` entries that keeps new, unread entries
-/// long enough (see [`HOT_SHARE`]). Also used by the callbacks' memory of
-/// `v3`s, whose entries are read at most once, days later.
-pub(crate) fn bounded_cache<V: Clone>(capacity: usize) -> Cache<String, V> {
-    let options = quick_cache::OptionsBuilder::new()
-        .estimated_items_capacity(capacity)
-        .weight_capacity(capacity as u64)
-        .hot_allocation(HOT_SHARE)
-        .shards(SHARDS)
-        .build();
-    match options {
-        Ok(options) => Cache::with_options(
-            options,
-            Default::default(),
-            Default::default(),
-            Default::default(),
-        ),
-        // Only invalid constants could fail; fall back to the defaults.
-        Err(_) => Cache::new(capacity),
-    }
-}
-
 impl MemoryStore {
     /// A store remembering outcomes for `window`.
     pub fn new(window: Duration) -> Self {
         Self {
-            cache: bounded_cache(MAX_ENTRIES),
+            cache: bounded_cache::new(MAX_ENTRIES),
             window,
         }
     }

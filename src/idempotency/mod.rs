@@ -25,7 +25,6 @@ use tokio::time::Instant;
 
 pub use lease::LEASE_OVER_TIMEOUT;
 pub use memory::MAX_ENTRIES;
-pub(crate) use memory::bounded_cache;
 pub use record::{Fingerprint, Record};
 
 use self::{

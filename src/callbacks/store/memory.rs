@@ -10,7 +10,7 @@ use quick_cache::sync::Cache;
 use tokio::time::Instant;
 
 use super::{CLAIM_LEASE, Claim, Mark, Sent, sent_key};
-use crate::idempotency::bounded_cache;
+use crate::bounded_cache;
 
 /// Bound on the `v3`s remembered, and on the accepted marks kept (quick_cache
 /// evicts beyond it). An entry is about half a KiB (a `v3` is ~200
@@ -42,8 +42,8 @@ impl MemoryStore {
     /// Remembers for `window`.
     pub fn new(window: Duration) -> Self {
         Self {
-            sent: bounded_cache(MAX_REMEMBERED),
-            marks: bounded_cache(MAX_REMEMBERED),
+            sent: bounded_cache::new(MAX_REMEMBERED),
+            marks: bounded_cache::new(MAX_REMEMBERED),
             window,
         }
     }
