@@ -101,6 +101,58 @@ impl CallbackOutcome {
     }
 }
 
+/// Why a command was deferred through the broker's delay queues instead of
+/// being held or sent (contract §7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deferral {
+    /// The account reached `accounts.daily_limit` for its day.
+    DailyLimit,
+    /// Outside the account's `accounts.active_hours`.
+    ActiveHours,
+    /// The account rests after WeChat said it adds friends too often.
+    Cooldown,
+    /// An operator paused the account.
+    Paused,
+    /// The account's pacing turn is further away than `amqp.max_hold`.
+    Pacing,
+    /// The circuit breaker stays open longer than `amqp.max_hold`.
+    Breaker,
+}
+
+impl Deferral {
+    const ALL: [Deferral; 6] = [
+        Deferral::DailyLimit,
+        Deferral::ActiveHours,
+        Deferral::Cooldown,
+        Deferral::Paused,
+        Deferral::Pacing,
+        Deferral::Breaker,
+    ];
+
+    /// Label value of `commands_deferred_total{reason}`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Deferral::DailyLimit => "daily_limit",
+            Deferral::ActiveHours => "active_hours",
+            Deferral::Cooldown => "cooldown",
+            Deferral::Paused => "paused",
+            Deferral::Pacing => "pacing",
+            Deferral::Breaker => "breaker",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Deferral::DailyLimit => 0,
+            Deferral::ActiveHours => 1,
+            Deferral::Cooldown => 2,
+            Deferral::Paused => 3,
+            Deferral::Pacing => 4,
+            Deferral::Breaker => 5,
+        }
+    }
+}
+
 /// Statuses `POST /gewe/callback` answers with.
 pub const CALLBACK_HTTP_STATUSES: [u16; 6] = [200, 400, 401, 408, 413, 503];
 
@@ -152,6 +204,15 @@ pub struct Meters {
     pub gewe_local_errors: Counter,
     /// `commands_requeued_total{reason}`.
     requeued: [Counter; Requeue::ALL.len()],
+    /// `commands_deferred_total{reason}`.
+    deferred: [Counter; Deferral::ALL.len()],
+    /// `account_cooldowns_total`: cooldowns started.
+    pub account_cooldowns: Counter,
+    /// `commands_expired_total`: commands that waited past
+    /// `accounts.max_wait` and failed `expired`.
+    pub commands_expired: Counter,
+    /// `telemetry_spans_dropped_total`: spans that could not be exported.
+    pub telemetry_spans_dropped: Counter,
 }
 
 impl Meters {
@@ -174,6 +235,11 @@ impl Meters {
     /// `commands_requeued_total{reason}`.
     pub fn requeued(&self, reason: Requeue) -> &Counter {
         &self.requeued[reason.index()]
+    }
+
+    /// `commands_deferred_total{reason}`.
+    pub fn deferred(&self, reason: Deferral) -> &Counter {
+        &self.deferred[reason.index()]
     }
 
     /// `callbacks_total{outcome}`.
@@ -221,6 +287,11 @@ impl Meters {
                 .map(|o| metrics::counter!("callbacks_total", "outcome" => o.label())),
             callback_requests: CALLBACK_HTTP_STATUSES
                 .map(|s| metrics::counter!("callback_requests_total", "status" => s.to_string())),
+            deferred: Deferral::ALL
+                .map(|r| metrics::counter!("commands_deferred_total", "reason" => r.label())),
+            account_cooldowns: metrics::counter!("account_cooldowns_total"),
+            commands_expired: metrics::counter!("commands_expired_total"),
+            telemetry_spans_dropped: metrics::counter!("telemetry_spans_dropped_total"),
         };
         // Touch every series so it is rendered before its first event.
         meters.commands_in_flight.set(0.0);
@@ -297,6 +368,22 @@ fn describe() {
         "callback_requests_total",
         "POST /gewe/callback requests, by the HTTP status answered."
     );
+    describe_counter!(
+        "commands_deferred_total",
+        "Commands deferred through a delay queue instead of held or sent, by reason."
+    );
+    describe_counter!(
+        "account_cooldowns_total",
+        "Account cooldowns started after WeChat said the account adds friends too often."
+    );
+    describe_counter!(
+        "commands_expired_total",
+        "Commands that waited for their account longer than accounts.max_wait and failed expired."
+    );
+    describe_counter!(
+        "telemetry_spans_dropped_total",
+        "Trace spans dropped instead of exported (buffer full or collector failing)."
+    );
 }
 
 /// Buckets of `callbacks_accept_delay_seconds`: members accept after
@@ -355,4 +442,34 @@ pub fn meters() -> &'static Meters {
         let _ = recorder();
         Meters::register()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The series later features increment (account budgets, trace export)
+    /// are listed at 0 from start-up, like every other one, so dashboards
+    /// and alerts on them work before their first event.
+    #[test]
+    fn budget_and_telemetry_series_are_rendered_at_zero_from_start_up() {
+        let _ = meters();
+        let text = recorder().expect("recorder installed").render();
+        for series in [
+            r#"commands_deferred_total{reason="daily_limit"}"#,
+            r#"commands_deferred_total{reason="active_hours"}"#,
+            r#"commands_deferred_total{reason="cooldown"}"#,
+            r#"commands_deferred_total{reason="paused"}"#,
+            r#"commands_deferred_total{reason="pacing"}"#,
+            r#"commands_deferred_total{reason="breaker"}"#,
+            "account_cooldowns_total",
+            "commands_expired_total",
+            "telemetry_spans_dropped_total",
+        ] {
+            assert!(
+                text.lines().any(|l| l == format!("{series} 0")),
+                "{series} is not rendered at 0:\n{text}"
+            );
+        }
+    }
 }
