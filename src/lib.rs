@@ -14,6 +14,7 @@ pub mod client;
 pub mod command;
 pub mod config;
 pub mod demo;
+pub mod entry;
 pub mod event;
 pub mod gewe;
 pub mod halt;
