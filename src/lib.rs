@@ -18,6 +18,7 @@ pub mod command;
 pub mod command_publisher;
 pub mod config;
 pub mod demo;
+pub mod entry;
 pub mod error_kind;
 pub mod event;
 pub mod gewe;

@@ -1,15 +1,17 @@
 //! RabbitMQ stopped and started under a running worker.
 //!
-//! This disturbs the whole broker, so it is the only test in this binary:
-//! `cargo test` runs test binaries one after another, so no other test is
-//! talking to the broker meanwhile. The broker is always restarted, even
-//! when the test fails.
+//! This disturbs the whole broker, so it is the only test in this binary,
+//! and it holds the machine-wide broker lock exclusively
+//! ([`common::lock::broker_exclusive`]): it waits until no other test process
+//! on the machine uses the broker (another binary, another worktree, nextest)
+//! and keeps new ones waiting until the broker is back. The broker is always
+//! restarted, even when the test fails.
 
 mod common;
 
 use std::collections::HashSet;
 
-use common::*;
+use common::{broker::consumer_prefetch, *};
 use gewe_friend_worker::{broker::topology, gewe::ADD_MEMBER_PATH};
 use lapin::{
     Connection,
@@ -20,14 +22,6 @@ use wiremock::{
     Mock, MockServer, ResponseTemplate,
     matchers::{method, path},
 };
-
-fn rabbitmqctl(args: &[&str]) {
-    let status = std::process::Command::new("rabbitmqctl")
-        .args(args)
-        .status()
-        .expect("rabbitmqctl is needed for the broker restart test");
-    assert!(status.success(), "rabbitmqctl {args:?} failed");
-}
 
 /// Starts the broker app again if the test stops half-way.
 struct RestartOnDrop;
@@ -62,6 +56,7 @@ async fn observe(
 
 #[tokio::test]
 async fn rabbitmq_stop_app_and_start_app_mid_run_loses_nothing() {
+    common::lock::broker_exclusive();
     let gewe = MockServer::start().await;
     Mock::given(method("POST"))
         .and(path(ADD_MEMBER_PATH))
@@ -115,10 +110,10 @@ async fn rabbitmq_stop_app_and_start_app_mid_run_loses_nothing() {
     }
 
     let restart = RestartOnDrop;
-    rabbitmqctl(&["stop_app"]);
+    broker::rabbitmqctl(&["stop_app"]);
     wait_for_readyz(ops, 503, "broker").await;
-    rabbitmqctl(&["start_app"]);
-    rabbitmqctl(&["await_startup"]);
+    broker::rabbitmqctl(&["start_app"]);
+    broker::rabbitmqctl(&["await_startup"]);
     drop(restart);
     wait_for_readyz(ops, 200, "ready").await;
 
@@ -129,18 +124,8 @@ async fn rabbitmq_stop_app_and_start_app_mid_run_loses_nothing() {
         seen.insert(e.body["commandId"].as_str().unwrap_or("").to_owned());
     }
     assert!(!worker.is_finished(), "the worker rode out the restart");
-    let consumers = std::process::Command::new("rabbitmqctl")
-        .args(["list_consumers", "-q", "queue_name", "prefetch_count"])
-        .output()
-        .expect("list_consumers");
-    let prefetch: Vec<String> = String::from_utf8_lossy(&consumers.stdout)
-        .lines()
-        .filter_map(|l| l.split_once('\t'))
-        .filter(|(q, _)| *q == settings.amqp.command_queue)
-        .map(|(_, p)| p.trim().to_owned())
-        .collect();
     assert_eq!(
-        prefetch,
+        consumer_prefetch(&settings.amqp.command_queue),
         vec!["16".to_owned()],
         "prefetch re-applied after the restart"
     );

@@ -1,9 +1,9 @@
 //! Broker-side helpers: `rabbitmqctl` and the ops endpoints, for tests
 //! that disturb only their own worker's connection.
 
-use std::{collections::HashSet, net::SocketAddr, time::Duration};
+use std::{collections::HashSet, net::SocketAddr};
 
-use super::WAIT;
+use super::{WAIT, eventually};
 
 /// GETs an ops route; returns status and body.
 pub async fn get(addr: SocketAddr, route: &str) -> (u16, String) {
@@ -15,27 +15,20 @@ pub async fn get(addr: SocketAddr, route: &str) -> (u16, String) {
 }
 
 /// Polls `route` until it answers `want` or [`WAIT`] passes. A refused
-/// connection counts as not yet: a worker child binds its ops endpoint
-/// during start-up, which a busy machine can make slower than the test.
+/// connection counts as not yet.
 pub async fn wait_for_status(addr: SocketAddr, route: &str, want: u16) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let seen = match reqwest::get(format!("http://{addr}{route}")).await {
-            Ok(response) => {
-                let status = response.status().as_u16();
-                if status == want {
-                    return;
-                }
-                format!("{status} ({})", response.text().await.unwrap_or_default())
-            }
-            Err(e) => format!("unanswered ({e})"),
-        };
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{route} stayed {seen}, wanted {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    eventually(WAIT, || async {
+        match reqwest::get(format!("http://{addr}{route}")).await {
+            Ok(response) if response.status().as_u16() == want => Ok(()),
+            Ok(response) => Err(format!(
+                "{route} stayed {} ({}), wanted {want}",
+                response.status().as_u16(),
+                response.text().await.unwrap_or_default()
+            )),
+            Err(e) => Err(format!("{route} unanswered ({e}), wanted {want}")),
+        }
+    })
+    .await;
 }
 
 /// Runs `rabbitmqctl`; panics with its stderr when it fails.
@@ -54,21 +47,23 @@ pub fn rabbitmqctl(args: &[&str]) -> String {
 
 /// Closes the worker's broker connection (only this test's worker: the
 /// connection name carries the consumer tag), leaving every other test's
-/// connections alone. Waits for the worker to be consuming first.
+/// connections alone. Waits (up to [`WAIT`]) for the worker to be consuming
+/// first; returns how many connections it closed.
 pub async fn close_worker_connection(queue: &str) -> usize {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
+    eventually(WAIT, || async {
         // rabbitmqctl takes a second or so: off the test's runtime thread,
         // so the worker and the mocks keep running meanwhile.
         let q = queue.to_owned();
         let closed = tokio::task::spawn_blocking(move || close_worker_connections(&q))
             .await
             .expect("rabbitmqctl");
-        if closed > 0 || tokio::time::Instant::now() > deadline {
-            return closed;
+        if closed > 0 {
+            Ok(closed)
+        } else {
+            Err(format!("no connection consuming {queue}"))
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await
 }
 
 pub fn close_worker_connections(queue: &str) -> usize {

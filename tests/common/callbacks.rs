@@ -2,7 +2,7 @@
 //! callback bodies, posting to the endpoint, publishing to the callbacks
 //! exchange, and how many messages a queue still holds.
 
-use std::{net::SocketAddr, time::Duration};
+use std::net::SocketAddr;
 
 use gewe_friend_worker::{config::Settings, gewe::ADD_MEMBER_PATH, simulator};
 use lapin::{BasicProperties, options::BasicPublishOptions};
@@ -13,7 +13,7 @@ use wiremock::{
     matchers::{method, path},
 };
 
-use super::{TestApp, WAIT, broker::rabbitmqctl, gewe_ok, test_settings};
+use super::{TestApp, WAIT, broker::rabbitmqctl, done_or, eventually, gewe_ok, test_settings};
 
 /// The callback secret of the tests.
 pub const SECRET: &str = "cb-secret-4e1d-97ab";
@@ -117,16 +117,9 @@ pub async fn messages_in(queue: &str) -> u64 {
 
 /// Waits until `queue` holds nothing, acked deliveries gone.
 pub async fn wait_until_drained(queue: &str) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
+    eventually(WAIT, || async {
         let left = messages_in(queue).await;
-        if left == 0 {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{queue} still holds {left} messages"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        done_or(left == 0, || format!("{queue} still holds {left} messages"))
+    })
+    .await;
 }

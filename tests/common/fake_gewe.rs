@@ -1,6 +1,6 @@
-//! A GeWe stand-in that records every call: which member, when it arrived,
-//! and how many requests were in flight at once (wiremock answers
-//! synchronously, so it cannot count concurrency).
+//! A GeWe stand-in that records every call: which member of which account,
+//! when it arrived, and how many requests were in flight at once (wiremock
+//! answers synchronously, so it cannot count concurrency).
 
 use std::{
     collections::HashMap,
@@ -15,6 +15,10 @@ use std::{
 use axum::{Json, Router, extract::State, http::StatusCode, routing::post};
 use gewe_friend_worker::gewe::ADD_MEMBER_PATH;
 use serde_json::{Value, json};
+
+/// How much later than its start a call may arrive, for
+/// [`FakeGewe::assert_paced`].
+pub const ARRIVAL_SLACK: Duration = Duration::from_millis(50);
 
 /// How the fake answers the `nth` call (1-based) for a member.
 pub type Answer = fn(member: &str, nth: usize) -> (StatusCode, Value);
@@ -35,7 +39,8 @@ pub fn unavailable(_: &str, _: usize) -> (StatusCode, Value) {
 struct Inner {
     latency: Mutex<Duration>,
     answer: Mutex<Answer>,
-    calls: Mutex<Vec<(String, Instant)>>,
+    /// (memberWxid, appId, arrival), in order of arrival.
+    calls: Mutex<Vec<(String, String, Instant)>>,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
 }
@@ -83,7 +88,42 @@ impl FakeGewe {
 
     /// Every call so far: (memberWxid, arrival).
     pub fn calls(&self) -> Vec<(String, Instant)> {
-        self.inner.calls.lock().expect("lock").clone()
+        let calls = self.inner.calls.lock().expect("lock");
+        calls.iter().map(|(m, _, at)| (m.clone(), *at)).collect()
+    }
+
+    /// When the calls for `app_id` arrived, in order.
+    pub fn arrivals(&self, app_id: &str) -> Vec<Instant> {
+        let calls = self.inner.calls.lock().expect("lock");
+        calls
+            .iter()
+            .filter(|(_, app, _)| app == app_id)
+            .map(|(_, _, at)| *at)
+            .collect()
+    }
+
+    /// Asserts that GeWe saw `n` calls for `app_id`, their starts paced
+    /// `interval` apart, as far as arrivals can tell. The worker spaces the
+    /// *starts* of its calls (src/pacing.rs proves that to the millisecond
+    /// on a paused clock); a request then takes a moment to arrive, more
+    /// under load, so one gap can look short by the lateness of the call
+    /// before it. Calls that are not paced arrive together, so every gap is
+    /// at least half the interval; and the span of all of them is exact up
+    /// to the lateness of the first, which [`ARRIVAL_SLACK`] allows.
+    pub fn assert_paced(&self, app_id: &str, n: usize, interval: Duration) {
+        let arrivals = self.arrivals(app_id);
+        assert_eq!(arrivals.len(), n, "calls for {app_id}");
+        let gaps: Vec<Duration> = arrivals.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(
+            gaps.iter().all(|gap| *gap >= interval / 2),
+            "calls for {app_id} arrived {gaps:?} apart, paced {interval:?}"
+        );
+        let span = arrivals[n - 1] - arrivals[0];
+        let paced = interval * u32::try_from(n - 1).expect("a few calls");
+        assert!(
+            span + ARRIVAL_SLACK >= paced,
+            "{n} calls for {app_id} within {span:?}, paced {interval:?}: gaps {gaps:?}"
+        );
     }
 
     /// Calls per member.
@@ -120,10 +160,11 @@ async fn handle(
     inner.max_in_flight.fetch_max(now, Ordering::SeqCst);
     let request: Value = serde_json::from_slice(&body).unwrap_or_default();
     let member = request["memberWxid"].as_str().unwrap_or("").to_owned();
+    let app_id = request["appId"].as_str().unwrap_or("").to_owned();
     let nth = {
         let mut calls = inner.calls.lock().expect("lock");
-        calls.push((member.clone(), Instant::now()));
-        calls.iter().filter(|(m, _)| *m == member).count()
+        calls.push((member.clone(), app_id, Instant::now()));
+        calls.iter().filter(|(m, _, _)| *m == member).count()
     };
     let latency = *inner.latency.lock().expect("lock");
     let answer = *inner.answer.lock().expect("lock");

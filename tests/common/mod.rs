@@ -6,12 +6,13 @@
 pub mod broker;
 pub mod callbacks;
 pub mod fake_gewe;
+pub mod lock;
 pub mod logs;
 pub mod nodes;
 pub mod process;
 pub mod tcp_proxy;
 
-use std::{net::SocketAddr, time::Duration};
+use std::{future::Future, net::SocketAddr, time::Duration};
 
 use futures_util::StreamExt;
 use gewe_friend_worker::{
@@ -30,17 +31,81 @@ use lapin::{
 };
 use secrecy::SecretString;
 use serde_json::{Value, json};
+use tokio::sync::{RwLock, RwLockReadGuard};
 use tokio_util::sync::CancellationToken;
 
 /// The token every test worker uses.
 pub const TOKEN: &str = "test-token-9f3c2a";
 /// How long a test waits for something that should happen promptly.
 pub const WAIT: Duration = Duration::from_secs(20);
+/// How often [`eventually`] looks again.
+const POLL: Duration = Duration::from_millis(20);
 
-/// Broker URL: `GEWE_TEST_AMQP_URL` or the local default.
+/// Broker URL: `GEWE_TEST_AMQP_URL` or the local default. Every test that
+/// uses the shared broker gets its URL here, so this is where the process
+/// takes its share of the machine-wide broker lock ([`lock::broker_shared`]):
+/// the broker-restart test waits for it.
 pub fn amqp_url() -> String {
+    lock::broker_shared();
     std::env::var("GEWE_TEST_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+/// `prefix-<uuid>`: a name no other test (or earlier run) uses.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Runs `check` until it returns `Ok`, looking again every 20 ms, for at
+/// most `within`; then panics with its last `Err`, which says what it saw.
+/// The one deadline loop of the tests: no test sleeps and hopes.
+pub async fn eventually<T, F, Fut>(within: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match check().await {
+            Ok(done) => return done,
+            Err(seen) if tokio::time::Instant::now() >= deadline => {
+                panic!("not within {within:?}: {seen}")
+            }
+            Err(_) => tokio::time::sleep(POLL).await,
+        }
+    }
+}
+
+/// `Ok` when `done`, else `Err` with what was seen: an [`eventually`] check.
+pub fn done_or(done: bool, seen: impl FnOnce() -> String) -> Result<(), String> {
+    if done { Ok(()) } else { Err(seen()) }
+}
+
+/// In-process workers share this process's metrics (one global recorder).
+/// Each holds a read guard while it runs; [`alone`] takes the write side.
+static IN_PROCESS: RwLock<()> = RwLock::const_new(());
+
+tokio::task_local! {
+    /// Set inside [`alone`]: that test's own workers take no read guard.
+    static ALONE: ();
+}
+
+/// Runs `test` while no other test's in-process worker runs, for a test
+/// that reads this process's metrics: what it counts is its own worker's
+/// doing. Counters keep what earlier tests counted, so such a test compares
+/// with a value it read first.
+pub async fn alone<F: Future>(test: F) -> F::Output {
+    let _everyone_else = IN_PROCESS.write().await;
+    ALONE.scope((), test).await
+}
+
+/// What an in-process worker holds while it runs (see [`alone`]).
+pub async fn in_process() -> Option<RwLockReadGuard<'static, ()>> {
+    if ALONE.try_with(|_| ()).is_ok() {
+        None
+    } else {
+        Some(IN_PROCESS.read().await)
+    }
 }
 
 /// Settings with unique names, fast retries, no pacing, an ephemeral ops port.
@@ -84,6 +149,8 @@ pub struct TestApp {
     pub events: Consumer,
     pub stop: CancellationToken,
     pub worker: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    /// Held while the worker runs in this process (see [`alone`]).
+    in_process: Option<RwLockReadGuard<'static, ()>>,
     /// Set once [`TestApp::stop`] removed the topology; until then dropping
     /// the app removes it (a test that panicked never reaches `stop`).
     removed: bool,
@@ -114,6 +181,7 @@ impl Received {
 pub async fn spawn_app_with(settings: Settings, bind_results: bool) -> TestApp {
     logs::init();
     let mut app = listener(settings, bind_results).await;
+    app.in_process = in_process().await;
     let worker = Application::build(app.settings.clone())
         .await
         .expect("application builds");
@@ -220,6 +288,7 @@ async fn listener(settings: Settings, bind_results: bool) -> TestApp {
         events,
         stop: CancellationToken::new(),
         worker: None,
+        in_process: None,
         removed: false,
     }
 }
@@ -470,12 +539,18 @@ pub async fn start_worker(
     SocketAddr,
 ) {
     logs::init();
+    let guard = in_process().await;
     let app = Application::build(settings.clone())
         .await
         .expect("application builds");
     let addr = app.ops_addr();
     let stop = CancellationToken::new();
-    (stop.clone(), tokio::spawn(app.run(stop)), addr)
+    let run = app.run(stop.clone());
+    let worker = tokio::spawn(async move {
+        let _guard = guard;
+        run.await
+    });
+    (stop, worker, addr)
 }
 
 /// Reads one counter or gauge value from a `/metrics` text, summing label sets
@@ -493,24 +568,32 @@ pub async fn metric(ops: SocketAddr, name: &str, filter: &str) -> f64 {
         .sum()
 }
 
+/// Waits until the metric `name` (label sets containing `filter` summed)
+/// of the process serving `ops` reaches `at_least`; panics after [`WAIT`]
+/// naming `what` did not happen.
+pub async fn wait_for_metric(ops: SocketAddr, name: &str, filter: &str, at_least: f64, what: &str) {
+    eventually(WAIT, || async {
+        let now = metric(ops, name, filter).await;
+        done_or(now >= at_least, || {
+            format!("{what}: {name}{{{filter}}} is {now}, not {at_least}")
+        })
+    })
+    .await;
+}
+
 /// Polls `/readyz` until its body contains `needle` (or [`WAIT`] passes).
 pub async fn wait_for_readyz(ops: SocketAddr, status: u16, needle: &str) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
+    eventually(WAIT, || async {
         let r = reqwest::get(format!("http://{ops}/readyz"))
             .await
             .expect("readyz");
         let got = r.status().as_u16();
         let body = r.text().await.unwrap_or_default();
-        if got == status && body.contains(needle) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "/readyz stayed {got} {body:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+        done_or(got == status && body.contains(needle), || {
+            format!("/readyz stayed {got} {body:?}")
+        })
+    })
+    .await;
 }
 
 /// Pre-declares `queue` as a plain classic queue, runs a worker on
@@ -518,6 +601,7 @@ pub async fn wait_for_readyz(ops: SocketAddr, status: u16, needle: &str) {
 /// mismatch is fatal then); removes what was declared.
 pub async fn start_up_error_with_a_classic(settings: &Settings, queue: &str) -> String {
     let (connection, channel) = confirm_channel(&settings.amqp.url).await;
+    let _in_process = in_process().await;
     channel
         .queue_declare(
             queue.into(),

@@ -2,7 +2,9 @@
 //! in `deploy/`: a 3-node cluster (`local-cluster.sh`) and a mutual-TLS node
 //! (`local-tls-broker.sh`). Each is taken down again by its guard's `Drop`,
 //! also when the test fails; the shared broker (rabbit@localhost) is never
-//! touched.
+//! touched. Their ports and node names are fixed, so each guard holds the
+//! machine-wide [`lock::extra_nodes`] from before its nodes start until
+//! after they are down.
 
 use std::{
     net::TcpStream,
@@ -10,6 +12,8 @@ use std::{
     process::Command,
     time::Duration,
 };
+
+use super::lock::{self, Held};
 
 /// Runs `deploy/<script> <args…>`; panics with its output when it fails.
 pub fn deploy_script(script: &str, args: &[&str]) -> String {
@@ -44,6 +48,8 @@ pub struct LocalCluster {
     pub urls: Vec<String>,
     /// Whether this guard started it (and so takes it down).
     owned: bool,
+    /// Released after `Drop` took the cluster down.
+    _lock: Held,
 }
 
 impl LocalCluster {
@@ -53,6 +59,7 @@ impl LocalCluster {
     /// Starts the cluster, or uses it as it is when all three nodes already
     /// listen (someone iterating on it keeps it up between runs).
     pub fn up() -> Self {
+        let lock = lock::extra_nodes();
         let owned = ![5701, 5702, 5703].into_iter().all(port_open);
         let urls = deploy_script("local-cluster.sh", &["up"])
             .lines()
@@ -62,7 +69,11 @@ impl LocalCluster {
             .map(str::to_owned)
             .collect::<Vec<_>>();
         assert_eq!(urls.len(), 3, "local-cluster.sh prints three URLs");
-        Self { urls, owned }
+        Self {
+            urls,
+            owned,
+            _lock: lock,
+        }
     }
 }
 
@@ -124,11 +135,14 @@ pub struct TlsBroker {
     dir: PathBuf,
     /// `amqps://guest:guest@localhost:5771/%2f`
     pub url: String,
+    /// Released after `Drop` took the node down.
+    _lock: Held,
 }
 
 impl TlsBroker {
     /// Starts the node (blocking, about ten seconds).
     pub fn up(dir: &Path) -> Self {
+        let lock = lock::extra_nodes();
         let shown = dir.display().to_string();
         // A node left over by an interrupted run serves old certificates.
         deploy_script("local-tls-broker.sh", &["down", &shown]);
@@ -140,6 +154,7 @@ impl TlsBroker {
         Self {
             dir: dir.to_owned(),
             url,
+            _lock: lock,
         }
     }
 }

@@ -6,7 +6,7 @@ use std::{net::SocketAddr, process::Stdio};
 use gewe_friend_worker::config::{Settings, amqp_env};
 use tokio::process::Command;
 
-use super::TOKEN;
+use super::{TOKEN, WAIT, eventually};
 
 /// Path of the worker binary.
 pub const BIN: &str = env!("CARGO_BIN_EXE_gewe-friend-worker");
@@ -51,17 +51,51 @@ pub fn worker_command(settings: &Settings, gewe: &str) -> Command {
             "GEWE_WORKER__AMQP__PREFETCH",
             settings.amqp.prefetch.to_string(),
         )
-        .env("RUST_LOG", "warn")
+        // Warnings, and the start-up lines that report the bound ports.
+        .env("RUST_LOG", "warn,gewe_friend_worker::app=info")
         .stderr(Stdio::null());
     cmd
 }
 
-/// A free local port for a child's ops endpoint (released right away, so
-/// another process could take it first; good enough for tests).
-pub fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
+/// A worker child started by [`spawn_worker`], with the addresses it
+/// reported.
+pub struct Worker {
+    pub child: tokio::process::Child,
+    pub logs: Logs,
+    /// Its ops endpoint.
+    pub ops: SocketAddr,
+    /// Its callback endpoint, when `callbacks.listen` was set.
+    pub callbacks: Option<SocketAddr>,
+}
+
+/// Spawns `cmd` (a [`worker_command`]) with its ops endpoint, and its
+/// callback endpoint when `GEWE_WORKER__CALLBACKS__LISTEN` is set, on ports
+/// the child binds itself (`127.0.0.1:0`), so no other process can take them
+/// first; reads the bound addresses from the line it logs at start-up. Its
+/// `RUST_LOG` must show `gewe_friend_worker::app` at `info` (as
+/// [`worker_command`]'s does) and its log is JSON (stderr is a pipe).
+pub async fn spawn_worker(mut cmd: Command) -> Worker {
+    let callbacks = cmd
+        .as_std()
+        .get_envs()
+        .any(|(key, value)| key == "GEWE_WORKER__CALLBACKS__LISTEN" && value.is_some());
+    cmd.env("GEWE_WORKER__HTTP__LISTEN", "127.0.0.1:0");
+    if callbacks {
+        cmd.env("GEWE_WORKER__CALLBACKS__LISTEN", "127.0.0.1:0");
+    }
+    let mut child = cmd.stderr(Stdio::piped()).spawn().expect("worker starts");
+    let logs = Logs::capture(&mut child);
+    let ops = logs.reported("gewe-friend-worker starting", "ops").await;
+    let callbacks = match callbacks {
+        true => Some(logs.reported("receiving GeWe callbacks", "addr").await),
+        false => None,
+    };
+    Worker {
+        child,
+        logs,
+        ops,
+        callbacks,
+    }
 }
 
 /// Sends SIGTERM to `child`, as an orchestrator stops it.
@@ -107,36 +141,41 @@ impl Logs {
     /// The whole log of a child that has exited.
     pub async fn finish(self) -> String {
         let Self { text, reader } = self;
-        let _ = tokio::time::timeout(super::WAIT, reader).await;
+        let _ = tokio::time::timeout(WAIT, reader).await;
         text.lock().expect("lock").clone()
     }
 
-    /// Waits up to [`super::WAIT`] for a line containing every one of
-    /// `needles`; returns it, or panics with the log.
+    /// Waits up to [`WAIT`] for a line containing every one of `needles`;
+    /// returns it, or panics with the log.
     pub async fn wait_for(&self, needles: &[&str]) -> String {
-        let deadline = tokio::time::Instant::now() + super::WAIT;
-        loop {
-            if let Some(line) = self
-                .text()
-                .lines()
+        eventually(WAIT, || async {
+            let text = self.text();
+            text.lines()
                 .find(|l| needles.iter().all(|n| l.contains(n)))
-            {
-                return line.to_owned();
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no log line with {needles:?}:\n{}",
-                self.text()
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
+                .map(str::to_owned)
+                .ok_or_else(|| format!("no log line with {needles:?}:\n{text}"))
+        })
+        .await
+    }
+
+    /// The address in the JSON field `field` of the first line with
+    /// `message` (a bound listener the process reports).
+    pub async fn reported(&self, message: &str, field: &str) -> SocketAddr {
+        let line = self.wait_for(&[message]).await;
+        let parsed: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("a JSON log line ({e}): {line}"));
+        let shown = parsed[field].as_str().unwrap_or_default();
+        // An `Option` logged with `?` reads `Some(addr)`.
+        let addr = shown.trim_start_matches("Some(").trim_end_matches(')');
+        addr.parse()
+            .unwrap_or_else(|e| panic!("{field} is an address ({e}): {line}"))
     }
 }
 
-/// SIGTERM to `child`, then its exit status (within [`super::WAIT`]).
+/// SIGTERM to `child`, then its exit status (within [`WAIT`]).
 pub async fn terminate(child: &mut tokio::process::Child) -> std::process::ExitStatus {
     sigterm(child);
-    tokio::time::timeout(super::WAIT, child.wait())
+    tokio::time::timeout(WAIT, child.wait())
         .await
         .expect("exits within grace")
         .expect("wait")

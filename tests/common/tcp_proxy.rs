@@ -1,20 +1,26 @@
 //! Network faults without touching the shared services: a TCP proxy in
 //! front of Redis or RabbitMQ that can drop every connection (a blip), cut
-//! them (server unreachable) or freeze them (server hangs), and a private
-//! `redis-server` that can be killed with SIGKILL and started again on the
-//! same port.
+//! them (server unreachable) or freeze them (server hangs), and that counts
+//! what its client sends; and a private `redis-server` that can be killed
+//! with SIGKILL and started again on the same port.
 
 use std::{
+    path::PathBuf,
     process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
 use tokio::{
-    net::{TcpListener, TcpStream},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::{TcpListener, TcpStream, UnixStream},
     sync::watch,
 };
 
-use super::redis_url;
+use super::{WAIT, done_or, eventually, redis_url};
 
 /// What the proxy does with traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +45,7 @@ pub struct TcpProxy {
     /// The server's URL with host and port of the proxy.
     pub url: String,
     state: watch::Sender<State>,
+    sent: Arc<AtomicUsize>,
 }
 
 impl TcpProxy {
@@ -49,9 +56,7 @@ impl TcpProxy {
 
     /// A proxy to the server of `url` (`redis://` or `amqp://`).
     pub async fn to(url: &str) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let port = listener.local_addr().expect("addr").port();
-        let mut proxied = url::Url::parse(url).expect("url");
+        let proxied = url::Url::parse(url).expect("url");
         let default_port = if proxied.scheme().starts_with("amqp") {
             5672
         } else {
@@ -62,17 +67,46 @@ impl TcpProxy {
             proxied.host_str().unwrap_or("127.0.0.1"),
             proxied.port().unwrap_or(default_port)
         );
+        Self::with_upstream(proxied, Upstream::Tcp(upstream)).await
+    }
+
+    /// A proxy serving `url` (whose host and port it replaces with its own)
+    /// from the server at `upstream`.
+    async fn with_upstream(mut proxied: url::Url, upstream: Upstream) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
         proxied.set_host(Some("127.0.0.1")).expect("host");
         proxied.set_port(Some(port)).expect("port");
         let (state, watching) = watch::channel(State {
             mode: Mode::Open,
             generation: 0,
         });
-        tokio::spawn(accept(listener, upstream, watching));
+        let sent = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(accept(listener, upstream, watching, sent.clone()));
         Self {
             url: proxied.to_string(),
             state,
+            sent,
         }
+    }
+
+    /// How many reads from its clients the proxy relayed so far. A client
+    /// that waits for each answer before it sends again (a Redis client
+    /// polling) is seen here once per request.
+    pub fn requests(&self) -> usize {
+        self.sent.load(Ordering::SeqCst)
+    }
+
+    /// Waits until the clients sent `n` more requests than `since`: proof
+    /// that a polling client is still at it.
+    pub async fn wait_for_requests(&self, since: usize, n: usize) {
+        eventually(WAIT, || async {
+            let now = self.requests();
+            done_or(now >= since + n, || {
+                format!("{} of {n} requests since {since}", now - since)
+            })
+        })
+        .await;
     }
 
     /// Switches the proxy to `mode`.
@@ -87,9 +121,21 @@ impl TcpProxy {
     }
 }
 
-async fn accept(listener: TcpListener, upstream: String, state: watch::Receiver<State>) {
+/// Where a proxy's server is.
+#[derive(Clone)]
+enum Upstream {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+async fn accept(
+    listener: TcpListener,
+    upstream: Upstream,
+    state: watch::Receiver<State>,
+    sent: Arc<AtomicUsize>,
+) {
     while let Ok((client, _)) = listener.accept().await {
-        let (upstream, mut state) = (upstream.clone(), state.clone());
+        let (upstream, mut state, sent) = (upstream.clone(), state.clone(), sent.clone());
         tokio::spawn(async move {
             let born = *state.borrow_and_update();
             match born.mode {
@@ -97,19 +143,20 @@ async fn accept(listener: TcpListener, upstream: String, state: watch::Receiver<
                 Mode::Frozen => return hold(client, state).await,
                 Mode::Open => {}
             }
-            let Ok(server) = TcpStream::connect(&upstream).await else {
-                return;
-            };
-            let (mut cr, mut cw) = client.into_split();
-            let (mut sr, mut sw) = server.into_split();
-            let relay = async {
-                tokio::select! {
-                    _ = tokio::io::copy(&mut cr, &mut sw) => {}
-                    _ = tokio::io::copy(&mut sr, &mut cw) => {}
+            let relaying = async {
+                match &upstream {
+                    Upstream::Tcp(addr) => match TcpStream::connect(addr).await {
+                        Ok(server) => relay(client, server, &sent).await,
+                        Err(_) => drop(client),
+                    },
+                    Upstream::Unix(path) => match UnixStream::connect(path).await {
+                        Ok(server) => relay(client, server, &sent).await,
+                        Err(_) => drop(client),
+                    },
                 }
             };
             let frozen = tokio::select! {
-                () = relay => false,
+                () = relaying => false,
                 next = state.wait_for(|s| s.mode != Mode::Open || s.generation != born.generation) => {
                     next.is_ok_and(|s| s.mode == Mode::Frozen && s.generation == born.generation)
                 }
@@ -123,6 +170,31 @@ async fn accept(listener: TcpListener, upstream: String, state: watch::Receiver<
     }
 }
 
+/// Relays both ways until either side closes.
+async fn relay(client: TcpStream, server: impl AsyncRead + AsyncWrite, sent: &AtomicUsize) {
+    let (mut cr, mut cw) = client.into_split();
+    let (mut sr, mut sw) = tokio::io::split(server);
+    tokio::select! {
+        () = forward(&mut cr, &mut sw, sent) => {}
+        _ = tokio::io::copy(&mut sr, &mut cw) => {}
+    }
+}
+
+/// Copies client to server until either side closes, counting each read.
+async fn forward(
+    from: &mut (impl AsyncRead + Unpin),
+    to: &mut (impl AsyncWrite + Unpin),
+    sent: &AtomicUsize,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    while let Ok(n @ 1..) = from.read(&mut buf).await {
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+        sent.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
 /// Holds a connection accepted while frozen, silent, until the proxy is cut
 /// or reopened (a client then sees it closed and reconnects).
 async fn hold(client: TcpStream, mut state: watch::Receiver<State>) {
@@ -130,17 +202,21 @@ async fn hold(client: TcpStream, mut state: watch::Receiver<State>) {
     drop(client);
 }
 
-/// A private, unpersisted `redis-server` for tests that kill it.
+/// A private, unpersisted `redis-server` for tests that kill it. It listens
+/// on a Unix socket in a directory of its own, behind a [`TcpProxy`] whose
+/// port stays bound from start to end: a restart finds its address free,
+/// and no other process can take the port meanwhile.
 pub struct RedisServer {
-    /// Its URL.
+    /// Its URL (the proxy's address).
     pub url: String,
-    port: u16,
+    dir: tempfile::TempDir,
     password: Option<String>,
     child: Option<Child>,
+    _proxy: TcpProxy,
 }
 
 impl RedisServer {
-    /// Starts a server on a free port and waits until it answers.
+    /// Starts a server and waits until it answers.
     pub async fn start() -> Self {
         Self::start_with(None).await
     }
@@ -151,16 +227,19 @@ impl RedisServer {
     }
 
     async fn start_with(password: Option<&str>) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let auth = password.map(|p| format!(":{p}@")).unwrap_or_default();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut url = url::Url::parse("redis://127.0.0.1/0").expect("url");
+        if password.is_some() {
+            url.set_password(password).expect("password");
+        }
+        let proxy =
+            TcpProxy::with_upstream(url, Upstream::Unix(dir.path().join("redis.sock"))).await;
         let mut server = Self {
-            url: format!("redis://{auth}127.0.0.1:{port}/0"),
-            port,
+            url: proxy.url.clone(),
+            dir,
             password: password.map(str::to_owned),
             child: None,
+            _proxy: proxy,
         };
         server.restart().await;
         server
@@ -174,40 +253,33 @@ impl RedisServer {
         }
     }
 
-    /// Starts the server (again) on its port, empty.
+    /// Starts the server (again), empty.
     pub async fn restart(&mut self) {
         self.kill();
+        let socket = self.dir.path().join("redis.sock");
+        let _ = std::fs::remove_file(&socket);
         let mut command = Command::new("redis-server");
         if let Some(password) = &self.password {
             command.args(["--requirepass", password]);
         }
         let child = command
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(["--port", "0", "--unixsocket"])
+            .arg(&socket)
+            .args(["--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server must be installed for Redis fault tests");
         self.child = Some(child);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "redis-server did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually(Duration::from_secs(10), || async {
+            UnixStream::connect(&socket)
+                .await
+                .map(drop)
+                .map_err(|e| format!("redis-server does not listen yet: {e}"))
+        })
+        .await;
     }
 }
-
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();

@@ -1,62 +1,15 @@
 //! Account safety: GeWe calls are paced per appId (in-process pacing; the
-//! Redis variant is in resilience.rs).
+//! Redis variant is in resilience.rs), as GeWe sees them arrive.
 
-mod common;
+use std::time::Duration;
 
-use std::{
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
-};
-
-use common::{fake_gewe::FakeGewe, *};
-
-fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
-}
+use crate::common::{fake_gewe::FakeGewe, *};
 use serde_json::Value;
-use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate, matchers::method};
-
-type Calls = Arc<Mutex<Vec<(String, Instant)>>>;
-
-/// Records (memberWxid, arrival) and answers by how often that member was
-/// asked for before (1 for the first call).
-struct Recorder {
-    calls: Calls,
-    respond: fn(usize) -> ResponseTemplate,
-}
-
-impl Respond for Recorder {
-    fn respond(&self, request: &Request) -> ResponseTemplate {
-        let body: Value = serde_json::from_slice(&request.body).unwrap_or_default();
-        let member = body["memberWxid"].as_str().unwrap_or("").to_owned();
-        let mut calls = self.calls.lock().expect("lock");
-        calls.push((member.clone(), Instant::now()));
-        let nth = calls.iter().filter(|(m, _)| *m == member).count();
-        (self.respond)(nth)
-    }
-}
-
-async fn recording_gewe(respond: fn(usize) -> ResponseTemplate) -> (MockServer, Calls) {
-    let gewe = MockServer::start().await;
-    let calls = Arc::new(Mutex::new(Vec::new()));
-    Mock::given(method("POST"))
-        .respond_with(Recorder {
-            calls: calls.clone(),
-            respond,
-        })
-        .mount(&gewe)
-        .await;
-    (gewe, calls)
-}
-
-fn ok(_: usize) -> ResponseTemplate {
-    ResponseTemplate::new(200).set_body_json(gewe_ok("v3_paced"))
-}
 
 #[tokio::test]
 async fn calls_for_one_account_are_spaced_by_the_interval() {
-    let (gewe, _) = recording_gewe(ok).await;
-    let mut settings = test_settings(&gewe.uri());
+    let gewe = FakeGewe::start(Duration::ZERO, fake_gewe::success).await;
+    let mut settings = test_settings(&gewe.url);
     settings.pacing.per_app_concurrency = 1;
     settings.pacing.per_app_min_interval = Duration::from_millis(200);
     let mut app = spawn_app(settings).await;
@@ -66,24 +19,14 @@ async fn calls_for_one_account_are_spaced_by_the_interval() {
             .await;
     }
     app.events(10).await;
-    // When the worker started each call, as it logs it: what pacing
-    // controls, free of the mock's arrival jitter.
-    let starts = logs::call_starts(&account);
-    assert_eq!(starts.len(), 10);
-    for pair in starts.windows(2) {
-        assert!(
-            pair[1] - pair[0] >= Duration::from_millis(200),
-            "calls started {:?} apart",
-            pair[1] - pair[0]
-        );
-    }
+    gewe.assert_paced(&account, 10, Duration::from_millis(200));
     app.stop().await;
 }
 
 #[tokio::test]
 async fn a_busy_account_does_not_hold_up_the_others() {
-    let (gewe, _) = recording_gewe(ok).await;
-    let mut settings = test_settings(&gewe.uri());
+    let gewe = FakeGewe::start(Duration::ZERO, fake_gewe::success).await;
+    let mut settings = test_settings(&gewe.url);
     settings.pacing.per_app_concurrency = 1;
     settings.pacing.per_app_min_interval = Duration::from_millis(300);
     let mut app = spawn_app(settings).await;

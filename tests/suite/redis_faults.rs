@@ -4,24 +4,18 @@
 //! is reached through a proxy (or is a private server), so the shared Redis
 //! is never disturbed.
 
-mod common;
-
 use std::{
     collections::{HashMap, HashSet},
     time::Duration,
 };
 
-use common::{
+use crate::common::{
     broker::get,
     fake_gewe::FakeGewe,
     tcp_proxy::{Mode, RedisServer, TcpProxy},
     *,
 };
 use gewe_friend_worker::config::Settings;
-
-fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
-}
 
 /// Two replicas on `redis`; 30 commands published twice; `fault` runs once
 /// GeWe has at least ten calls in flight. Asserts no member was called
@@ -44,32 +38,30 @@ async fn two_replicas_through(
         listener.publish(&body).await;
         listener.publish(&body).await;
     }
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while gewe.calls().len() < 10 {
-        assert!(tokio::time::Instant::now() < deadline, "calls start");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually(WAIT, || async {
+        let calls = gewe.calls().len();
+        done_or(calls >= 10, || format!("only {calls} calls started"))
+    })
+    .await;
     fault.await;
     let mut unmarked: HashMap<String, usize> = HashMap::new();
     let mut events = 0;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while events < ids.len() * 2 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{events} of {} events arrived",
-            ids.len() * 2
-        );
-        let Some(e) = listener.try_next_event(Duration::from_secs(1)).await else {
-            continue;
-        };
-        events += 1;
-        assert_eq!(e.status(), "succeeded", "{}", e.body);
-        if e.body["duplicate"] != true {
-            *unmarked
-                .entry(e.body["commandId"].as_str().unwrap_or("").to_owned())
-                .or_default() += 1;
+    let all = tokio::time::timeout(Duration::from_secs(60), async {
+        while events < ids.len() * 2 {
+            let Some(e) = listener.try_next_event(Duration::from_secs(1)).await else {
+                continue;
+            };
+            events += 1;
+            assert_eq!(e.status(), "succeeded", "{}", e.body);
+            if e.body["duplicate"] != true {
+                *unmarked
+                    .entry(e.body["commandId"].as_str().unwrap_or("").to_owned())
+                    .or_default() += 1;
+            }
         }
-    }
+    })
+    .await;
+    assert!(all.is_ok(), "{events} of {} events arrived", ids.len() * 2);
     assert!(
         gewe.called_twice().is_empty(),
         "called twice: {:?}",

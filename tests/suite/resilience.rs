@@ -1,20 +1,14 @@
 //! Nothing lost, nothing doubled: circuit breaker, shared state in Redis
 //! across replicas and restarts, and what happens when Redis is gone.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{fake_gewe::FakeGewe, *};
+use crate::common::{fake_gewe::FakeGewe, *};
 use gewe_friend_worker::gewe::ADD_MEMBER_PATH;
 use wiremock::{
     Mock, MockServer, ResponseTemplate,
     matchers::{method, path},
 };
-
-fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
-}
 
 #[tokio::test]
 async fn the_breaker_keeps_the_backlog_in_the_queue_until_gewe_is_back() {
@@ -81,11 +75,13 @@ async fn while_gewe_is_down_retries_wait_at_the_breaker_and_at_most_threshold_pl
     }
     // GeWe stays down for many cooldowns: each one lets a probe through,
     // and a probe that fails must not fail its command.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while gewe.calls().len() < 20 {
-        assert!(tokio::time::Instant::now() < deadline, "probes keep coming");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(WAIT, || async {
+        let calls = gewe.calls().len();
+        done_or(calls >= 20, || {
+            format!("probes stopped after {calls} calls")
+        })
+    })
+    .await;
     gewe.answer_with(fake_gewe::success);
     let events = app.events(total).await;
     let failed = events.iter().filter(|e| e.status() == "failed").count();
@@ -154,20 +150,10 @@ async fn two_replicas_with_redis_keep_one_interval_per_account() {
             .await;
     }
     app.events(n).await;
-    // Call starts as both replicas log them. Reservations are 300 ms apart
-    // on Redis' clock; each replica then waits on its own, so a start can
-    // be a Redis round trip late. Without shared pacing the two replicas
-    // would start calls together (gaps of ~0 ms).
-    let mut starts = logs::call_starts(&account);
-    starts.sort();
-    assert_eq!(starts.len(), n);
-    for pair in starts.windows(2) {
-        let gap = pair[1] - pair[0];
-        assert!(
-            gap >= Duration::from_millis(280),
-            "calls started {gap:?} apart"
-        );
-    }
+    // Reservations are 300 ms apart on Redis' clock; each replica then
+    // waits on its own. Without shared pacing the two replicas would call
+    // together.
+    gewe.assert_paced(&account, n, Duration::from_millis(300));
     stop.cancel();
     second.await.expect("join").expect("clean exit");
     app.stop().await;
@@ -175,25 +161,30 @@ async fn two_replicas_with_redis_keep_one_interval_per_account() {
 
 #[tokio::test]
 async fn without_redis_no_gewe_call_is_made_and_the_command_waits_in_the_queue() {
-    let gewe = gewe_never_called().await;
-    let mut settings = test_settings(&gewe.uri());
-    settings.redis.url = Some("redis://127.0.0.1:1/0".to_owned());
-    let mut app = spawn_app(settings).await;
-    let id = unique("no-redis");
-    app.publish(&command(&id, "app-x")).await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    // The worker holds the command (unacked) while Redis is down: requeues
-    // would count towards the delivery limit and end in the dead-letter queue.
-    while metric(app.ops_addr, "redis_errors_total", "").await < 2.0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the worker reports Redis as unavailable, again and again"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    app.stop_worker().await;
-    // Still in the queue, unacknowledged and unanswered.
-    let body = app.command_left_in_queue().await;
-    assert_eq!(body["commandId"], id.as_str());
-    app.stop().await;
+    // Alone: the Redis errors counted are this worker's.
+    alone(async {
+        let gewe = gewe_never_called().await;
+        let mut settings = test_settings(&gewe.uri());
+        settings.redis.url = Some("redis://127.0.0.1:1/0".to_owned());
+        let mut app = spawn_app(settings).await;
+        let before = metric(app.ops_addr, "redis_errors_total", "").await;
+        let id = unique("no-redis");
+        app.publish(&command(&id, "app-x")).await;
+        // The worker holds the command (unacked) while Redis is down: requeues
+        // would count towards the delivery limit and end in the dead-letter queue.
+        wait_for_metric(
+            app.ops_addr,
+            "redis_errors_total",
+            "",
+            before + 2.0,
+            "the worker reports Redis as unavailable, again and again",
+        )
+        .await;
+        app.stop_worker().await;
+        // Still in the queue, unacknowledged and unanswered.
+        let body = app.command_left_in_queue().await;
+        assert_eq!(body["commandId"], id.as_str());
+        app.stop().await;
+    })
+    .await;
 }

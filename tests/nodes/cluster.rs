@@ -11,14 +11,12 @@
 //! The node is started again even when the test
 //! fails, and the cluster goes down at the end if this test started it.
 
-mod common;
-
 use std::{
     collections::{HashMap, HashSet},
     time::{Duration, Instant},
 };
 
-use common::{
+use crate::common::{
     broker::{get, wait_for_status},
     fake_gewe::{self, FakeGewe},
     nodes::{AppStopped, LocalCluster, ctl},
@@ -48,25 +46,24 @@ fn worker_node(ask: &str) -> Option<String> {
 /// Polls [`worker_node`] (asking `ask`) until the worker is connected to a
 /// node other than `not`.
 async fn wait_for_worker_node(ask: &'static str, not: Option<&str>) -> String {
-    let deadline = Instant::now() + WAIT;
-    loop {
+    eventually(WAIT, || async {
         let found = tokio::task::spawn_blocking(move || worker_node(ask))
             .await
             .expect("rabbitmqctl");
         match found {
-            Some(node) if Some(node.as_str()) != not => return node,
-            Some(_) | None => {}
+            Some(node) if Some(node.as_str()) != not => Ok(node),
+            _ => Err(format!(
+                "the worker did not connect to a node other than {not:?}"
+            )),
         }
-        assert!(
-            Instant::now() < deadline,
-            "the worker did not connect to a node other than {not:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stopping_the_workers_node_mid_run_loses_nothing_and_repeats_only_what_was_in_flight() {
+    // Alone: the reconnects and publish failures counted are this worker's.
+    alone(async {
     let cluster = tokio::task::spawn_blocking(LocalCluster::up)
         .await
         .expect("cluster up");
@@ -118,17 +115,19 @@ async fn stopping_the_workers_node_mid_run_loses_nothing_and_repeats_only_what_w
     // The worker moves to another node while the first one stays down.
     let second_node = wait_for_worker_node("c3@localhost", Some(&first_node)).await;
     wait_for_status(ops, "/readyz", 200).await;
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while unmarked.len() < COMMANDS {
-        assert!(
-            Instant::now() < deadline,
-            "only {} of {COMMANDS} commands got their result",
-            unmarked.len()
-        );
-        if let Some(e) = listener.try_next_event(Duration::from_millis(500)).await {
-            take(e, &mut unmarked);
+    let all = tokio::time::timeout(Duration::from_secs(90), async {
+        while unmarked.len() < COMMANDS {
+            if let Some(e) = listener.try_next_event(Duration::from_millis(500)).await {
+                take(e, &mut unmarked);
+            }
         }
-    }
+    })
+    .await;
+    assert!(
+        all.is_ok(),
+        "only {} of {COMMANDS} commands got their result",
+        unmarked.len()
+    );
     let calls = gewe.calls();
     let after_stop = calls.iter().filter(|(_, at)| *at > stopped_at).count();
     assert!(
@@ -209,4 +208,6 @@ async fn stopping_the_workers_node_mid_run_loses_nothing_and_repeats_only_what_w
     );
     listener.stop().await;
     drop(cluster);
+    })
+    .await;
 }

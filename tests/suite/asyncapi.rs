@@ -1,9 +1,7 @@
 //! deploy/asyncapi.yaml cannot drift: real command bodies and the events the
 //! worker actually publishes are validated against its message schemas.
 
-mod common;
-
-use common::{callbacks, *};
+use crate::common::{callbacks, *};
 use gewe_friend_worker::gewe::ADD_MEMBER_PATH;
 use lapin::BasicProperties;
 use serde_json::{Value, json};

@@ -3,11 +3,13 @@
 //! request, lost claims, a hung Redis and a Redis that lost its data. Each
 //! test uses its own key prefix.
 
-mod common;
-
 use std::{sync::Arc, time::Duration};
 
-use common::{redis_url, tcp_proxy::Mode, tcp_proxy::TcpProxy};
+use crate::common::{
+    WAIT, done_or, eventually, redis_url,
+    tcp_proxy::{Mode, TcpProxy},
+    unique,
+};
 use gewe_friend_worker::{
     command::Command,
     halt::{Halt, Interrupted, Signal},
@@ -22,7 +24,7 @@ const WINDOW: Duration = Duration::from_secs(600);
 const LEASE: Duration = Duration::from_secs(6);
 
 fn prefix() -> String {
-    format!("test-{}", uuid::Uuid::new_v4().simple())
+    unique("test")
 }
 
 /// A replica: its own owner id and local claims, the shared Redis.
@@ -33,6 +35,37 @@ fn replica_at(url: &str, prefix: &str) -> Idempotency {
 
 fn replica(prefix: &str) -> Idempotency {
     replica_at(&redis_url(), prefix)
+}
+
+/// A replica behind a proxy of its own, connected and with its scripts
+/// loaded (it claimed and released another commandId): from here on, each
+/// request the proxy counts is one look at a commandId. A replica that looks
+/// again is still waiting: the positive sign a test asserts on, where
+/// "not finished after a sleep" would also pass for a replica that is only
+/// slow to return.
+async fn polled_replica(prefix: &str) -> (Idempotency, TcpProxy) {
+    let proxy = TcpProxy::redis().await;
+    let replica = replica_at(&proxy.url, prefix);
+    let Found::Claimed { claim, .. } = tokio::time::timeout(
+        Duration::from_secs(5),
+        replica.acquire("warm-up", Fingerprint::of(&cmd("w")), &Halt::never()),
+    )
+    .await
+    .expect("in time")
+    .expect("claims") else {
+        panic!("claims a fresh commandId")
+    };
+    claim.release().await;
+    (replica, proxy)
+}
+
+/// Who holds the claim on `cmd`.
+async fn claim_holder(prefix: &str) -> Option<String> {
+    redis()
+        .await
+        .get(format!("{prefix}:claim:cmd"))
+        .await
+        .expect("get")
 }
 
 fn cmd(member: &str) -> Command {
@@ -90,7 +123,8 @@ async fn acquire<'a>(store: &'a Idempotency, member: &str) -> Found<'a> {
 #[tokio::test]
 async fn a_second_replica_waits_for_the_first_and_gets_its_outcome_as_a_duplicate() {
     let prefix = prefix();
-    let (a, b) = (replica(&prefix), replica(&prefix));
+    let a = replica(&prefix);
+    let (b, b_redis) = polled_replica(&prefix).await;
     let Found::Claimed {
         mut claim,
         stored: None,
@@ -98,20 +132,25 @@ async fn a_second_replica_waits_for_the_first_and_gets_its_outcome_as_a_duplicat
     else {
         panic!("A claims a fresh commandId");
     };
-    // B must wait while A handles the command, not call GeWe too.
+    // B must wait while A handles the command, not call GeWe too: it looks
+    // again and again (a request is sent only after the last answer).
+    let looks = b_redis.requests();
     let waiting = tokio::spawn(async move {
         match acquire(&b, "m").await {
             Found::Duplicate(record) => v3(&record),
             _ => panic!("B gets A's announced outcome"),
         }
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    b_redis.wait_for_requests(looks, 3).await;
     assert!(
         !waiting.is_finished(),
         "B waits while A holds the commandId"
     );
     assert_eq!(claim.store(&record("m", "v3_from_a")).await, Stored::Kept);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The second look from now on went to Redis after the store; B answered
+    // by looking a third time.
+    let looks = b_redis.requests();
+    b_redis.wait_for_requests(looks, 3).await;
     assert!(
         !waiting.is_finished(),
         "stored but not yet announced: B still waits for A's event"
@@ -224,20 +263,15 @@ async fn a_claim_taken_over_while_waiting_is_seen_before_the_request() {
         .set_ex(&claim_key, "other-replica", 60)
         .await
         .expect("set");
-    let ready = tokio::time::timeout(
-        Duration::from_secs(15),
-        // Ready for a request of 2 s means the claim is renewed and ours.
-        async {
-            loop {
-                match claim.ready(Duration::from_secs(2), &Halt::never()).await {
-                    Ok(()) => tokio::time::sleep(Duration::from_millis(100)).await,
-                    Err(e) => return e,
-                }
-            }
-        },
-    )
-    .await
-    .expect("the loss is noticed within a renewal period");
+    // Ready for a request of 2 s means the claim is renewed and ours; the
+    // loss is noticed within a renewal period.
+    let ready = eventually(Duration::from_secs(15), || async {
+        match claim.ready(Duration::from_secs(2), &Halt::never()).await {
+            Ok(()) => Err("the claim still counts as ours".to_owned()),
+            Err(e) => Ok(e),
+        }
+    })
+    .await;
     assert_eq!(ready, Interrupted::ClaimLost);
     let holder: Option<String> = conn.get(&claim_key).await.expect("get");
     assert_eq!(
@@ -284,40 +318,39 @@ async fn a_request_waits_for_a_renewal_and_the_claim_is_given_up_before_its_leas
 async fn after_redis_lost_its_data_no_free_command_id_is_claimed_for_a_lease_and_holders_reassert()
 {
     let prefix = prefix();
-    let (a, b) = (replica(&prefix), replica(&prefix));
-    // Both replicas have seen Redis' boot marker.
+    let a = replica(&prefix);
+    // Both replicas have seen Redis' boot marker (B in its warm-up).
     let Found::Claimed { mut claim, .. } = acquire(&a, "m").await else {
         panic!("A claims");
     };
-    let Found::Claimed { claim: seen, .. } = tokio::time::timeout(
-        Duration::from_secs(5),
-        b.acquire("warm-up", Fingerprint::of(&cmd("w")), &Halt::never()),
-    )
-    .await
-    .expect("in time")
-    .expect("claims") else {
-        panic!("B claims another id")
-    };
-    seen.release().await;
-    // Redis restarts empty: A's claim on `cmd` is gone.
+    let (b, b_redis) = polled_replica(&prefix).await;
+    let holder_a = claim_holder(&prefix).await.expect("A's claim");
+    // Redis restarts empty: A's claim on `cmd` is gone (A renews it every
+    // 3 s, so the commandId is free for a while).
     delete_keys(&prefix).await;
+    let looks = b_redis.requests();
     let waiting = tokio::spawn(async move {
         let started = tokio::time::Instant::now();
         let found = acquire(&b, "m").await;
         (matches!(found, Found::Duplicate(_)), started.elapsed())
     });
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // B looks again and again, and claims nothing: only A, re-asserting,
+    // may hold the commandId.
+    b_redis.wait_for_requests(looks, 3).await;
+    let holder = claim_holder(&prefix).await;
     assert!(
-        !waiting.is_finished(),
-        "B does not take the commandId A may still be calling GeWe for"
+        holder.is_none() || holder.as_ref() == Some(&holder_a),
+        "B took the commandId A may still be calling GeWe for: {holder:?}"
     );
-    // A's renewal re-asserted the claim meanwhile; A finishes as usual.
-    let holder: Option<String> = redis()
-        .await
-        .get(format!("{prefix}:claim:cmd"))
-        .await
-        .expect("get");
-    assert!(holder.is_some(), "A re-asserted its claim");
+    assert!(!waiting.is_finished(), "B waits");
+    // A's renewal re-asserts the claim; A finishes as usual.
+    eventually(WAIT, || async {
+        let holder = claim_holder(&prefix).await;
+        done_or(holder.as_ref() == Some(&holder_a), || {
+            format!("A did not re-assert its claim: {holder:?}")
+        })
+    })
+    .await;
     assert_eq!(claim.store(&record("m", "v3_a")).await, Stored::Kept);
     claim.published(&Signal::new()).await;
     let (duplicate, _) = waiting.await.expect("join");

@@ -5,15 +5,12 @@
 //! The worker is the real binary, logging at `trace`, so lapin's and
 //! rustls' own lines are searched for the key as well.
 
-mod common;
-
 use std::{
     path::{Path, PathBuf},
-    process::Stdio,
     time::Duration,
 };
 
-use common::{
+use crate::common::{
     broker::wait_for_status,
     fake_gewe::{self, FakeGewe},
     nodes::TlsBroker,
@@ -86,15 +83,16 @@ fn assert_no_key(text: &str, pki: &Pki, what: &str) {
 
 /// The real worker on `settings` (broker, topology, TLS files), logging
 /// everything as JSON; its ops endpoint is returned with it.
-fn worker(settings: &Settings, gewe: &str) -> (tokio::process::Child, Logs, std::net::SocketAddr) {
-    let ops = free_addr();
+async fn worker(
+    settings: &Settings,
+    gewe: &str,
+) -> (tokio::process::Child, Logs, std::net::SocketAddr) {
     let mut cmd = worker_command(settings, gewe);
-    cmd.env("GEWE_WORKER__HTTP__LISTEN", ops.to_string())
-        .env("GEWE_WORKER__LOG__FORMAT", "json")
-        .env("RUST_LOG", "trace")
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("worker starts");
-    let logs = Logs::capture(&mut child);
+    cmd.env("GEWE_WORKER__LOG__FORMAT", "json")
+        .env("RUST_LOG", "trace");
+    let Worker {
+        child, logs, ops, ..
+    } = spawn_worker(cmd).await;
     (child, logs, ops)
 }
 
@@ -133,13 +131,13 @@ async fn a_broker_behind_a_private_ca_needs_the_ca_and_the_client_certificate() 
     // says which setting is missing.
     let mut no_ca = settings.clone();
     no_ca.amqp.tls.ca_file = None;
-    let (mut child, logs, ops) = worker(&no_ca, &gewe.url);
+    let (mut child, logs, ops) = worker(&no_ca, &gewe.url).await;
     let line = logs
         .wait_for(&["was not trusted", "UnknownIssuer", "amqp.tls.ca_file"])
         .await;
     assert!(line.contains("\"level\":\"WARN\""), "{line}");
     eprintln!("without the CA: {line}");
-    let (status, _) = common::broker::get(ops, "/readyz").await;
+    let (status, _) = crate::common::broker::get(ops, "/readyz").await;
     assert_eq!(status, 503, "not consuming without the CA");
     terminate(&mut child).await;
     assert_no_key(&logs.finish().await, &pki, "the log without the CA");
@@ -148,7 +146,7 @@ async fn a_broker_behind_a_private_ca_needs_the_ca_and_the_client_certificate() 
     let mut no_cert = settings.clone();
     no_cert.amqp.tls.client_cert_file = None;
     no_cert.amqp.tls.client_key_file = None;
-    let (mut child, logs, _) = worker(&no_cert, &gewe.url);
+    let (mut child, logs, _) = worker(&no_cert, &gewe.url).await;
     let line = logs
         .wait_for(&["requires a client certificate", "amqp.tls.client_cert_file"])
         .await;
@@ -156,7 +154,7 @@ async fn a_broker_behind_a_private_ca_needs_the_ca_and_the_client_certificate() 
     terminate(&mut child).await;
 
     // With both, every command succeeds.
-    let (mut child, logs, ops) = worker(&settings, &gewe.url);
+    let (mut child, logs, ops) = worker(&settings, &gewe.url).await;
     logs.wait_for(&["consuming commands"]).await;
     wait_for_status(ops, "/readyz", 200).await;
     let ids: Vec<String> = (0..20)

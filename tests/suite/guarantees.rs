@@ -2,17 +2,11 @@
 //! its request, and each commandId gets exactly one event not marked
 //! `duplicate`, also when copies arrive together or across replicas.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{fake_gewe::FakeGewe, *};
+use crate::common::{fake_gewe::FakeGewe, *};
 use lapin::BasicProperties;
 use serde_json::{Value, json};
-
-fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
-}
 
 fn for_member(id: &str, member: &str) -> Value {
     json!({
@@ -187,29 +181,34 @@ async fn copies_across_two_replicas_with_redis_make_one_call_and_one_unmarked_ev
 
 #[tokio::test]
 async fn when_the_first_event_could_not_be_published_the_next_one_is_unmarked() {
-    let gewe = FakeGewe::start(Duration::ZERO, fake_gewe::success).await;
-    // Nothing is bound to the result exchange yet: the event is unroutable,
-    // so the command is requeued (after GeWe answered and it was stored).
-    let mut app = spawn_app_with(test_settings(&gewe.url), false).await;
-    let id = unique("unpublished");
-    app.publish(&command(&id, "app-u")).await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while metric(app.ops_addr, "commands_requeued_total", "publish_failed").await < 1.0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the requeue is counted as commands_requeued_total{{reason=\"publish_failed\"}}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let queue = app.events.queue();
-    bind_to_results(&app.channel, queue.as_str(), &app.settings).await;
-    let first = app.next_event().await;
-    assert!(first.body.get("duplicate").is_none(), "{}", first.body);
-    assert_eq!(first.body["commandId"], id.as_str());
-    app.publish(&command(&id, "app-u")).await;
-    let second = app.next_event().await;
-    assert_eq!(second.body["duplicate"], true);
-    assert_eq!(second.body["v3"], first.body["v3"]);
-    assert_eq!(gewe.calls().len(), 1, "GeWe was called once");
-    app.stop().await;
+    // Alone: the requeue counted is this worker's.
+    alone(async {
+        let gewe = FakeGewe::start(Duration::ZERO, fake_gewe::success).await;
+        // Nothing is bound to the result exchange yet: the event is unroutable,
+        // so the command is requeued (after GeWe answered and it was stored).
+        let mut app = spawn_app_with(test_settings(&gewe.url), false).await;
+        let before = metric(app.ops_addr, "commands_requeued_total", "publish_failed").await;
+        let id = unique("unpublished");
+        app.publish(&command(&id, "app-u")).await;
+        wait_for_metric(
+            app.ops_addr,
+            "commands_requeued_total",
+            "publish_failed",
+            before + 1.0,
+            "the requeue is counted",
+        )
+        .await;
+        let queue = app.events.queue();
+        bind_to_results(&app.channel, queue.as_str(), &app.settings).await;
+        let first = app.next_event().await;
+        assert!(first.body.get("duplicate").is_none(), "{}", first.body);
+        assert_eq!(first.body["commandId"], id.as_str());
+        app.publish(&command(&id, "app-u")).await;
+        let second = app.next_event().await;
+        assert_eq!(second.body["duplicate"], true);
+        assert_eq!(second.body["v3"], first.body["v3"]);
+        assert_eq!(gewe.calls().len(), 1, "GeWe was called once");
+        app.stop().await;
+    })
+    .await;
 }

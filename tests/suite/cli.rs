@@ -1,10 +1,8 @@
 //! The program as users run it: the real binary, its exit codes and output.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{process::*, *};
+use crate::common::{process::*, *};
 use gewe_friend_worker::gewe::ADD_MEMBER_PATH;
 use serde_json::{Value, json};
 use tokio::{io::AsyncReadExt, process::Command};
@@ -255,51 +253,41 @@ async fn simulate_gewe_plays_the_member_who_accepts() {
         .expect(1)
         .mount(&receiver)
         .await;
-    let listen = free_addr();
     let mut sim = program();
     sim.args([
         "simulate-gewe",
         "--listen",
-        &listen.to_string(),
+        "127.0.0.1:0",
         "--callback-url",
         &format!("{}/gewe/callback?secret=s3", receiver.uri()),
         "--accept-after",
         "300ms",
     ]);
-    let _sim = sim.spawn().expect("the simulator starts");
-    let client = reqwest::Client::new();
+    let mut sim = sim.spawn().expect("the simulator starts");
+    // It binds the port itself and says which.
+    let listen = Logs::capture(&mut sim)
+        .reported("GeWe simulator listening", "addr")
+        .await;
     let request = json!({"appId": "wx_sim", "chatroomId": "1@chatroom",
                          "memberWxid": "wxid_member", "content": "hi"});
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let (answer, asked_at): (Value, _) = loop {
-        let asked_at = tokio::time::Instant::now();
-        let sent = client
-            .post(format!("http://{listen}{ADD_MEMBER_PATH}"))
-            .header("X-GEWE-TOKEN", "any")
-            .json(&request)
-            .send()
-            .await;
-        if let Ok(response) = sent {
-            break (response.json().await.expect("GeWe's JSON"), asked_at);
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the simulator listens"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let asked_at = tokio::time::Instant::now();
+    let answer: Value = reqwest::Client::new()
+        .post(format!("http://{listen}{ADD_MEMBER_PATH}"))
+        .header("X-GEWE-TOKEN", "any")
+        .json(&request)
+        .send()
+        .await
+        .expect("the simulator answers")
+        .json()
+        .await
+        .expect("GeWe's JSON");
     let v3 = answer["data"]["v3"].as_str().expect("a v3").to_owned();
-    let callback = loop {
+    let callback = eventually(WAIT, || async {
         let requests = receiver.received_requests().await.unwrap_or_default();
-        if let Some(r) = requests.first() {
-            break serde_json::from_slice::<Value>(&r.body).expect("JSON");
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the callback arrives"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+        let first = requests.first().ok_or("the callback has not arrived")?;
+        Ok(serde_json::from_slice::<Value>(&first.body).expect("JSON"))
+    })
+    .await;
     assert!(
         asked_at.elapsed() >= Duration::from_millis(300),
         "not before --accept-after"
@@ -497,18 +485,9 @@ async fn every_documented_metric_is_there_at_zero_before_the_first_command() {
     let gewe = MockServer::start().await;
     let settings = test_settings(&gewe.uri());
     let listener = spawn_listener(&settings).await;
-    let ops = free_addr();
-    let mut cmd = worker_command(&settings, &gewe.uri());
-    cmd.env("GEWE_WORKER__HTTP__LISTEN", ops.to_string());
-    let mut worker = cmd.spawn().expect("worker starts");
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let text = loop {
-        if let Ok(r) = reqwest::get(format!("http://{ops}/metrics")).await {
-            break r.text().await.expect("body");
-        }
-        assert!(tokio::time::Instant::now() < deadline, "/metrics answers");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let mut worker = spawn_worker(worker_command(&settings, &gewe.uri())).await;
+    let (status, text) = broker::get(worker.ops, "/metrics").await;
+    assert_eq!(status, 200, "/metrics answers");
     let series: Vec<(&str, f64)> = text
         .lines()
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
@@ -555,8 +534,8 @@ async fn every_documented_metric_is_there_at_zero_before_the_first_command() {
     for (name, value) in &series {
         assert_eq!(*value, 0.0, "{name} is {value} before any command");
     }
-    worker.start_kill().expect("kill");
-    let _ = worker.wait().await;
+    worker.child.start_kill().expect("kill");
+    let _ = worker.child.wait().await;
     listener.stop().await;
 }
 

@@ -3,11 +3,9 @@
 //! confirm or there is no session, and its limits as a listener that faces
 //! the internet.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{
+use crate::common::{
     callbacks::*,
     tcp_proxy::{Mode, TcpProxy},
     *,
@@ -180,6 +178,7 @@ async fn it_answers_503_without_a_broker_session_or_a_confirm_and_200_again_afte
     proxy.set(Mode::Cut);
     let mut worker_settings = settings.clone();
     worker_settings.amqp.url = proxy.url.clone();
+    let _in_process = in_process().await;
     let worker = Application::build(worker_settings).await.expect("builds");
     let (addr, ops) = (worker.callback_addr().expect("endpoint"), worker.ops_addr());
     let stop = tokio_util::sync::CancellationToken::new();

@@ -7,11 +7,9 @@
 //! misspelt label value would otherwise leave a panel empty and an alert
 //! silent, and nothing would say so.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 
-use common::{broker::get, *};
+use crate::common::{broker::get, *};
 use promql_parser::{
     label::{MatchOp, Matcher},
     parser::{self, Expr},

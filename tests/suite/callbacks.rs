@@ -4,18 +4,11 @@
 //! repeats, other accounts, chatrooms, profile changes and unknown `v3`s
 //! are acknowledged without an event; non-objects are dead-lettered.
 
-mod common;
-
 use std::{net::SocketAddr, time::Duration};
 
-use common::{callbacks::*, process::*, *};
+use crate::common::{callbacks::*, process::*, *};
 use lapin::{BasicProperties, types::ShortString};
 use serde_json::{Value, json};
-use tokio::io::AsyncReadExt;
-
-fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
-}
 
 /// Publishes command `id` of `app_id` and returns its succeeded event.
 async fn succeeded(app: &mut TestApp, id: &str, app_id: &str) -> Received {
@@ -191,26 +184,22 @@ async fn callbacks_that_match_nothing_are_acked_and_every_outcome_is_counted() {
     let settings = callback_settings(&gewe.uri());
     let mut listener = spawn_listener(&settings).await;
     // A process of its own: its /metrics count this test's callbacks only.
-    let (ops, endpoint) = (free_addr(), free_addr());
     let mut cmd = worker_command(&settings, &gewe.uri());
     let c = &settings.callbacks;
-    cmd.env("GEWE_WORKER__HTTP__LISTEN", ops.to_string())
-        .env("GEWE_WORKER__CALLBACKS__ENABLED", "true")
+    cmd.env("GEWE_WORKER__CALLBACKS__ENABLED", "true")
         .env("GEWE_WORKER__CALLBACKS__EXCHANGE", &c.exchange)
         .env("GEWE_WORKER__CALLBACKS__QUEUE", &c.queue)
-        .env("GEWE_WORKER__CALLBACKS__LISTEN", endpoint.to_string())
+        .env("GEWE_WORKER__CALLBACKS__LISTEN", "127.0.0.1:0")
         .env("GEWE_WORKER__CALLBACKS__SECRET", SECRET)
         .env("GEWE_WORKER__LOG__FORMAT", "json")
-        .env("RUST_LOG", "trace")
-        .stderr(std::process::Stdio::piped());
-    let mut worker = cmd.spawn().expect("worker starts");
-    let mut stderr = worker.stderr.take().expect("stderr");
-    let logs = tokio::spawn(async move {
-        let mut logs = String::new();
-        stderr.read_to_string(&mut logs).await.map(|_| logs)
-    });
-    // Ready, once the process listens at all.
-    broker::wait_for_status(ops, "/healthz", 200).await;
+        .env("RUST_LOG", "trace");
+    let Worker {
+        mut child,
+        logs,
+        ops,
+        callbacks,
+    } = spawn_worker(cmd).await;
+    let endpoint = callbacks.expect("the callback endpoint is reported");
     wait_for_readyz(ops, 200, "ready").await;
 
     let (id, app_id) = (unique("count"), unique("app"));
@@ -253,18 +242,13 @@ async fn callbacks_that_match_nothing_are_acked_and_every_outcome_is_counted() {
     assert_eq!(post(endpoint, &with_secret(), accept).await, 200);
 
     let want = [1.0, 5.0, 1.0, 1.0, 1.0, 1.0];
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
+    eventually(WAIT, || async {
         let got = outcomes(ops).await;
-        if got == want {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "matched, unmatched, repeated, invalid, accept delays, accepted events: {got:?}, want {want:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        done_or(got == want, || {
+            format!("matched, unmatched, repeated, invalid, accept delays, accepted events: {got:?}, want {want:?}")
+        })
+    })
+    .await;
     assert_eq!(metric(ops, "callback_requests_total", "\"200\"").await, 3.0);
     assert!(
         listener
@@ -274,16 +258,8 @@ async fn callbacks_that_match_nothing_are_acked_and_every_outcome_is_counted() {
     );
     assert_eq!(listener.dead_letters(1).await, vec![b"not json".to_vec()]);
 
-    let pid = worker.id().expect("pid").to_string();
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill");
-    let status = tokio::time::timeout(WAIT, worker.wait())
-        .await
-        .expect("exits")
-        .expect("wait");
-    let logs = logs.await.expect("join").expect("logs");
+    let status = terminate(&mut child).await;
+    let logs = logs.finish().await;
     assert!(status.success(), "SIGTERM exits 0");
     // Nothing was left unacked: it would be back in the queue now.
     assert_eq!(messages_in(&settings.callbacks.queue).await, 0);

@@ -8,17 +8,15 @@
 //! wrong password, one that accepts and never speaks, and finally the real
 //! broker.
 
-mod common;
-
 use std::{process::Stdio, time::Duration};
 
-use common::{
+use crate::common::{
     fake_gewe::{self, FakeGewe},
     process::*,
     tcp_proxy::RedisServer,
     *,
 };
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 
 /// The passwords that must never show, as written in the URLs.
 const CLOSING: &str = "pw-closing-7c1a";
@@ -68,10 +66,20 @@ async fn silent_listener() -> u16 {
     port
 }
 
-/// The broker's nodes: four that fail in different ways, then the real one.
-async fn node_list() -> (String, [u16; 3]) {
+/// A port that refuses connections: bound, so no other process can take
+/// it while the test runs, but not listening.
+fn refusing_port() -> (TcpSocket, u16) {
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket.bind(([127, 0, 0, 1], 0).into()).expect("bind");
+    let port = socket.local_addr().expect("addr").port();
+    (socket, port)
+}
+
+/// The broker's nodes: four that fail in different ways, then the real
+/// one; and the socket that keeps the refusing node's port.
+async fn node_list() -> (String, [u16; 3], TcpSocket) {
     let closing = closing_listener().await;
-    let refusing = free_addr().port();
+    let (held, refusing) = refusing_port();
     let silent = silent_listener().await;
     let real = url::Url::parse(&amqp_url()).expect("broker URL");
     let real_port = real.port().unwrap_or(5672);
@@ -83,12 +91,12 @@ async fn node_list() -> (String, [u16; 3]) {
         amqp_url(),
     ]
     .join(",");
-    (list, [closing, refusing, silent])
+    (list, [closing, refusing, silent], held)
 }
 
 #[tokio::test]
 async fn check_config_and_config_errors_show_no_password_of_a_url_list() {
-    let (list, _) = node_list().await;
+    let (list, _, _held) = node_list().await;
     let mut check = program();
     check
         .arg("check-config")
@@ -133,7 +141,7 @@ async fn no_password_of_any_node_nor_of_redis_reaches_the_logs() {
     let mut redis = RedisServer::start_with_password(REDIS).await;
     let settings = test_settings(&gewe.url);
     let mut listener = spawn_listener(&settings).await;
-    let (list, [closing, refusing, silent]) = node_list().await;
+    let (list, [closing, refusing, silent], _held) = node_list().await;
     let mut through_list = settings.clone();
     through_list.amqp.url = list;
 

@@ -1,13 +1,11 @@
 //! What operators see: the ops endpoints, and the worker riding out a lost
 //! broker connection.
 
-mod common;
-
 use std::{collections::HashSet, time::Duration};
 
-use common::broker::*;
+use crate::common::broker::*;
 
-use common::*;
+use crate::common::*;
 use gewe_friend_worker::gewe::ADD_MEMBER_PATH;
 use wiremock::{
     Mock, MockServer, ResponseTemplate,
@@ -20,6 +18,7 @@ async fn readyz_is_503_while_the_broker_is_unreachable_and_healthz_stays_200() {
     let mut settings = test_settings(&gewe.uri());
     // Nothing listens on port 1: the worker keeps retrying, it does not exit.
     settings.amqp.url = "amqp://guest:guest@127.0.0.1:1/%2f".to_owned();
+    let _in_process = in_process().await;
     let app = gewe_friend_worker::app::Application::build(settings)
         .await
         .expect("builds");
@@ -45,65 +44,66 @@ async fn readyz_is_503_while_the_broker_is_unreachable_and_healthz_stays_200() {
 
 #[tokio::test]
 async fn a_closed_connection_is_reopened_with_prefetch_and_nothing_is_lost() {
-    let gewe = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path(ADD_MEMBER_PATH))
-        .respond_with(ResponseTemplate::new(200).set_body_json(gewe_ok("v3_r")))
-        .mount(&gewe)
-        .await;
-    let mut app = spawn_app(test_settings(&gewe.uri())).await;
-    let queue = app.settings.amqp.command_queue.clone();
-    wait_for_status(app.ops_addr, "/readyz", 200).await;
-
-    let total = 500;
-    let mut seen = HashSet::new();
-    for round in 0..2 {
-        for i in 0..total / 2 {
-            app.publish(&command(
-                &format!("r{round}-{i}"),
-                &format!("app-{}", i % 5),
-            ))
+    // Alone: the reconnects counted are this worker's.
+    alone(async {
+        let gewe = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path(ADD_MEMBER_PATH))
+            .respond_with(ResponseTemplate::new(200).set_body_json(gewe_ok("v3_r")))
+            .mount(&gewe)
             .await;
+        let mut app = spawn_app(test_settings(&gewe.uri())).await;
+        let queue = app.settings.amqp.command_queue.clone();
+        wait_for_status(app.ops_addr, "/readyz", 200).await;
+        let reconnects_before = metric(app.ops_addr, "broker_reconnects_total", "").await;
+
+        let total = 500;
+        let mut seen = HashSet::new();
+        for round in 0..2 {
+            for i in 0..total / 2 {
+                app.publish(&command(
+                    &format!("r{round}-{i}"),
+                    &format!("app-{}", i % 5),
+                ))
+                .await;
+            }
+            // Let part of the batch through, then cut the worker's connection.
+            for e in app.events(5).await {
+                seen.insert(e.body["commandId"].as_str().unwrap_or("").to_owned());
+            }
+            assert_eq!(
+                close_worker_connection(&queue).await,
+                1,
+                "the worker's connection was found and closed"
+            );
         }
-        // Let part of the batch through, then cut the worker's connection.
-        for e in app.events(5).await {
+        while seen.len() < total {
+            let e = app.next_event().await;
+            assert_eq!(e.status(), "succeeded", "{}", e.body);
             seen.insert(e.body["commandId"].as_str().unwrap_or("").to_owned());
         }
+        wait_for_status(app.ops_addr, "/readyz", 200).await;
         assert_eq!(
-            close_worker_connection(&queue).await,
-            1,
-            "the worker's connection was found and closed"
+            consumer_prefetch(&queue),
+            vec!["16".to_owned()],
+            "one consumer, prefetch re-applied"
         );
-    }
-    while seen.len() < total {
-        let e = app.next_event().await;
-        assert_eq!(e.status(), "succeeded", "{}", e.body);
-        seen.insert(e.body["commandId"].as_str().unwrap_or("").to_owned());
-    }
-    wait_for_status(app.ops_addr, "/readyz", 200).await;
-    assert_eq!(
-        consumer_prefetch(&queue),
-        vec!["16".to_owned()],
-        "one consumer, prefetch re-applied"
-    );
 
-    let (_, metrics) = get(app.ops_addr, "/metrics").await;
-    let reconnects = metrics
-        .lines()
-        .find(|l| l.starts_with("broker_reconnects_total"))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(0.0);
-    assert!(reconnects >= 2.0, "reconnects counted: {reconnects}");
-    for name in [
-        "commands_received_total",
-        "results_published_total",
-        "gewe_requests_total",
-        "gewe_request_duration_seconds",
-    ] {
-        assert!(metrics.contains(name), "/metrics exposes {name}");
-    }
-    app.stop().await;
+        let reconnects =
+            metric(app.ops_addr, "broker_reconnects_total", "").await - reconnects_before;
+        assert!(reconnects >= 2.0, "reconnects counted: {reconnects}");
+        let (_, metrics) = get(app.ops_addr, "/metrics").await;
+        for name in [
+            "commands_received_total",
+            "results_published_total",
+            "gewe_requests_total",
+            "gewe_request_duration_seconds",
+        ] {
+            assert!(metrics.contains(name), "/metrics exposes {name}");
+        }
+        app.stop().await;
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -142,14 +142,13 @@ async fn shutdown_finishes_or_returns_every_in_flight_command() {
         app.publish(&command(id, account)).await;
     }
     // Wait until every command reached GeWe, i.e. all are in flight.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while gewe.received_requests().await.map_or(0, |r| r.len()) < ids.len() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "commands reach GeWe"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(WAIT, || async {
+        let reached = gewe.received_requests().await.map_or(0, |r| r.len());
+        done_or(reached >= ids.len(), || {
+            format!("{reached} of {} commands reached GeWe", ids.len())
+        })
+    })
+    .await;
     let started = tokio::time::Instant::now();
     app.stop.cancel();
     let worker = app.worker.take().expect("worker");

@@ -1,15 +1,13 @@
 //! End-to-end behaviour of the worker against the real RabbitMQ, with GeWe
 //! mocked over real HTTP. Each test has its own queues and exchanges.
 
-mod common;
-
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use common::*;
+use crate::common::*;
 use gewe_friend_worker::gewe::ADD_MEMBER_PATH;
 use lapin::{
     BasicProperties,

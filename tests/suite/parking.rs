@@ -2,17 +2,11 @@
 //! parked in delay queues of the real broker and tried again later; the
 //! event comes with the last try and counts every attempt.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{fake_gewe::FakeGewe, *};
+use crate::common::{fake_gewe::FakeGewe, *};
 use lapin::BasicProperties;
 use serde_json::{Value, json};
-
-fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
-}
 
 fn offline(_: &str, _: usize) -> (axum::http::StatusCode, Value) {
     (
@@ -46,33 +40,39 @@ fn calls_of(gewe: &FakeGewe, member: &str) -> Vec<Instant> {
 
 #[tokio::test]
 async fn offline_once_then_back_succeeds_after_one_park_with_its_properties_kept() {
-    let gewe = FakeGewe::start(Duration::ZERO, offline_once).await;
-    let mut app = spawn_app(parking(&gewe, &[1, 5])).await;
-    let id = unique("park-once");
-    let correlation = unique("corr");
-    app.publish_raw(
-        command(&id, "app-p").to_string().as_bytes(),
-        BasicProperties::default().with_correlation_id(correlation.as_str().into()),
-    )
+    // Alone: the parks counted are this worker's.
+    alone(async {
+        let gewe = FakeGewe::start(Duration::ZERO, offline_once).await;
+        let mut app = spawn_app(parking(&gewe, &[1, 5])).await;
+        let parked_before = metric(app.ops_addr, "commands_parked_total", "").await;
+        let id = unique("park-once");
+        let correlation = unique("corr");
+        app.publish_raw(
+            command(&id, "app-p").to_string().as_bytes(),
+            BasicProperties::default().with_correlation_id(correlation.as_str().into()),
+        )
+        .await;
+        let e = app.next_event().await;
+        assert_eq!(e.status(), "succeeded", "{}", e.body);
+        assert_eq!(e.body["parked"], 1);
+        assert_eq!(e.attempts(), 2, "one attempt per try");
+        assert_eq!(
+            e.properties.correlation_id().as_ref().map(|c| c.as_str()),
+            Some(correlation.as_str()),
+            "the parked copy kept the command's properties"
+        );
+        let calls = calls_of(&gewe, &format!("wxid_{id}"));
+        assert_eq!(calls.len(), 2);
+        assert!(
+            calls[1] - calls[0] >= Duration::from_secs(1),
+            "tried again after {:?}, before the 1 s delay",
+            calls[1] - calls[0]
+        );
+        let parked = metric(app.ops_addr, "commands_parked_total", "").await - parked_before;
+        assert!(parked >= 1.0, "parks counted: {parked}");
+        app.stop().await;
+    })
     .await;
-    let e = app.next_event().await;
-    assert_eq!(e.status(), "succeeded", "{}", e.body);
-    assert_eq!(e.body["parked"], 1);
-    assert_eq!(e.attempts(), 2, "one attempt per try");
-    assert_eq!(
-        e.properties.correlation_id().as_ref().map(|c| c.as_str()),
-        Some(correlation.as_str()),
-        "the parked copy kept the command's properties"
-    );
-    let calls = calls_of(&gewe, &format!("wxid_{id}"));
-    assert_eq!(calls.len(), 2);
-    assert!(
-        calls[1] - calls[0] >= Duration::from_secs(1),
-        "tried again after {:?}, before the 1 s delay",
-        calls[1] - calls[0]
-    );
-    assert!(metric(app.ops_addr, "commands_parked_total", "").await >= 1.0);
-    app.stop().await;
 }
 
 #[tokio::test]
@@ -126,11 +126,11 @@ async fn a_restart_while_commands_are_parked_loses_nothing() {
         app.publish(&command(id, &unique("app"))).await;
     }
     // Every command was tried once and parked: stop the worker now.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while gewe.calls().len() < ids.len() {
-        assert!(tokio::time::Instant::now() < deadline, "first tries happen");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(WAIT, || async {
+        let tried = gewe.calls().len();
+        done_or(tried >= ids.len(), || format!("{tried} first tries"))
+    })
+    .await;
     app.stop_worker().await;
     // A new worker picks the commands up when their delay is over.
     let (stop, again, _) = start_worker(&settings).await;
@@ -148,39 +148,44 @@ async fn a_restart_while_commands_are_parked_loses_nothing() {
 
 #[tokio::test]
 async fn a_park_that_is_not_confirmed_leaves_the_command_in_the_queue() {
-    let gewe = FakeGewe::start(Duration::ZERO, offline).await;
-    let settings = parking(&gewe, &[60]);
-    let mut app = spawn_app(settings.clone()).await;
-    // Consuming, so the worker has declared its topology already.
-    wait_for_readyz(app.ops_addr, 200, "ready").await;
-    // The delay queue is gone (deleted by an operator): the parked copy is
-    // unroutable, so the command must not be acked.
-    let delay_queue = gewe_friend_worker::config::delay_queue_name(
-        &settings.amqp.command_queue,
-        Duration::from_secs(60),
-    );
-    app.channel
-        .queue_delete(delay_queue.as_str().into(), Default::default())
-        .await
-        .expect("delete the delay queue");
-    let id = unique("park-lost");
-    app.publish(&command(&id, "app-lost")).await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while metric(app.ops_addr, "commands_requeued_total", "publish_failed").await < 1.0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the requeue is counted"
+    // Alone: the requeue counted is this worker's.
+    alone(async {
+        let gewe = FakeGewe::start(Duration::ZERO, offline).await;
+        let settings = parking(&gewe, &[60]);
+        let mut app = spawn_app(settings.clone()).await;
+        // Consuming, so the worker has declared its topology already.
+        wait_for_readyz(app.ops_addr, 200, "ready").await;
+        // The delay queue is gone (deleted by an operator): the parked copy is
+        // unroutable, so the command must not be acked.
+        let delay_queue = gewe_friend_worker::config::delay_queue_name(
+            &settings.amqp.command_queue,
+            Duration::from_secs(60),
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    app.stop_worker().await;
-    let body = app.command_left_in_queue().await;
-    assert_eq!(body["commandId"], id.as_str());
-    assert!(
-        app.try_next_event(Duration::ZERO).await.is_none(),
-        "no event"
-    );
-    app.stop().await;
+        app.channel
+            .queue_delete(delay_queue.as_str().into(), Default::default())
+            .await
+            .expect("delete the delay queue");
+        let before = metric(app.ops_addr, "commands_requeued_total", "publish_failed").await;
+        let id = unique("park-lost");
+        app.publish(&command(&id, "app-lost")).await;
+        wait_for_metric(
+            app.ops_addr,
+            "commands_requeued_total",
+            "publish_failed",
+            before + 1.0,
+            "the requeue is counted",
+        )
+        .await;
+        app.stop_worker().await;
+        let body = app.command_left_in_queue().await;
+        assert_eq!(body["commandId"], id.as_str());
+        assert!(
+            app.try_next_event(Duration::ZERO).await.is_none(),
+            "no event"
+        );
+        app.stop().await;
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -212,6 +217,7 @@ async fn a_delay_queue_declared_with_another_delay_is_named_in_the_error() {
         )
         .await
         .expect("declare with another delay");
+    let _in_process = in_process().await;
     let built = gewe_friend_worker::app::Application::build(settings.clone())
         .await
         .expect("builds");

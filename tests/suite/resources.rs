@@ -2,20 +2,13 @@
 //! descriptors (a child with a low RLIMIT_NOFILE), and a log flood while
 //! results are unroutable.
 
-mod common;
-
 use std::{process::Stdio, time::Duration};
 
-use common::{fake_gewe::FakeGewe, process::*, tcp_proxy::TcpProxy, *};
-use tokio::io::AsyncReadExt;
+use crate::common::{fake_gewe::FakeGewe, process::*, tcp_proxy::TcpProxy, *};
 
 /// Descriptors for the child: about 20 are used at rest, so a prefetch of
 /// 200 against a GeWe that answers in a second must run out.
 const NOFILE: u64 = 48;
-
-fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_descriptors_is_neither_a_gewe_outage_nor_a_panic_loop() {
@@ -26,69 +19,66 @@ async fn out_of_descriptors_is_neither_a_gewe_outage_nor_a_panic_loop() {
     let proxy = TcpProxy::to(&settings.amqp.url).await;
     let mut through_proxy = settings.clone();
     through_proxy.amqp.url = proxy.url.clone();
-    let ops = free_addr();
     let mut cmd = worker_command(&through_proxy, &gewe.url);
-    cmd.env("GEWE_WORKER__HTTP__LISTEN", ops.to_string())
-        .env("GEWE_WORKER__GEWE__TIMEOUT", "10s")
-        .env("GEWE_WORKER__BREAKER__FAILURE_THRESHOLD", "3")
-        .stderr(Stdio::piped());
+    cmd.env("GEWE_WORKER__GEWE__TIMEOUT", "10s")
+        .env("GEWE_WORKER__BREAKER__FAILURE_THRESHOLD", "3");
     // SAFETY: setrlimit is async-signal-safe; nothing else runs in the child.
     unsafe {
         cmd.pre_exec(|| rlimit::setrlimit(rlimit::Resource::NOFILE, NOFILE, NOFILE));
     }
-    let mut worker = cmd.spawn().expect("worker starts");
-    let mut stderr = worker.stderr.take().expect("stderr");
-    let logs = tokio::spawn(async move {
-        let mut text = String::new();
-        let _ = stderr.read_to_string(&mut text).await;
-        text
-    });
+    let Worker {
+        mut child,
+        logs,
+        ops,
+        ..
+    } = spawn_worker(cmd).await;
     let total = 200;
     for i in 0..total {
         listener
             .publish(&command(&unique(&format!("fd-{i}")), &unique("app")))
             .await;
     }
-    broker::wait_for_status(ops, "/healthz", 200).await;
     // Out of descriptors: GeWe requests cannot leave...
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while metric(ops, "gewe_requests_total", "local_error").await < 1.0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the worker runs out of descriptors"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_metric(
+        ops,
+        "gewe_requests_total",
+        "local_error",
+        1.0,
+        "the worker runs out of descriptors",
+    )
+    .await;
     // ...and the broker connection drops meanwhile: reconnecting meets the
     // limit too.
     proxy.reset();
     let mut seen = std::collections::HashSet::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    while seen.len() < total {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "only {} of {total} commands got their event",
-            seen.len()
-        );
-        let Some(e) = listener.try_next_event(Duration::from_secs(1)).await else {
-            continue;
-        };
-        assert_eq!(
-            e.status(),
-            "succeeded",
-            "a local shortage failed a command: {}",
-            e.body
-        );
-        seen.insert(e.body["commandId"].as_str().unwrap_or("").to_owned());
-    }
+    let all = tokio::time::timeout(Duration::from_secs(120), async {
+        while seen.len() < total {
+            let Some(e) = listener.try_next_event(Duration::from_secs(1)).await else {
+                continue;
+            };
+            assert_eq!(
+                e.status(),
+                "succeeded",
+                "a local shortage failed a command: {}",
+                e.body
+            );
+            seen.insert(e.body["commandId"].as_str().unwrap_or("").to_owned());
+        }
+    })
+    .await;
+    assert!(
+        all.is_ok(),
+        "only {} of {total} commands got their event",
+        seen.len()
+    );
     assert_eq!(
         metric(ops, "breaker_state", "").await,
         0.0,
         "the breaker never opened for a local shortage"
     );
-    worker.start_kill().expect("kill");
-    let _ = worker.wait().await;
-    let logs = logs.await.expect("logs");
+    child.start_kill().expect("kill");
+    let _ = child.wait().await;
+    let logs = logs.finish().await;
     assert!(
         !logs.contains("panic") && !logs.contains("poisoned"),
         "no panic: {}",
