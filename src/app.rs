@@ -7,6 +7,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    accounts::Accounts,
     breaker::Breaker,
     broker::Connector,
     callbacks::{self, Ingress, IngressLink, Matcher, Store},
@@ -17,7 +18,7 @@ use crate::{
     idempotency::{Idempotency, LEASE_OVER_TIMEOUT},
     meters::meters,
     ops,
-    pacing::{Pacer, RedisPacing},
+    pacing::Pacer,
     park::Parking,
     processor::{Parts, Processor},
     redact::Redactor,
@@ -32,6 +33,8 @@ const REDIS_PREFIX: &str = "gewe-friend-worker";
 /// A worker ready to run: configuration validated, HTTP client built, ops
 /// port bound (so a busy port fails at start-up, not later).
 pub struct Application {
+    /// The account budgets, for the operator's console (§8).
+    accounts: Arc<Accounts>,
     settings: Settings,
     connector: Connector,
     processor: Arc<Processor>,
@@ -77,9 +80,10 @@ impl Application {
             ),
             None => Idempotency::in_memory(settings.dedupe.window),
         };
-        let pacing = redis
-            .as_ref()
-            .map(|client| RedisPacing::new(client.clone(), REDIS_PREFIX));
+        let accounts = Arc::new(
+            Accounts::from_settings(&settings, redis.clone(), REDIS_PREFIX)
+                .context("accounts.timezone")?,
+        );
         let breaker = Arc::new(Breaker::new(&settings.breaker));
         // Raised when shutdown begins: no GeWe call starts after it.
         let stop_calls = Signal::new();
@@ -111,10 +115,12 @@ impl Application {
             None => (None, None),
         };
         let processor = Arc::new(Processor::new(Parts {
+            amqp: settings.amqp.clone(),
+            gewe_timeout: settings.gewe.timeout,
             result_exchange: settings.amqp.result_exchange.clone(),
             gewe,
             retry: RetryPolicy::from(&settings.retry),
-            pacer: Pacer::new(&settings.pacing, pacing),
+            pacer: Pacer::new(accounts.clone()),
             idempotency,
             breaker: breaker.clone(),
             parking: Parking::new(&settings.amqp.command_queue, &settings.retry.park),
@@ -130,6 +136,7 @@ impl Application {
             .with_context(|| format!("could not bind http.listen {}", settings.http.listen))?;
         let ops_addr = ops_listener.local_addr()?;
         Ok(Self {
+            accounts,
             readiness: Arc::new(Readiness::new(breaker, redis.clone())),
             settings,
             connector,
@@ -145,6 +152,11 @@ impl Application {
             callback_endpoint,
             callback_addr,
         })
+    }
+
+    /// The account budgets: what the console lists, pauses and resumes.
+    pub fn accounts(&self) -> Arc<Accounts> {
+        self.accounts.clone()
     }
 
     /// Where `/healthz`, `/readyz` and `/metrics` are served.

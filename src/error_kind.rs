@@ -27,17 +27,21 @@ pub enum ErrorKind {
     UpstreamUnavailable,
     /// GeWe answered something the worker cannot use.
     UnexpectedResponse,
+    /// The command waited for its account longer than `accounts.max_wait`
+    /// and was never sent.
+    Expired,
 }
 
 impl ErrorKind {
     /// Every kind, in [`ErrorKind::index`] order.
-    pub const ALL: [ErrorKind; 6] = [
+    pub const ALL: [ErrorKind; 7] = [
         ErrorKind::InvalidCommand,
         ErrorKind::Unauthorized,
         ErrorKind::AppOffline,
         ErrorKind::Rejected,
         ErrorKind::UpstreamUnavailable,
         ErrorKind::UnexpectedResponse,
+        ErrorKind::Expired,
     ];
 
     /// Position in [`ErrorKind::ALL`].
@@ -49,6 +53,7 @@ impl ErrorKind {
             ErrorKind::Rejected => 3,
             ErrorKind::UpstreamUnavailable => 4,
             ErrorKind::UnexpectedResponse => 5,
+            ErrorKind::Expired => 6,
         }
     }
 
@@ -61,6 +66,7 @@ impl ErrorKind {
             ErrorKind::Rejected => "rejected",
             ErrorKind::UpstreamUnavailable => "upstream_unavailable",
             ErrorKind::UnexpectedResponse => "unexpected_response",
+            ErrorKind::Expired => "expired",
         }
     }
 
@@ -73,7 +79,8 @@ impl ErrorKind {
             | ErrorKind::Unauthorized
             | ErrorKind::AppOffline
             | ErrorKind::Rejected
-            | ErrorKind::UnexpectedResponse => false,
+            | ErrorKind::UnexpectedResponse
+            | ErrorKind::Expired => false,
         }
     }
 
@@ -86,7 +93,8 @@ impl ErrorKind {
             ErrorKind::InvalidCommand
             | ErrorKind::Unauthorized
             | ErrorKind::Rejected
-            | ErrorKind::UnexpectedResponse => false,
+            | ErrorKind::UnexpectedResponse
+            | ErrorKind::Expired => false,
         }
     }
 
@@ -98,7 +106,8 @@ impl ErrorKind {
             ErrorKind::InvalidCommand
             | ErrorKind::AppOffline
             | ErrorKind::Rejected
-            | ErrorKind::UnexpectedResponse => false,
+            | ErrorKind::UnexpectedResponse
+            | ErrorKind::Expired => false,
         }
     }
 
@@ -107,10 +116,12 @@ impl ErrorKind {
     /// `rejected` and `unexpected_response`. The others say the request did
     /// not get through (`upstream_unavailable`, `unauthorized`,
     /// `app_offline`) or was never sent (`invalid_command`), so a later
-    /// copy tries again once the cause is fixed.
+    /// copy tries again once the cause is fixed. `expired` was never sent
+    /// either, but it is final by design: a copy gets the same answer
+    /// instead of waiting for the account all over again.
     pub fn definitive(self) -> bool {
         match self {
-            ErrorKind::Rejected | ErrorKind::UnexpectedResponse => true,
+            ErrorKind::Rejected | ErrorKind::UnexpectedResponse | ErrorKind::Expired => true,
             ErrorKind::InvalidCommand
             | ErrorKind::Unauthorized
             | ErrorKind::AppOffline
@@ -142,7 +153,7 @@ mod tests {
         );
         assert_eq!(
             holding(ErrorKind::definitive),
-            [Rejected, UnexpectedResponse]
+            [Rejected, UnexpectedResponse, Expired]
         );
     }
 

@@ -8,7 +8,7 @@ use crate::{
     command::{Command, Partial},
     error_kind::ErrorKind,
     json_out,
-    outcome::{CallOutcome, EventError},
+    outcome::{CallOutcome, EventError, Tries},
     timestamp,
 };
 
@@ -75,6 +75,10 @@ pub struct ResultEvent<'a> {
     /// absent when it never was.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub parked: u32,
+    /// Times the command was deferred for its account before this outcome
+    /// (§7); absent when it never was.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub deferred: u32,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -88,7 +92,7 @@ impl<'a> ResultEvent<'a> {
     pub fn of_outcome(
         cmd: &'a Command,
         outcome: &'a CallOutcome,
-        parked: u32,
+        tries: Tries,
         received_at: &'a str,
         completed_at: String,
         duplicate: bool,
@@ -109,7 +113,8 @@ impl<'a> ResultEvent<'a> {
             received_at: Cow::Borrowed(received_at),
             completed_at: Cow::Owned(completed_at),
             duplicate,
-            parked,
+            parked: tries.parked,
+            deferred: tries.deferred,
         }
     }
 
@@ -133,6 +138,7 @@ impl<'a> ResultEvent<'a> {
             completed_at: Cow::Owned(timestamp::now()),
             duplicate: false,
             parked: 0,
+            deferred: 0,
         }
     }
 
@@ -159,6 +165,9 @@ impl<'a> ResultEvent<'a> {
         }
         if self.parked != 0 {
             object.u64("parked", u64::from(self.parked));
+        }
+        if self.deferred != 0 {
+            object.u64("deferred", u64::from(self.deferred));
         }
         object.close();
         Ok(())
@@ -209,6 +218,7 @@ mod tests {
             completed_at: "t1".into(),
             duplicate: false,
             parked: 0,
+            deferred: 0,
         };
         let v = serde_json::to_value(&e).expect("serialises");
         assert_eq!(written(&e), serde_json::to_vec(&e).expect("serialises"));
@@ -260,11 +270,11 @@ mod tests {
         let at = "2026-11-27T19:24:31.123Z";
         let mut events = Vec::new();
         for outcome in [&succeeded, &failed] {
-            for (parked, duplicate) in [(0, false), (3, true), (1, false)] {
+            for (parked, deferred, duplicate) in [(0, 0, false), (3, 2, true), (1, 0, false)] {
                 events.push(ResultEvent::of_outcome(
                     &cmd,
                     outcome,
-                    parked,
+                    Tries { parked, deferred },
                     at,
                     at.to_owned(),
                     duplicate,

@@ -7,7 +7,11 @@
 //! came from is gone (the broker has already put it back, and whatever this
 //! task still holds, such as a pacing turn, must be given up for the
 //! redelivery). [`Halt`] bundles both signals so every wait selects on one
-//! future.
+//! future, with a third end for command deliveries: the hold deadline
+//! (`amqp.max_hold`). RabbitMQ closes a channel whose delivery stays
+//! unacknowledged past its `consumer_timeout`, so a wait that would run past
+//! the deadline ends with [`Interrupted::HeldTooLong`] and the command is
+//! deferred through the broker instead.
 
 use std::{
     future::Future,
@@ -17,6 +21,9 @@ use std::{
     },
 };
 
+use std::time::Duration;
+
+use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 /// Why a command was not carried to an outcome now; it is tried again later.
@@ -32,6 +39,9 @@ pub enum Interrupted {
     /// replica may be handling it, so this one looks again.
     #[error("the claim on this commandId was lost; another replica may be handling it")]
     ClaimLost,
+    /// Waiting longer would hold the delivery past `amqp.max_hold`.
+    #[error("the delivery was held as long as amqp.max_hold allows")]
+    HeldTooLong,
 }
 
 impl Interrupted {
@@ -41,6 +51,7 @@ impl Interrupted {
             Interrupted::Shutdown => "shutdown",
             Interrupted::SessionLost => "session_lost",
             Interrupted::ClaimLost => "claim_lost",
+            Interrupted::HeldTooLong => "held_too_long",
         }
     }
 }
@@ -86,18 +97,42 @@ impl Signal {
     }
 }
 
-/// The two signals that end a delivery's waits.
+/// The two signals, and the optional deadline, that end a delivery's waits.
 #[derive(Debug, Clone)]
 pub struct Halt {
     shutdown: Signal,
     session: Signal,
+    deadline: Option<Instant>,
 }
 
 impl Halt {
     /// Waits end on `shutdown` (process-wide) or `session` (this delivery's
     /// broker session was lost).
     pub fn new(shutdown: Signal, session: Signal) -> Self {
-        Self { shutdown, session }
+        Self {
+            shutdown,
+            session,
+            deadline: None,
+        }
+    }
+
+    /// The same signals, and waits end at `deadline` too.
+    pub fn holding_until(mut self, deadline: Instant) -> Self {
+        self.deadline = Some(deadline);
+        self
+    }
+
+    /// The same signals without the deadline: for what must finish once
+    /// begun (storing an outcome, publishing the result).
+    pub fn without_deadline(&self) -> Self {
+        Self::new(self.shutdown.clone(), self.session.clone())
+    }
+
+    /// Time left before the deadline (`Duration::MAX` without one).
+    pub fn hold_left(&self) -> Duration {
+        self.deadline.map_or(Duration::MAX, |d| {
+            d.saturating_duration_since(Instant::now())
+        })
     }
 
     /// A halt that never fires (tools and tests outside a session).
@@ -111,6 +146,8 @@ impl Halt {
             Err(Interrupted::SessionLost)
         } else if self.shutdown.is_raised() {
             Err(Interrupted::Shutdown)
+        } else if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            Err(Interrupted::HeldTooLong)
         } else {
             Ok(())
         }
@@ -140,15 +177,22 @@ impl Halt {
     /// publishing a lost session.
     pub async fn guard<F: Future>(&self, wait: F) -> Result<F::Output, Interrupted> {
         self.check()?;
+        let deadline = async {
+            match self.deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             biased;
             out = wait => Ok(out),
             reason = self.fired() => Err(reason),
+            () = deadline => Err(Interrupted::HeldTooLong),
         }
     }
 
     /// Sleeps for `d` unless a signal fires first.
-    pub async fn sleep(&self, d: std::time::Duration) -> Result<(), Interrupted> {
+    pub async fn sleep(&self, d: Duration) -> Result<(), Interrupted> {
         self.guard(tokio::time::sleep(d)).await
     }
 }
@@ -156,7 +200,6 @@ impl Halt {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[tokio::test(start_paused = true)]
     async fn a_lost_session_ends_a_wait_and_says_so() {
@@ -173,5 +216,19 @@ mod tests {
         assert_eq!(halt.check(), Err(Interrupted::SessionLost));
         let other = Halt::new(shutdown, Signal::new());
         assert_eq!(other.check(), Err(Interrupted::Shutdown));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_past_the_hold_deadline_ends_there() {
+        let halt = Halt::never().holding_until(Instant::now() + Duration::from_secs(10));
+        let began = Instant::now();
+        assert_eq!(
+            halt.sleep(Duration::from_secs(60)).await,
+            Err(Interrupted::HeldTooLong)
+        );
+        assert_eq!(began.elapsed(), Duration::from_secs(10));
+        assert_eq!(halt.hold_left(), Duration::ZERO);
+        assert_eq!(halt.without_deadline().check(), Ok(()));
+        assert_eq!(Halt::never().hold_left(), Duration::MAX);
     }
 }

@@ -18,6 +18,7 @@ pub mod cli;
 pub mod command;
 pub mod command_publisher;
 pub mod config;
+pub mod defer;
 pub mod demo;
 pub mod entry;
 pub mod error_kind;

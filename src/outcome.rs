@@ -59,6 +59,16 @@ impl EventError {
     }
 }
 
+/// How often a command went through the broker's delay queues before its
+/// outcome: parked by `retry.park` (§4), deferred for its account (§7).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tries {
+    /// Times parked (`x-gewe-parked`).
+    pub parked: u32,
+    /// Times deferred (`x-gewe-deferred`).
+    pub deferred: u32,
+}
+
 /// The final result of all attempts for one command.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CallOutcome {

@@ -1,202 +1,166 @@
-//! Per-account pacing of GeWe calls (`pacing.*`).
+//! Per-account pacing of GeWe calls (`pacing.*`) and the account's budget
+//! (§7), asked together before every call.
 //!
 //! WeChat restricts accounts that add friends in bursts, so for each `appId`
-//! at most `per_app_concurrency` calls run at once and two call starts are at
-//! least `per_app_min_interval` apart, retries included. Waiting commands
-//! await a semaphore and a timer: no task spins. A wait that is given up
-//! (shutdown, or the delivery's broker session is gone) hands its place on:
-//! the in-process interval is taken only when the call starts. State of idle
-//! accounts is dropped so memory does not grow with the accounts ever seen.
-//!
-//! With Redis configured the interval is reserved atomically in Redis
-//! (server clock), so all replicas together keep one interval per account;
-//! the concurrency limit stays per process. A Redis reservation is taken
-//! before the wait, so an abandoned one stays spent (safe: later calls only
-//! start later). While Redis is unreachable the turn waits (with backoff)
-//! instead of letting an unpaced call through.
+//! at most `per_app_concurrency` calls run at once in this process (a
+//! semaphore) and two call starts are at least `per_app_min_interval` apart
+//! (reserved, with the daily unit, by [`Accounts::admit`]: in Redis across
+//! replicas when configured). A turn further away than the delivery may be
+//! held, or an account that rests, ends the wait with [`NoTurn::Rest`]: the
+//! command is deferred, not held. A reservation given up stays spent (later
+//! calls only start later); an unsent request's daily unit is given back.
+//! Idle accounts' semaphores are dropped so memory does not grow with the
+//! accounts ever seen.
 
 use std::{
     collections::HashMap,
-    sync::{Arc, LazyLock, Mutex, PoisonError},
+    sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
 
-use redis::Script;
 use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore},
     time::Instant,
 };
 
 use crate::{
-    backoff::Backoff,
-    config::PacingSettings,
+    accounts::{Accounts, Rest, Unit},
     halt::{Halt, Interrupted},
     meters::meters,
-    redis_client::{RedisClient, retry_while_unavailable},
 };
 
 /// Sweep idle accounts once the map holds this many entries.
 const SWEEP_THRESHOLD: usize = 1024;
-/// Waits while Redis is unavailable.
-const REDIS_BACKOFF: Backoff =
-    Backoff::doubling(Duration::from_millis(200), Duration::from_secs(5));
 
-/// Reserves the next start for an account: returns how long to wait (ms).
-/// KEYS[1] = pacing key, ARGV[1] = interval ms. Uses the server clock so
-/// replicas with skewed clocks still agree.
-static RESERVE_START: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local interval = tonumber(ARGV[1])
-local nxt = tonumber(redis.call('GET', KEYS[1]) or '0')
-local start = math.max(now, nxt)
-redis.call('SET', KEYS[1], start + interval, 'PX', (start - now) + interval + 1000)
-return start - now
-"#,
-    )
-});
-
-struct Account {
-    slots: Arc<Semaphore>,
-    next_start: Mutex<Instant>,
+/// Why a call gets no turn now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoTurn {
+    /// The wait ended (shutdown, lost session, hold deadline).
+    Interrupted(Interrupted),
+    /// The account rests, or its turn is too far away: defer.
+    Rest(Rest),
 }
 
-/// Pacing reservations kept in Redis, shared by every replica.
-pub struct RedisPacing {
-    client: Arc<RedisClient>,
-    prefix: String,
-}
-
-impl RedisPacing {
-    /// Reservations under `prefix` on `client`.
-    pub fn new(client: Arc<RedisClient>, prefix: &str) -> Self {
-        Self {
-            client,
-            prefix: prefix.to_owned(),
-        }
-    }
-
-    /// Reserves a start for `app_id`, retrying while Redis is unavailable:
-    /// an account is never called unpaced. Returns the wait before it.
-    async fn reserve(
-        &self,
-        app_id: &str,
-        interval: Duration,
-        halt: &Halt,
-    ) -> Result<Duration, Interrupted> {
-        let key = format!("{}:pace:{app_id}", self.prefix);
-        let (key, client) = (key.as_str(), &self.client);
-        let interval_ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
-        let wait_ms: i64 = retry_while_unavailable(
-            REDIS_BACKOFF,
-            halt,
-            "Redis unavailable: pacing waits, GeWe is not called",
-            || async move { client.run(RESERVE_START.key(key).arg(interval_ms)).await },
-        )
-        .await?;
-        Ok(Duration::from_millis(u64::try_from(wait_ms).unwrap_or(0)))
+impl From<Interrupted> for NoTurn {
+    fn from(i: Interrupted) -> Self {
+        NoTurn::Interrupted(i)
     }
 }
 
-/// In-process pacer shared by all command tasks.
+/// The pacer shared by all command tasks.
 pub struct Pacer {
-    concurrency: usize,
-    interval: Duration,
+    accounts: Arc<Accounts>,
     /// ahash: randomly seeded per process like std's SipHash, so input
     /// cannot pick collisions, and cheaper on short keys.
-    accounts: Mutex<HashMap<String, Arc<Account>, ahash::RandomState>>,
-    redis: Option<RedisPacing>,
+    slots: Mutex<HashMap<String, Arc<Semaphore>, ahash::RandomState>>,
 }
 
-/// Held while a GeWe call for the account is in flight.
+/// Held while a GeWe call for the account is in flight. Dropped without
+/// [`Turn::sent`], its daily unit is given back: the request never left.
 pub struct Turn {
-    _permit: Option<OwnedSemaphorePermit>,
+    _permit: OwnedSemaphorePermit,
+    unit: Option<Unit>,
+    accounts: Arc<Accounts>,
     /// Time spent waiting for this turn.
     pub waited: Duration,
 }
 
+impl Turn {
+    /// The request went out; `reached_wechat` false gives the day's unit
+    /// back (GeWe's answer shows WeChat never saw it).
+    pub async fn sent(mut self, reached_wechat: bool) {
+        if let Some(unit) = self.unit.take()
+            && !reached_wechat
+        {
+            self.accounts.give_back(unit).await;
+        }
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        if let Some(unit) = self.unit.take() {
+            // Abandoned before the request left (shutdown, lost session):
+            // rare, so a task here costs nothing on the usual path.
+            let accounts = self.accounts.clone();
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move { accounts.give_back(unit).await });
+            }
+        }
+    }
+}
+
 impl Pacer {
-    /// A pacer with the configured limits; intervals live in `redis` when given.
-    pub fn new(settings: &PacingSettings, redis: Option<RedisPacing>) -> Self {
+    /// A pacer keeping `accounts`' budgets.
+    pub fn new(accounts: Arc<Accounts>) -> Self {
         Self {
-            concurrency: settings.per_app_concurrency.max(1) as usize,
-            interval: settings.per_app_min_interval,
-            accounts: Mutex::new(HashMap::default()),
-            redis,
+            accounts,
+            slots: Mutex::new(HashMap::default()),
         }
     }
 
-    /// Waits until `app_id` may start a call, then takes the start.
-    /// Dropping the future, or `halt` firing, gives the slot back.
-    pub async fn turn(&self, app_id: &str, halt: &Halt) -> Result<Turn, Interrupted> {
+    /// The budgets it keeps.
+    pub fn accounts(&self) -> &Arc<Accounts> {
+        &self.accounts
+    }
+
+    /// Waits until `app_id` may start a call, then takes the start. A turn
+    /// further away than `halt`'s hold deadline, or an account that rests,
+    /// is [`NoTurn::Rest`].
+    pub async fn turn(&self, app_id: &str, halt: &Halt) -> Result<Turn, NoTurn> {
         let began = Instant::now();
-        let account = self.account(app_id);
-        // The semaphore is never closed, so this is always `Some`.
+        let slots = self.slots(app_id);
+        // The semaphore is never closed.
         let permit = halt
-            .guard(account.slots.clone().acquire_owned())
+            .guard(slots.acquire_owned())
             .await?
-            .ok();
-        if !self.interval.is_zero() {
-            match &self.redis {
-                Some(redis) => {
-                    let wait = redis.reserve(app_id, self.interval, halt).await?;
-                    halt.sleep(wait).await?;
+            .map_err(|_| NoTurn::Interrupted(Interrupted::Shutdown))?;
+        let admitted = match self.accounts.admit(app_id, halt.hold_left(), halt).await? {
+            Ok(admitted) => admitted,
+            Err(rest) => return Err(NoTurn::Rest(rest)),
+        };
+        let mut turn = Turn {
+            _permit: permit,
+            unit: Some(admitted.unit),
+            accounts: self.accounts.clone(),
+            waited: Duration::ZERO,
+        };
+        if !admitted.wait.is_zero() {
+            halt.sleep(admitted.wait).await?;
+            // The account may have started resting while this call waited
+            // (the previous call met "too often").
+            if let Some(rest) = self.accounts.rests_now(app_id, halt).await? {
+                if let Some(unit) = turn.unit.take() {
+                    self.accounts.give_back(unit).await;
                 }
-                None => loop {
-                    // The start is taken only when it has come, so a waiter
-                    // that gives up leaves the interval to the next one.
-                    let start_at = {
-                        let mut next = account
-                            .next_start
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner);
-                        let now = Instant::now();
-                        if *next <= now {
-                            *next = now + self.interval;
-                            break;
-                        }
-                        *next
-                    };
-                    halt.guard(tokio::time::sleep_until(start_at)).await?;
-                },
+                return Err(NoTurn::Rest(rest));
             }
         }
-        let waited = began.elapsed();
-        meters().pacing_wait.record(waited.as_secs_f64());
-        Ok(Turn {
-            _permit: permit,
-            waited,
-        })
+        turn.waited = began.elapsed();
+        meters().pacing_wait.record(turn.waited.as_secs_f64());
+        Ok(turn)
     }
 
     /// Accounts currently tracked (for tests and metrics).
     pub fn tracked_accounts(&self) -> usize {
-        self.accounts
+        self.slots
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .len()
     }
 
-    fn account(&self, app_id: &str) -> Arc<Account> {
-        let mut map = self.accounts.lock().unwrap_or_else(PoisonError::into_inner);
+    fn slots(&self, app_id: &str) -> Arc<Semaphore> {
+        let mut map = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(a) = map.get(app_id) {
             return a.clone();
         }
         if map.len() >= SWEEP_THRESHOLD {
-            let now = Instant::now();
-            // Idle: nobody holds or waits for it and its interval has passed,
-            // so forgetting it cannot let a call start too early.
-            map.retain(|_, a| {
-                Arc::strong_count(a) > 1
-                    || *a.next_start.lock().unwrap_or_else(PoisonError::into_inner) > now
-            });
+            // Idle: nobody holds or waits for it (its interval lives in
+            // the ledger), so forgetting it changes nothing.
+            map.retain(|_, a| Arc::strong_count(a) > 1);
         }
-        let a = Arc::new(Account {
-            slots: Arc::new(Semaphore::new(self.concurrency)),
-            next_start: Mutex::new(Instant::now()),
-        });
+        let concurrency = self.accounts.policy(app_id).concurrency.max(1) as usize;
+        let a = Arc::new(Semaphore::new(concurrency));
         map.insert(app_id.to_owned(), a.clone());
         a
     }
@@ -205,38 +169,50 @@ impl Pacer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        accounts::{
+            calendar::{Calendar, SystemClock},
+            ledger::{Ledger, MemoryLedger},
+            policy::Policies,
+        },
+        config::Settings,
+    };
 
     fn pacer(concurrency: u32, interval_ms: u64) -> Arc<Pacer> {
-        Arc::new(Pacer::new(
-            &PacingSettings {
-                per_app_concurrency: concurrency,
-                per_app_min_interval: Duration::from_millis(interval_ms),
-            },
-            None,
-        ))
+        let mut settings = Settings::load_from(None, Some(Default::default())).expect("defaults");
+        settings.pacing.per_app_concurrency = concurrency;
+        settings.pacing.per_app_min_interval = Duration::from_millis(interval_ms);
+        let accounts = Accounts::new(
+            Policies::new(&settings.accounts, &settings.pacing),
+            Calendar::new(jiff::tz::TimeZone::UTC),
+            Arc::new(SystemClock),
+            Ledger::Memory(MemoryLedger::new()),
+        );
+        Arc::new(Pacer::new(Arc::new(accounts)))
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn starts_of_one_account_are_spaced() {
-        let p = pacer(5, 200);
+        let p = pacer(5, 100);
         let t0 = Instant::now();
         let mut starts = Vec::new();
-        for _ in 0..4 {
-            let _turn = p.turn("a", &Halt::never()).await.expect("turn");
+        for _ in 0..3 {
+            let turn = p.turn("a", &Halt::never()).await.expect("turn");
             starts.push(t0.elapsed());
+            turn.sent(true).await;
         }
         for w in starts.windows(2) {
-            assert!(w[1] - w[0] >= Duration::from_millis(200), "{starts:?}");
+            assert!(w[1] - w[0] >= Duration::from_millis(95), "{starts:?}");
         }
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn other_accounts_are_not_delayed() {
-        let p = pacer(1, 1000);
+        let p = pacer(1, 60_000);
         let _a1 = p.turn("a", &Halt::never()).await.expect("turn");
         let t0 = Instant::now();
         let _b = p.turn("b", &Halt::never()).await.expect("turn");
-        assert_eq!(t0.elapsed(), Duration::ZERO);
+        assert!(t0.elapsed() < Duration::from_secs(1));
     }
 
     #[tokio::test(start_paused = true)]
@@ -245,54 +221,46 @@ mod tests {
         let first = p.turn("a", &Halt::never()).await.expect("turn");
         let p2 = p.clone();
         let waiter =
-            tokio::spawn(async move { p2.turn("a", &Halt::never()).await.expect("turn").waited });
+            tokio::spawn(async move { p2.turn("a", &Halt::never()).await.map(|t| t.waited) });
         tokio::time::sleep(Duration::from_secs(5)).await;
         assert!(!waiter.is_finished());
         drop(first);
-        let waited = waiter.await.expect("joined");
+        let waited = waiter.await.expect("joined").expect("turn");
         assert!(waited >= Duration::from_secs(5));
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn idle_accounts_are_forgotten() {
-        let p = pacer(1, 10);
-        for i in 0..10_000 {
-            drop(p.turn(&format!("app-{i}"), &Halt::never()).await);
-            if i % 100 == 0 {
-                tokio::time::advance(Duration::from_millis(20)).await;
-            }
+    #[tokio::test]
+    async fn a_turn_beyond_the_hold_is_a_rest_not_a_wait() {
+        let p = pacer(5, 60_000);
+        p.turn("a", &Halt::never())
+            .await
+            .expect("turn")
+            .sent(true)
+            .await;
+        let halt = Halt::never().holding_until(Instant::now() + Duration::from_secs(10));
+        let t0 = Instant::now();
+        match p.turn("a", &halt).await {
+            Err(NoTurn::Rest(Rest::Pacing(_))) => {}
+            Err(other) => panic!("{other:?}"),
+            Ok(_) => panic!("a turn a minute away within a 10 s hold"),
         }
-        tokio::time::advance(Duration::from_millis(20)).await;
-        drop(p.turn("last", &Halt::never()).await);
+        assert!(t0.elapsed() < Duration::from_secs(1), "not waited for");
+    }
+
+    #[tokio::test]
+    async fn idle_accounts_are_forgotten() {
+        let p = pacer(1, 0);
+        for i in 0..5_000 {
+            p.turn(&format!("app-{i}"), &Halt::never())
+                .await
+                .expect("turn")
+                .sent(true)
+                .await;
+        }
         assert!(
             p.tracked_accounts() <= SWEEP_THRESHOLD + 1,
             "{}",
             p.tracked_accounts()
-        );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_waiter_that_gives_up_leaves_its_start_to_the_next() {
-        let p = pacer(5, 1000);
-        let _first = p.turn("a", &Halt::never()).await.expect("turn");
-        let session = crate::halt::Signal::new();
-        let halt = Halt::new(crate::halt::Signal::new(), session.clone());
-        let abandoned = tokio::spawn({
-            let p = p.clone();
-            async move { p.turn("a", &halt).await.map(|t| t.waited) }
-        });
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        session.raise();
-        assert_eq!(
-            abandoned.await.expect("join").err(),
-            Some(Interrupted::SessionLost)
-        );
-        let t0 = Instant::now();
-        let _next = p.turn("a", &Halt::never()).await.expect("turn");
-        assert_eq!(
-            t0.elapsed(),
-            Duration::from_millis(900),
-            "the next call starts one interval after the first, not two"
         );
     }
 }

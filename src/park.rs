@@ -9,8 +9,8 @@
 //!
 //! This module picks the delay queue for a command's next try
 //! ([`Parking::next`]); the try counters travel in the command's headers
-//! ([`crate::command::with_try_counters`]) and the queues are declared with
-//! the rest of the topology ([`crate::broker::topology::declare_parking`]).
+//! ([`crate::command::with_tries`]) and the queues are declared with
+//! the rest of the topology ([`crate::broker::topology::declare_delay_queues`]).
 
 use std::time::Duration;
 

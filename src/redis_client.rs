@@ -198,6 +198,19 @@ impl RedisClient {
         self.observe(result)
     }
 
+    /// Runs a pipeline (or one command) in one round trip, recording
+    /// Redis' health like [`RedisClient::run`].
+    pub async fn query<T: FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T, RedisError> {
+        let result = Box::pin(async {
+            let mut conn = self.conn().await?;
+            pipe.query_async(&mut conn)
+                .await
+                .map_err(|e| self.unavailable(e))
+        })
+        .await;
+        self.observe(result)
+    }
+
     /// Records the outcome of an operation in the health state.
     pub fn observe<T>(&self, result: Result<T, RedisError>) -> Result<T, RedisError> {
         match &result {

@@ -50,6 +50,17 @@ pub enum PublishError {
 }
 
 impl PublishError {
+    /// Whether no queue took the message (for the default exchange: the
+    /// queue does not exist).
+    pub fn is_unroutable(&self) -> bool {
+        match self {
+            PublishError::Unroutable { .. } => true,
+            PublishError::Nacked { .. }
+            | PublishError::Broker { .. }
+            | PublishError::NotConfirmed => false,
+        }
+    }
+
     /// Whether the channel is unusable after this error (the broker closed
     /// it, e.g. for a missing exchange, or it never had confirms): only a
     /// new session can publish again. A nack or a returned message leaves
@@ -76,6 +87,12 @@ impl Publisher {
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
         Ok(Self { channel })
+    }
+
+    /// The channel, for the rare declare on the publishing path (a delay
+    /// queue deleted by an operator).
+    pub fn channel(&self) -> &Channel {
+        &self.channel
     }
 
     /// Whether the channel can still publish.

@@ -107,7 +107,7 @@ impl Session {
             .map_err(channel_err("the consuming channel"))?;
         if a.declare {
             topology::declare(&consume_channel, a).await?;
-            topology::declare_parking(&consume_channel, a, &settings.retry.park).await?;
+            topology::declare_delay_queues(&consume_channel, a, &settings.retry.park).await?;
             topology::declare_callbacks(&consume_channel, a, c).await?;
         }
         consume_channel

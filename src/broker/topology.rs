@@ -17,7 +17,10 @@ use lapin::{
 
 use std::time::Duration;
 
-use crate::config::{AmqpSettings, CallbacksSettings, QueueType, delay_queue_name};
+use crate::{
+    config::{AmqpSettings, CallbacksSettings, QueueType, defer_queue_name, delay_queue_name},
+    defer::DEFER_DELAYS,
+};
 
 /// The `TypeName` of GeWe's contact-change callback, and the routing key the
 /// callbacks queue is bound with (contract §6).
@@ -247,37 +250,60 @@ pub async fn remove_callbacks(channel: &Channel, c: &CallbacksSettings) {
         .await;
 }
 
-/// Declares the delay queues of `retry.park` (see [`crate::park`]), with the
-/// same clear errors when one exists with other arguments.
+/// Declares the delay queues: those of `retry.park` (see [`crate::park`])
+/// and the deferral ladder (see [`crate::defer`]), with the same clear
+/// errors when one exists with other arguments.
 ///
 /// A delay queue's message TTL is its delay and its dead-letter target the
-/// command queue, so the broker hands a parked command back when the delay
-/// has passed. The delay queues have the command queue's type. Quorum
-/// queues on RabbitMQ 3.10 honour `x-message-ttl` (checked against 3.10.8)
-/// and offer at-least-once dead-lettering (`x-dead-letter-strategy`, which
-/// needs `x-overflow: reject-publish`), so a parked command cannot be lost
-/// on its way back, and it is replicated like the commands themselves.
-/// Classic queues dead-letter at most once.
-pub async fn declare_parking(
+/// command queue, so the broker hands a parked or deferred command back
+/// when the delay has passed. The delay queues have the command queue's
+/// type. Quorum queues on RabbitMQ 3.10 honour `x-message-ttl` (checked
+/// against 3.10.8) and offer at-least-once dead-lettering
+/// (`x-dead-letter-strategy`, which needs `x-overflow: reject-publish`), so
+/// a command cannot be lost on its way back, and it is replicated like the
+/// commands themselves. Classic queues dead-letter at most once.
+pub async fn declare_delay_queues(
     channel: &Channel,
     a: &AmqpSettings,
-    delays: &[Duration],
+    park: &[Duration],
+) -> Result<(), TopologyError> {
+    for (name, delay) in delay_queues(a, park) {
+        declare_delay_queue(channel, a, &name, delay).await?;
+    }
+    Ok(())
+}
+
+/// Every delay queue's name and delay: the parking delays, then the ladder.
+fn delay_queues(a: &AmqpSettings, park: &[Duration]) -> Vec<(String, Duration)> {
+    let parking = park
+        .iter()
+        .map(|d| (delay_queue_name(&a.command_queue, *d), *d));
+    let ladder = DEFER_DELAYS
+        .iter()
+        .map(|d| (defer_queue_name(&a.command_queue, *d), *d));
+    parking.chain(ladder).collect()
+}
+
+/// Declares one delay queue `name` with `delay`: at start-up, and again
+/// when a publish to it finds it missing (an operator deleted it).
+pub async fn declare_delay_queue(
+    channel: &Channel,
+    a: &AmqpSettings,
+    name: &str,
+    delay: Duration,
 ) -> Result<(), TopologyError> {
     let durable_queue = QueueDeclareOptions {
         durable: true,
         ..QueueDeclareOptions::default()
     };
-    for delay in delays {
-        let name = delay_queue_name(&a.command_queue, *delay);
-        channel
-            .queue_declare(
-                ShortString::from(name.as_str()),
-                durable_queue,
-                delay_queue_arguments(&a.command_queue, *delay, a.queue_type),
-            )
-            .await
-            .map_err(|e| TopologyError::from_lapin(format!("queue '{name}'"), e))?;
-    }
+    channel
+        .queue_declare(
+            ShortString::from(name),
+            durable_queue,
+            delay_queue_arguments(&a.command_queue, delay, a.queue_type),
+        )
+        .await
+        .map_err(|e| TopologyError::from_lapin(format!("queue '{name}'"), e))?;
     Ok(())
 }
 
@@ -315,10 +341,9 @@ fn delay_queue_arguments(
     args
 }
 
-/// Deletes the delay queues [`declare_parking`] creates (best effort).
-pub async fn remove_parking(channel: &Channel, a: &AmqpSettings, delays: &[Duration]) {
-    for delay in delays {
-        let name = delay_queue_name(&a.command_queue, *delay);
+/// Deletes the delay queues [`declare_delay_queues`] creates (best effort).
+pub async fn remove_delay_queues(channel: &Channel, a: &AmqpSettings, park: &[Duration]) {
+    for (name, _) in delay_queues(a, park) {
         let _ = channel
             .queue_delete(
                 ShortString::from(name.as_str()),

@@ -208,7 +208,8 @@ async fn give_back(delivery: &CallbackDelivery<'_>, interrupted: Interrupted) {
     match interrupted {
         // The broker already has it back.
         Interrupted::SessionLost => {}
-        Interrupted::Shutdown | Interrupted::ClaimLost => {
+        // Callbacks have no hold deadline; listed for completeness.
+        Interrupted::Shutdown | Interrupted::ClaimLost | Interrupted::HeldTooLong => {
             settle::requeue(&delivery.message, "callback").await
         }
     }

@@ -234,7 +234,7 @@ mod tests {
         if let Some(id) = correlation_id {
             properties = properties.with_correlation_id(id.into());
         }
-        Envelope::from_properties(&properties)
+        Envelope::from_properties(&properties, "cmds")
     }
 
     const GOOD: &str = r#"{"commandId":"c-1","appId":"wx_app","chatroomId":"1@chatroom","memberWxid":"wxid_a","content":"hi","extra":1}"#;

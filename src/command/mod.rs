@@ -11,7 +11,10 @@ mod envelope;
 
 pub(crate) use decode::json_type;
 pub use decode::{decode, resolve_command_id};
-pub use envelope::{ATTEMPTS_HEADER, Envelope, PARKED_HEADER, with_try_counters};
+pub use envelope::{
+    ATTEMPTS_HEADER, DEFERRED_HEADER, Envelope, FIRST_RECEIVED_HEADER, NextTry, PARKED_HEADER,
+    with_tries,
+};
 
 /// Bodies above this size are refused before parsing: no real greeting comes
 /// close, and parsing megabytes per message would let one publisher stall

@@ -11,6 +11,7 @@ use std::{collections::HashMap, path::Path, time::Duration};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
+mod accounts;
 mod durations;
 mod nodes;
 mod secrets;
@@ -19,6 +20,7 @@ mod sections;
 mod tests;
 mod tls;
 
+pub use accounts::{AccountOverride, AccountsSettings, ActiveHours};
 pub use nodes::{broker_urls, url_password};
 pub use secrets::{redact_url_list, redact_url_password};
 pub use sections::*;
@@ -89,6 +91,8 @@ pub struct Settings {
     pub log: LogSettings,
     /// GeWe callbacks.
     pub callbacks: CallbacksSettings,
+    /// Budgets per WeChat account (§7).
+    pub accounts: AccountsSettings,
 }
 
 /// Shortest accepted `gewe.token`.
@@ -108,6 +112,7 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("amqp.declare", "true"),
     ("amqp.prefetch", "64"),
     ("amqp.delivery_limit", "10"),
+    ("amqp.max_hold", "10m"),
     ("gewe.base_url", "http://api.geweapi.com"),
     ("gewe.timeout", "10s"),
     ("retry.max_attempts", "5"),
@@ -126,6 +131,12 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("callbacks.exchange", "gewe.callbacks"),
     ("callbacks.queue", "gewe.add_friend.callbacks"),
     ("callbacks.match_window", "30d"),
+    ("accounts.daily_limit", "0"),
+    ("accounts.timezone", "Asia/Shanghai"),
+    ("accounts.active_hours", ""),
+    ("accounts.cooldown", "6h"),
+    ("accounts.cooldown_on", "频繁"),
+    ("accounts.max_wait", "7d"),
 ];
 
 impl Settings {
@@ -324,7 +335,28 @@ impl Settings {
                 ));
             }
         }
+        self.validate_hold()?;
+        self.accounts.validate()?;
         self.validate_callbacks()
+    }
+
+    /// `amqp.max_hold` must leave room for one GeWe attempt and stay far
+    /// below any broker's `consumer_timeout`.
+    fn validate_hold(&self) -> Result<(), ConfigError> {
+        let hold = self.amqp.max_hold;
+        if hold < Duration::from_secs(10) || hold > Duration::from_secs(12 * 3600) {
+            return Err(ConfigError::invalid(
+                "amqp.max_hold",
+                "must be between 10s and 12h (and well below the broker's consumer_timeout, 30m by default)",
+            ));
+        }
+        if hold <= self.gewe.timeout {
+            return Err(ConfigError::invalid(
+                "amqp.max_hold",
+                "must be longer than gewe.timeout: a delivery is held at least while its GeWe call runs",
+            ));
+        }
+        Ok(())
     }
 
     fn validate_callbacks(&self) -> Result<(), ConfigError> {

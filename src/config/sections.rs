@@ -47,6 +47,8 @@ pub struct AmqpSettings {
     pub prefetch: u16,
     /// Quorum `x-delivery-limit`.
     pub delivery_limit: u32,
+    #[serde(with = "humantime_serde")]
+    pub max_hold: Duration,
 }
 
 impl AmqpSettings {
@@ -132,10 +134,18 @@ pub struct RetrySettings {
 /// `delay` (contract §4): `<command_queue>.park.<delay>`, the delay as
 /// `1m`, `10m`, `1h30m`.
 pub fn delay_queue_name(command_queue: &str, delay: Duration) -> String {
-    let label = humantime::format_duration(delay)
+    format!("{command_queue}.park.{}", delay_label(delay))
+}
+
+/// The deferral queue for `delay` (contract §7): `<command_queue>.defer.1m`.
+pub fn defer_queue_name(command_queue: &str, delay: Duration) -> String {
+    format!("{command_queue}.defer.{}", delay_label(delay))
+}
+
+fn delay_label(delay: Duration) -> String {
+    humantime::format_duration(delay)
         .to_string()
-        .replace(' ', "");
-    format!("{command_queue}.park.{label}")
+        .replace(' ', "")
 }
 
 /// `[pacing]`

@@ -40,6 +40,9 @@ pub enum Verdict {
         error: EventError,
         /// Server-requested delay, if any.
         retry_after: Option<Duration>,
+        /// Whether WeChat may have seen the request (a timeout: it may
+        /// have; a refused connection or an HTTP 5xx: it did not).
+        reached_wechat: bool,
     },
 }
 
@@ -51,6 +54,37 @@ impl Verdict {
             Verdict::Success { .. } | Verdict::Local { .. } => None,
             Verdict::Permanent(e) | Verdict::Transient { error: e, .. } => Some(e.kind),
         }
+    }
+
+    /// Whether the request may have reached WeChat, so it counts against
+    /// the account's daily limit (contract §7): not when it never left this
+    /// process, GeWe refused the token or found the account offline, or
+    /// GeWe could not be reached or answered 5xx. A timeout counts.
+    pub fn reached_wechat(&self) -> bool {
+        match self {
+            Verdict::Success { .. } => true,
+            Verdict::Local { .. } => false,
+            Verdict::Transient { reached_wechat, .. } => *reached_wechat,
+            Verdict::Permanent(e) => match e.kind {
+                ErrorKind::Unauthorized | ErrorKind::AppOffline => false,
+                ErrorKind::Rejected
+                | ErrorKind::UnexpectedResponse
+                | ErrorKind::UpstreamUnavailable
+                | ErrorKind::InvalidCommand
+                | ErrorKind::Expired => true,
+            },
+        }
+    }
+
+    /// GeWe's `msg` and `data.msg` of a failed answer, where WeChat's
+    /// "too often" shows.
+    pub fn failure_texts(&self) -> Option<impl Iterator<Item = &str>> {
+        let reply = match self {
+            Verdict::Permanent(e) | Verdict::Transient { error: e, .. } => e.gewe.as_ref()?,
+            Verdict::Success { .. } | Verdict::Local { .. } => return None,
+        };
+        let data = reply.data.as_ref().and_then(|d| d.msg.as_deref());
+        Some(reply.msg.as_deref().into_iter().chain(data))
     }
 }
 
@@ -74,6 +108,7 @@ pub fn classify(result: &Result<Answer, TransportError>, redactor: &Redactor) ->
                     None,
                 ),
                 retry_after: None,
+                reached_wechat: !matches!(e, TransportError::Connect(_)),
             };
         }
     };
@@ -98,6 +133,7 @@ pub fn classify(result: &Result<Answer, TransportError>, redactor: &Redactor) ->
                 reply,
             ),
             retry_after: answer.retry_after,
+            reached_wechat: !(500..=599).contains(&status),
         },
         200..=299 => match body {
             Some(body) => classify_body(body),

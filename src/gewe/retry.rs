@@ -99,7 +99,9 @@ impl RetryPolicy {
                 tally.count(probe);
                 Step::Done(Err(Box::new(error)))
             }
-            Verdict::Transient { error, retry_after } => {
+            Verdict::Transient {
+                error, retry_after, ..
+            } => {
                 tally.count(probe);
                 if !probe && tally.counted >= self.max_attempts {
                     Step::Done(Err(Box::new(error)))
@@ -152,6 +154,7 @@ mod tests {
         Verdict::Transient {
             error: EventError::new(ErrorKind::UpstreamUnavailable, "503", None),
             retry_after,
+            reached_wechat: false,
         }
     }
 

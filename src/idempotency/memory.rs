@@ -109,7 +109,7 @@ mod tests {
                 result: Ok("v3".into()),
                 attempts: 1,
             },
-            0,
+            crate::outcome::Tries::default(),
         )
     }
 

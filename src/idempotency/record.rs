@@ -4,7 +4,10 @@
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::{Digest, Sha256};
 
-use crate::{command::Command, outcome::CallOutcome};
+use crate::{
+    command::Command,
+    outcome::{CallOutcome, Tries},
+};
 
 /// Identifies one request: `appId`, `chatroomId`, `memberWxid` and
 /// `content` (contract §3). A commandId is bound to the fingerprint of the
@@ -67,6 +70,9 @@ pub struct Record {
     /// Times the command was parked before this outcome (`retry.park`).
     #[serde(default, skip_serializing_if = "is_zero")]
     parked: u32,
+    /// Times the command was deferred for its account before this outcome.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    deferred: u32,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -74,14 +80,15 @@ fn is_zero(n: &u32) -> bool {
 }
 
 impl Record {
-    /// An outcome known now, after `parked` earlier tries.
-    pub fn new(fingerprint: Fingerprint, outcome: CallOutcome, parked: u32) -> Self {
+    /// An outcome known now, after the earlier `tries` through delay queues.
+    pub fn new(fingerprint: Fingerprint, outcome: CallOutcome, tries: Tries) -> Self {
         let completed_at_ms = crate::timestamp::now_millis();
         Self {
             fingerprint,
             outcome,
             completed_at_ms,
-            parked,
+            parked: tries.parked,
+            deferred: tries.deferred,
         }
     }
 
@@ -95,9 +102,12 @@ impl Record {
         &self.outcome
     }
 
-    /// Times the command was parked before this outcome.
-    pub fn parked(&self) -> u32 {
-        self.parked
+    /// Times the command was parked and deferred before this outcome.
+    pub fn tries(&self) -> Tries {
+        Tries {
+            parked: self.parked,
+            deferred: self.deferred,
+        }
     }
 
     /// `completedAt` of its events (RFC 3339, milliseconds).
@@ -146,7 +156,10 @@ mod tests {
                 result: Ok("v3".into()),
                 attempts: 2,
             },
-            1,
+            Tries {
+                parked: 1,
+                deferred: 2,
+            },
         );
         let json = serde_json::to_string(&record).expect("encodes");
         let back: Record = serde_json::from_str(&json).expect("decodes");
@@ -167,7 +180,7 @@ mod tests {
                 result: Ok("v3".into()),
                 attempts: 1,
             },
-            0,
+            Tries::default(),
         );
         record.completed_at_ms = u64::MAX;
         assert!(record.completed_at().ends_with('Z'));

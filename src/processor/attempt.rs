@@ -1,21 +1,54 @@
 //! The GeWe attempts of one command.
 //!
 //! Every attempt, retries included, is admitted by the circuit breaker,
-//! waits for its account's pacing turn, and goes out only while the
-//! commandId's claim will outlast it. A call already sent is never
-//! abandoned: its answer is what the command's outcome is made of.
+//! waits for its account's pacing turn and budget, and goes out only while
+//! the commandId's claim will outlast it. A call already sent is never
+//! abandoned: its answer is what the command's outcome is made of. A
+//! command that cannot be sent within `amqp.max_hold` (an open breaker, a
+//! far turn, a resting account) or that meets WeChat's "too often" stops
+//! with [`Stop::Defer`]: it goes back through the broker.
 
 use tokio::time::Instant;
 
 use super::Processor;
 use crate::{
+    accounts::calendar::Millis,
     command::Command,
     gewe::{Step, Tally, Verdict, classify},
     halt::{Halt, Interrupted},
     idempotency::Claim,
-    meters::meters,
+    meters::{Deferral, meters},
     outcome::CallOutcome,
+    pacing::NoTurn,
 };
+
+/// Why a command's attempts stop without an outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Stop {
+    /// Shutdown, a lost session or claim: back to the queue.
+    Interrupted(Interrupted),
+    /// Deferred through the broker, for this reason, until then if known.
+    Defer(Deferral, Option<Millis>),
+}
+
+impl From<Interrupted> for Stop {
+    fn from(i: Interrupted) -> Self {
+        match i {
+            // The waits of an attempt are for the account's turn.
+            Interrupted::HeldTooLong => Stop::Defer(Deferral::Pacing, None),
+            other => Stop::Interrupted(other),
+        }
+    }
+}
+
+impl From<NoTurn> for Stop {
+    fn from(no: NoTurn) -> Self {
+        match no {
+            NoTurn::Interrupted(i) => i.into(),
+            NoTurn::Rest(rest) => Stop::Defer(rest.reason(), rest.until()),
+        }
+    }
+}
 
 impl Processor {
     /// Attempts `cmd` until it has an outcome. `tally` carries the attempts
@@ -26,7 +59,7 @@ impl Processor {
         claim: &Claim<'_>,
         halt: &Halt,
         tally: &mut Tally,
-    ) -> Result<CallOutcome, Interrupted> {
+    ) -> Result<CallOutcome, Stop> {
         loop {
             let (verdict, probe) = self.attempt(cmd, claim, halt, tally.attempts() + 1).await?;
             let step = self.retry.after(tally, verdict, probe, &mut rand::rng());
@@ -75,13 +108,17 @@ impl Processor {
         claim: &Claim<'_>,
         halt: &Halt,
         n: u32,
-    ) -> Result<(Verdict, bool), Interrupted> {
+    ) -> Result<(Verdict, bool), Stop> {
         let request = self.gewe.timeout();
         // Before the breaker and pacing: a claim that needs renewing first
         // must not hold a probe or an account's turn meanwhile.
         claim.ready(request, halt).await?;
         let (admission, turn) = loop {
-            let admission = self.breaker.admit(halt).await?;
+            let admission = match self.breaker.admit(halt).await {
+                Ok(admission) => admission,
+                Err(Interrupted::HeldTooLong) => return Err(Stop::Defer(Deferral::Breaker, None)),
+                Err(other) => return Err(other.into()),
+            };
             let turn = self.pacer.turn(&cmd.app_id, halt).await?;
             if admission.is_current() {
                 break (admission, turn);
@@ -116,7 +153,22 @@ impl Processor {
             meters().gewe_request(failure).increment(1);
             admission.record(failure);
         }
-        drop(turn);
+        let accounts = self.pacer.accounts();
+        accounts.note_outcome(
+            &cmd.app_id,
+            verdict.failure().map_or("succeeded", |k| k.as_str()),
+        );
+        turn.sent(verdict.reached_wechat()).await;
+        if let Some(text) = verdict
+            .failure_texts()
+            .and_then(|texts| accounts.policies().too_often(texts))
+        {
+            // WeChat says the account adds friends too often: it rests, and
+            // this command waits for it rather than failing.
+            let text = text.to_owned();
+            let until = accounts.cool_down(&cmd.app_id, &text).await;
+            return Err(Stop::Defer(Deferral::Cooldown, Some(until)));
+        }
         Ok((verdict, probe))
     }
 }

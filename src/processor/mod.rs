@@ -13,9 +13,12 @@
 //! the only one not marked `duplicate`.
 
 mod attempt;
+mod deferral;
 mod settle;
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
+
+use attempt::Stop;
 
 use lapin::message::Delivery;
 use tokio::sync::Semaphore;
@@ -25,11 +28,12 @@ use crate::{
     broker::SessionHandle,
     callbacks::Matcher,
     command::{self, Command, Envelope},
+    config::AmqpSettings,
     event::ResultEvent,
     gewe::{GeweClient, RetryPolicy, Tally},
     halt::{Halt, Interrupted, Signal},
     idempotency::{Fingerprint, Found, Idempotency, Record, Stored},
-    meters::{Requeue, meters},
+    meters::{Deferral, Requeue, meters},
     pacing::Pacer,
     park::Parking,
     redact::Redactor,
@@ -39,6 +43,12 @@ use crate::{
 
 /// The parts of the command pipeline, shared by all deliveries.
 pub struct Processor {
+    /// Names of the command queue and its delay queues, and how to declare
+    /// one again.
+    amqp: AmqpSettings,
+    /// How long a delivery may wait before its GeWe call must start (see
+    /// [`hold_budget`]).
+    hold: Duration,
     result_exchange: String,
     gewe: GeweClient,
     retry: RetryPolicy,
@@ -59,13 +69,17 @@ pub struct Processor {
 
 /// What [`Processor::new`] is made of.
 pub struct Parts {
+    /// The broker settings: queue names, `amqp.max_hold`.
+    pub amqp: AmqpSettings,
+    /// `gewe.timeout`, to fit the last call inside `amqp.max_hold`.
+    pub gewe_timeout: Duration,
     /// Topic exchange results are published to.
     pub result_exchange: String,
     /// GeWe client (connection-pooled).
     pub gewe: GeweClient,
     /// Retry policy of GeWe attempts.
     pub retry: RetryPolicy,
-    /// Per-account pacing.
+    /// Per-account pacing and budgets.
     pub pacer: Pacer,
     /// Known outcomes and claims.
     pub idempotency: Idempotency,
@@ -116,6 +130,8 @@ impl Processor {
     /// A pipeline made of `parts`.
     pub fn new(parts: Parts) -> Self {
         Self {
+            hold: hold_budget(parts.amqp.max_hold, parts.gewe_timeout),
+            amqp: parts.amqp,
             result_exchange: parts.result_exchange,
             gewe: parts.gewe,
             retry: parts.retry,
@@ -141,7 +157,7 @@ impl Processor {
     pub async fn handle(self: Arc<Self>, message: Delivery, session: Arc<SessionHandle>) {
         meters().commands_received.increment(1);
         let received_at = timestamp::now();
-        let mut envelope = Envelope::from_properties(&message.properties);
+        let mut envelope = Envelope::from_properties(&message.properties, &self.amqp.command_queue);
         let decoded = command::decode(&message.data, &envelope);
         let (command_id, app_id) = match &decoded {
             Ok(cmd) => (cmd.command_id.as_str(), Some(cmd.app_id.as_str())),
@@ -168,7 +184,9 @@ impl Processor {
             span_id,
             parent_span_id,
         };
-        let halt = session.halt(self.shutdown.clone());
+        let halt = session
+            .halt(self.shutdown.clone())
+            .holding_until(tokio::time::Instant::now() + self.hold);
         let delivery = CommandDelivery {
             message,
             envelope,
@@ -184,7 +202,14 @@ impl Processor {
         decoded: Result<Command, Box<command::Rejected>>,
         delivery: &CommandDelivery,
     ) {
-        let slot = match delivery.halt.guard(self.slots.acquire()).await {
+        // Without the hold deadline: slots are short of prefetch only while
+        // a lost session's calls finish, and those end within their hold.
+        let slot = match delivery
+            .halt
+            .without_deadline()
+            .guard(self.slots.acquire())
+            .await
+        {
             Ok(Ok(slot)) => slot,
             // The semaphore is never closed.
             Ok(Err(_)) => return self.give_back(delivery, Interrupted::Shutdown).await,
@@ -204,10 +229,11 @@ impl Processor {
         drop(slot);
     }
 
-    /// A valid command: its outcome is found or made, then announced.
+    /// A valid command: its outcome is found or made, then announced; or,
+    /// when its account cannot send now, it is deferred.
     async fn carry_out(&self, cmd: &Command, delivery: &CommandDelivery) {
         let fingerprint = Fingerprint::of(cmd);
-        // Kept across a lost claim and parked tries, so `attempts` counts
+        // Kept across a lost claim and earlier tries, so `attempts` counts
         // every request.
         let mut tally = Tally::after_earlier_tries(delivery.envelope.prior_attempts());
         loop {
@@ -217,6 +243,10 @@ impl Processor {
                 .await
             {
                 Ok(found) => found,
+                // Waited for a copy or for Redis as long as the hold allows.
+                Err(Interrupted::HeldTooLong) => {
+                    return self.defer(Deferral::Pacing, None, &tally, delivery).await;
+                }
                 Err(interrupted) => return self.give_back(delivery, interrupted).await,
             };
             let (mut claim, stored) = match found {
@@ -235,18 +265,25 @@ impl Processor {
                         .await
                     {
                         Ok(outcome) => outcome,
-                        Err(Interrupted::ClaimLost) => {
+                        Err(Stop::Interrupted(Interrupted::ClaimLost)) => {
                             tracing::warn!(
                                 "the claim on this commandId was lost before the request; looking it up again"
                             );
                             continue;
                         }
-                        Err(interrupted) => {
+                        Err(Stop::Defer(reason, until)) => match self.expiry(delivery, &tally) {
+                            Some(expired) => expired,
+                            None => {
+                                claim.release().await;
+                                return self.defer(reason, until, &tally, delivery).await;
+                            }
+                        },
+                        Err(Stop::Interrupted(interrupted)) => {
                             claim.release().await;
                             return self.give_back(delivery, interrupted).await;
                         }
                     };
-                    let record = Record::new(fingerprint, outcome, delivery.envelope.parked());
+                    let record = Record::new(fingerprint, outcome, delivery.envelope.tries());
                     // GeWe answered: keep the answer before anything is
                     // published, so no redelivery calls again.
                     if record.is_definitive() {
@@ -280,7 +317,7 @@ impl Processor {
             let event = ResultEvent::of_outcome(
                 cmd,
                 record.outcome(),
-                record.parked(),
+                record.tries(),
                 &delivery.received_at,
                 record.completed_at(),
                 false,
@@ -308,7 +345,7 @@ impl Processor {
         let event = ResultEvent::of_outcome(
             cmd,
             record.outcome(),
-            record.parked(),
+            record.tries(),
             &delivery.received_at,
             record.completed_at(),
             true,
@@ -357,6 +394,22 @@ impl Processor {
             Interrupted::SessionLost => meters().requeued(Requeue::SessionLost).increment(1),
             Interrupted::Shutdown => self.requeue(delivery, Requeue::Shutdown).await,
             Interrupted::ClaimLost => self.requeue(delivery, Requeue::ClaimLost).await,
+            // Deferred where it can happen; here only a wait that had no
+            // deadline could end, so this is not expected.
+            Interrupted::HeldTooLong => self.requeue(delivery, Requeue::Shutdown).await,
         }
     }
+}
+
+/// How long a delivery may wait (for a copy, the breaker, its turn, a
+/// backoff) before its last GeWe call must start: `amqp.max_hold` less one
+/// call (`gewe.timeout`) and a margin for storing and publishing the result
+/// (a tenth of the hold, at most a second), so the delivery is settled
+/// within `amqp.max_hold`.
+pub fn hold_budget(max_hold: Duration, gewe_timeout: Duration) -> Duration {
+    let margin = (max_hold / 10).min(Duration::from_secs(1));
+    max_hold
+        .saturating_sub(gewe_timeout)
+        .saturating_sub(margin)
+        .max(Duration::from_secs(1))
 }

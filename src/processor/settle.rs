@@ -11,12 +11,13 @@
 use super::{CommandDelivery, Processor};
 use crate::{
     broker::settle,
-    command,
+    command::{self, NextTry},
     error_kind::ErrorKind,
     event::ResultEvent,
     idempotency::Record,
     meters::{Requeue, meters},
     outbound::publish_event,
+    outcome::Tries,
     park::Slot,
 };
 
@@ -42,8 +43,10 @@ impl Processor {
             Ok(()) => {
                 meters().result_published(event.error_kind()).increment(1);
                 if let Some(matcher) = &self.matcher {
+                    // The event is out: remembering it must not stop at
+                    // the hold deadline.
                     matcher
-                        .remember(event, &delivery.envelope, &delivery.halt)
+                        .remember(event, &delivery.envelope, &delivery.halt.without_deadline())
                         .await;
                 }
                 true
@@ -108,39 +111,44 @@ impl Processor {
         if !record.outcome().result.as_ref().err()?.kind.parkable() {
             return None;
         }
-        self.parking.next(delivery.envelope.parked())
+        self.parking.next(delivery.envelope.tries().parked)
     }
 
     /// Publishes the command, unchanged but for its try counters, to
     /// `slot`'s delay queue; acks the delivery once that copy is confirmed,
     /// requeues it otherwise. No event: it comes with the last try.
     pub(super) async fn park(&self, slot: Slot, attempts: u32, delivery: &CommandDelivery) {
-        let parked = delivery.envelope.parked().saturating_add(1);
-        let properties = command::with_try_counters(&delivery.message.properties, parked, attempts);
-        let published = delivery
-            .session
-            .publisher()
-            .publish("", &slot.queue, true, &delivery.message.data, properties)
-            .await;
-        match published {
-            Ok(()) => {
-                meters().commands_parked.increment(1);
-                tracing::info!(
-                    queue = %slot.queue,
-                    delay_ms = slot.delay.as_millis() as u64,
-                    parked,
-                    attempts,
-                    "parked the command; it comes back after the delay"
-                );
-                self.ack(delivery).await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, queue = %slot.queue, "could not park the command; requeueing it");
-                if e.breaks_channel() {
-                    delivery.session.publishing_channel_broke();
-                }
-                self.requeue(delivery, Requeue::PublishFailed).await;
-            }
+        let earlier = delivery.envelope.tries();
+        let tries = Tries {
+            parked: earlier.parked.saturating_add(1),
+            deferred: earlier.deferred,
+        };
+        let properties = command::with_tries(
+            &delivery.message.properties,
+            NextTry {
+                tries,
+                attempts,
+                first_received: delivery
+                    .envelope
+                    .first_received()
+                    .unwrap_or(&delivery.received_at),
+            },
+        );
+        if self
+            .send_to_delay_queue(&slot.queue, slot.delay, properties, delivery)
+            .await
+        {
+            meters().commands_parked.increment(1);
+            tracing::info!(
+                queue = %slot.queue,
+                delay_ms = slot.delay.as_millis() as u64,
+                parked = tries.parked,
+                attempts,
+                "parked the command; it comes back after the delay"
+            );
+            self.ack(delivery).await;
+        } else {
+            self.requeue(delivery, Requeue::PublishFailed).await;
         }
     }
 }

@@ -249,7 +249,7 @@ async fn listener(settings: Settings, bind_results: bool) -> TestApp {
     topology::declare(&channel, &settings.amqp)
         .await
         .expect("topology");
-    topology::declare_parking(&channel, &settings.amqp, &settings.retry.park)
+    topology::declare_delay_queues(&channel, &settings.amqp, &settings.retry.park)
         .await
         .expect("delay queues");
     topology::declare_callbacks(&channel, &settings.amqp, &settings.callbacks)
@@ -451,7 +451,7 @@ impl TestApp {
 /// Deletes the queues and exchanges a [`TestApp`] declared.
 async fn remove_topology(channel: &Channel, settings: &Settings) {
     topology::remove(channel, &settings.amqp).await;
-    topology::remove_parking(channel, &settings.amqp, &settings.retry.park).await;
+    topology::remove_delay_queues(channel, &settings.amqp, &settings.retry.park).await;
     topology::remove_callbacks(channel, &settings.callbacks).await;
 }
 

@@ -85,7 +85,7 @@ fn record(member: &str, v3: &str) -> Record {
             result: Ok(v3.to_owned()),
             attempts: 1,
         },
-        0,
+        gewe_friend_worker::outcome::Tries::default(),
     )
 }
 
