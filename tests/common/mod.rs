@@ -5,6 +5,7 @@
 
 pub mod broker;
 pub mod callbacks;
+pub mod delay_queues;
 pub mod fake_gewe;
 pub mod lock;
 pub mod logs;

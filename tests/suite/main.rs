@@ -12,6 +12,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod accounts;
 mod asyncapi;
 mod callback_endpoint;
 mod callbacks;

@@ -147,45 +147,50 @@ async fn a_restart_while_commands_are_parked_loses_nothing() {
 }
 
 #[tokio::test]
-async fn a_park_that_is_not_confirmed_leaves_the_command_in_the_queue() {
-    // Alone: the requeue counted is this worker's.
-    alone(async {
-        let gewe = FakeGewe::start(Duration::ZERO, offline).await;
-        let settings = parking(&gewe, &[60]);
-        let mut app = spawn_app(settings.clone()).await;
-        // Consuming, so the worker has declared its topology already.
-        wait_for_readyz(app.ops_addr, 200, "ready").await;
-        // The delay queue is gone (deleted by an operator): the parked copy is
-        // unroutable, so the command must not be acked.
-        let delay_queue = gewe_friend_worker::config::delay_queue_name(
-            &settings.amqp.command_queue,
-            Duration::from_secs(60),
-        );
-        app.channel
-            .queue_delete(delay_queue.as_str().into(), Default::default())
-            .await
-            .expect("delete the delay queue");
-        let before = metric(app.ops_addr, "commands_requeued_total", "publish_failed").await;
-        let id = unique("park-lost");
-        app.publish(&command(&id, "app-lost")).await;
-        wait_for_metric(
-            app.ops_addr,
-            "commands_requeued_total",
-            "publish_failed",
-            before + 1.0,
-            "the requeue is counted",
-        )
-        .await;
-        app.stop_worker().await;
-        let body = app.command_left_in_queue().await;
-        assert_eq!(body["commandId"], id.as_str());
-        assert!(
-            app.try_next_event(Duration::ZERO).await.is_none(),
-            "no event"
-        );
-        app.stop().await;
+async fn a_deleted_park_queue_is_declared_again_and_gewe_is_not_called_again() {
+    let gewe = FakeGewe::start(Duration::ZERO, offline).await;
+    let settings = parking(&gewe, &[60]);
+    let mut app = spawn_app(settings.clone()).await;
+    // Consuming, so the worker has declared its topology already.
+    wait_for_readyz(app.ops_addr, 200, "ready").await;
+    // An operator deletes the delay queue: the parked copy must not be lost,
+    // and the command must not go back to GeWe for it.
+    let delay_queue = gewe_friend_worker::config::delay_queue_name(
+        &settings.amqp.command_queue,
+        Duration::from_secs(60),
+    );
+    app.channel
+        .queue_delete(delay_queue.as_str().into(), Default::default())
+        .await
+        .expect("delete the delay queue");
+    let id = unique("park-lost");
+    app.publish(&command(&id, "app-lost")).await;
+    let copies = eventually(WAIT, || async {
+        let copies = delay_queues::peek(&app.connection, &delay_queue).await;
+        if copies.len() == 1 {
+            Ok(copies)
+        } else {
+            Err(format!(
+                "{} copies in the redeclared park queue",
+                copies.len()
+            ))
+        }
     })
     .await;
+    assert_eq!(copies[0].body["commandId"], id.as_str());
+    assert_eq!(copies[0].count("x-gewe-parked"), Some(1));
+    assert_eq!(
+        gewe.calls().len(),
+        1,
+        "one attempt (app_offline is not retried), and no call again for the lost queue"
+    );
+    assert!(
+        app.try_next_event(Duration::from_millis(200))
+            .await
+            .is_none(),
+        "no event"
+    );
+    app.stop().await;
 }
 
 #[tokio::test]
