@@ -89,6 +89,10 @@ pub struct SimulateArgs {
     /// http://HOST:8081/gewe/callback?secret=S).
     #[arg(long, value_name = "URL")]
     pub callback_url: Option<url::Url>,
+    /// Play WeChat's daily limit: after N successes for an appId in a day
+    /// (Asia/Shanghai), answer WeChat's "too often" message.
+    #[arg(long, value_name = "N")]
+    pub daily_limit: Option<u32>,
     /// With --callback-url: time from a success to its callback.
     #[arg(long, value_name = "DUR", default_value = "2s", value_parser = humantime::parse_duration)]
     pub accept_after: Duration,

@@ -6,7 +6,10 @@
 //! then removes what it declared. Callbacks are on: the simulator plays the
 //! members, who accept [`ACCEPT_AFTER`] after each success by posting
 //! GeWe's callback to the worker's own callback endpoint, so every
-//! `succeeded` is followed by an `accepted`.
+//! `succeeded` is followed by an `accepted`. One account, `demo_app_gamma`,
+//! may send one friend request a day (`accounts.overrides`): its second
+//! command is deferred to the broker's deferral ladder instead of being
+//! sent, as it would be in production, and the demo shows where it waits.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -26,6 +29,8 @@ use crate::{
 
 /// Time from a success to the simulated member's acceptance.
 const ACCEPT_AFTER: Duration = Duration::from_secs(1);
+/// The account with a daily limit of one request.
+const LIMITED_APP: &str = "demo_app_gamma";
 
 /// Runs the demo; `Ok` only if every expected result arrived.
 pub async fn run(mut settings: Settings, timeout: Duration) -> anyhow::Result<()> {
@@ -56,6 +61,13 @@ pub async fn run(mut settings: Settings, timeout: Duration) -> anyhow::Result<()
     settings.pacing.per_app_min_interval = Duration::from_millis(200);
     settings.retry.initial_delay = Duration::from_millis(100);
     settings.http.listen = local;
+    settings.accounts.overrides.insert(
+        LIMITED_APP.to_owned(),
+        crate::config::AccountOverride {
+            daily_limit: Some(1),
+            ..Default::default()
+        },
+    );
 
     println!(
         "gewe-friend-worker demo: worker + GeWe simulator at http://{gewe_addr} (no real WeChat account is touched)"
@@ -120,7 +132,8 @@ pub async fn run(mut settings: Settings, timeout: Duration) -> anyhow::Result<()
         .await?;
     println!("→ published demo-{run_id}-malformed (a body that is not JSON)\n");
 
-    let expected = commands.len() + 1;
+    // The limited account's second command is deferred, not answered.
+    let expected = commands.len();
     let deadline = tokio::time::Instant::now() + timeout;
     let (mut received, mut succeeded, mut accepted) = (0, 0, 0);
     // Every success is followed by its member's acceptance.
@@ -153,6 +166,11 @@ pub async fn run(mut settings: Settings, timeout: Duration) -> anyhow::Result<()
         }
     };
 
+    let deferred = if outcome.is_ok() {
+        show_deferred(&setup, &settings).await
+    } else {
+        0
+    };
     stop.cancel();
     match worker.await {
         Ok(Ok(())) => {}
@@ -161,6 +179,7 @@ pub async fn run(mut settings: Settings, timeout: Duration) -> anyhow::Result<()
     }
     publisher.close().await;
     let dead = topology::remove(&setup_channel, &settings.amqp).await;
+    topology::remove_delay_queues(&setup_channel, &settings.amqp, &settings.retry.park).await;
     topology::remove_callbacks(&setup_channel, &settings.callbacks).await;
     let _ = setup.close(200, "demo done".into()).await;
 
@@ -172,10 +191,60 @@ pub async fn run(mut settings: Settings, timeout: Duration) -> anyhow::Result<()
     if received != expected {
         bail!("only {received} of {expected} results arrived");
     }
+    if deferred != 1 {
+        bail!("{deferred} deferred commands found, 1 expected");
+    }
     println!(
-        "demo finished: {expected} commands, {expected} result events, {accepted} friend requests accepted"
+        "demo finished: {} commands, {expected} result events, {accepted} friend requests accepted, {deferred} deferred for its account",
+        expected + 1
     );
     Ok(())
+}
+
+/// Prints the commands waiting in the deferral ladder (left in place: the
+/// queues are removed with the rest); returns how many there are.
+async fn show_deferred(connection: &lapin::Connection, settings: &Settings) -> usize {
+    use lapin::options::{BasicGetOptions, BasicNackOptions};
+    let mut found = 0;
+    // Deferral happens before the results of the others are all in, but
+    // the copy's confirm may trail them by a moment.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while found == 0 && tokio::time::Instant::now() < deadline {
+        for delay in crate::defer::DEFER_DELAYS {
+            let queue = crate::config::defer_queue_name(&settings.amqp.command_queue, delay);
+            let Ok(channel) = connection.create_channel().await else {
+                return found;
+            };
+            while let Ok(Some(message)) = channel
+                .basic_get(queue.as_str().into(), BasicGetOptions::default())
+                .await
+            {
+                found += 1;
+                let body: serde_json::Value =
+                    serde_json::from_slice(&message.delivery.data).unwrap_or_default();
+                println!(
+                    "⏸ deferred: {} waits in {queue} ({} reached its daily limit of 1; it is tried again after the delay, up to accounts.max_wait)",
+                    body["commandId"].as_str().unwrap_or("?"),
+                    body["appId"].as_str().unwrap_or("?"),
+                );
+                let _ = channel
+                    .basic_nack(
+                        message.delivery.delivery_tag,
+                        BasicNackOptions {
+                            requeue: true,
+                            ..Default::default()
+                        },
+                    )
+                    .await;
+                break;
+            }
+            let _ = channel.close(200, "shown".into()).await;
+        }
+        if found == 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    found
 }
 
 fn demo_commands(run_id: &str) -> Vec<NewCommand> {
@@ -192,5 +261,7 @@ fn demo_commands(run_id: &str) -> Vec<NewCommand> {
         cmd(3, "demo_app_alpha", "wxid_demo_carol"),
         cmd(4, "demo_app_beta", "wxid_demo_reject_dave"),
         cmd(5, "demo_app_offline", "wxid_demo_erin"),
+        cmd(6, LIMITED_APP, "wxid_demo_frank"),
+        cmd(7, LIMITED_APP, "wxid_demo_grace"),
     ]
 }

@@ -87,6 +87,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     latency: args.latency,
                     fail_rate: args.fail_rate,
                     fail_with: args.fail_with,
+                    daily_limit: args.daily_limit,
                     accept: args.callback_url.map(|url| simulator::AcceptPlan {
                         url,
                         accept_after: args.accept_after,

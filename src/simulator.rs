@@ -6,6 +6,8 @@
 //! `appId` containing `offline` is offline, one containing `nodevice` is
 //! unknown; `--fail-with` forces one failure for every request and
 //! `--fail-rate` answers that share of requests with HTTP 503.
+//! `--daily-limit N` plays WeChat's limit: after N successes for an `appId`
+//! in a day it answers WeChat's "too often" (contract §7).
 //!
 //! With an [`AcceptPlan`] (`--callback-url`, `--accept-after`) it also plays
 //! the member: some time after each success it posts GeWe's `ModContacts`
@@ -46,6 +48,8 @@ pub enum Failure {
     Unavailable,
     /// HTTP 429 with `Retry-After: 1`.
     RateLimited,
+    /// WeChat's `操作过于频繁，请稍后再试`.
+    TooOften,
 }
 
 /// Where and when the simulated members accept.
@@ -88,6 +92,8 @@ pub struct Options {
     pub fail_rate: f64,
     /// Forced failure for every request.
     pub fail_with: Option<Failure>,
+    /// Successes per `appId` per day before "too often".
+    pub daily_limit: Option<u32>,
     /// Members accept, and GeWe's callback is posted.
     pub accept: Option<AcceptPlan>,
 }
@@ -99,6 +105,7 @@ impl Default for Options {
             latency: Duration::ZERO,
             fail_rate: 0.0,
             fail_with: None,
+            daily_limit: None,
             accept: None,
         }
     }
@@ -110,6 +117,8 @@ struct Sim {
     client: reqwest::Client,
     /// Ends pending callbacks too.
     shutdown: CancellationToken,
+    /// Successes per (appId, day) for `daily_limit`.
+    successes: std::sync::Mutex<std::collections::HashMap<(String, u64), u32>>,
 }
 
 /// The simulator's HTTP app; pending callbacks stop on `shutdown`.
@@ -124,6 +133,7 @@ pub fn router(options: Options, shutdown: CancellationToken) -> Router {
             options,
             client,
             shutdown,
+            successes: Default::default(),
         }))
 }
 
@@ -257,6 +267,8 @@ async fn add_member(
             Some(Failure::Rejected)
         } else if options.fail_rate > 0.0 && rand::random::<f64>() < options.fail_rate {
             Some(Failure::Unavailable)
+        } else if !sim.within_daily_limit(app_id) {
+            Some(Failure::TooOften)
         } else {
             None
         }
@@ -280,6 +292,9 @@ async fn add_member(
             json!({"ret": 500, "msg": "添加好友失败", "data": {"code": "-2", "msg": "user ticket invalid"}}),
         ),
         Some(Failure::NullMsg) => gewe(json!({"ret": 500, "msg": null})),
+        Some(Failure::TooOften) => gewe(
+            json!({"ret": 500, "msg": "添加好友失败", "data": {"code": "-1", "msg": "操作过于频繁，请稍后再试"}}),
+        ),
         Some(Failure::NoV3) => gewe(json!({"ret": 200, "msg": "操作成功", "data": {}})),
         Some(Failure::Unavailable) => {
             (StatusCode::SERVICE_UNAVAILABLE, "upstream busy").into_response()
@@ -290,6 +305,27 @@ async fn add_member(
             "slow down",
         )
             .into_response(),
+    }
+}
+
+impl Sim {
+    /// Counts a success for `app_id` today (Asia/Shanghai, UTC+8 all year)
+    /// unless the day's limit is reached.
+    fn within_daily_limit(&self, app_id: &str) -> bool {
+        let Some(limit) = self.options.daily_limit else {
+            return true;
+        };
+        let day = (crate::timestamp::now_millis() + 8 * 3_600_000) / 86_400_000;
+        let mut successes = self
+            .successes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = successes.entry((app_id.to_owned(), day)).or_insert(0);
+        if *count >= limit {
+            return false;
+        }
+        *count += 1;
+        true
     }
 }
 

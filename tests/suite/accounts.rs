@@ -465,3 +465,46 @@ async fn two_replicas_with_redis_keep_one_daily_limit_one_cooldown_and_counts_ac
     forget_accounts(&[&limited, &cooling]).await;
     app.stop().await;
 }
+
+#[tokio::test]
+async fn the_simulator_s_daily_limit_makes_the_worker_rest_the_account() {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (gewe_addr, _sim) = gewe_friend_worker::simulator::spawn(
+        std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        gewe_friend_worker::simulator::Options {
+            daily_limit: Some(1),
+            ..Default::default()
+        },
+        stop.clone(),
+    )
+    .await
+    .expect("simulator");
+    let settings = test_settings(&format!("http://{gewe_addr}"));
+    let mut app = spawn_app(settings.clone()).await;
+    let account = unique("wx-sim");
+    app.publish(&command(&format!("{account}-1"), &account))
+        .await;
+    assert_eq!(app.next_event().await.status(), "succeeded");
+    // WeChat (the simulator) now says "too often": the command rests with
+    // its account instead of failing.
+    app.publish(&command(&format!("{account}-2"), &account))
+        .await;
+    let copies = eventually(WAIT, || async {
+        let copies = deferred_copies(&app.connection, &settings).await;
+        if copies.len() == 1 {
+            Ok(copies)
+        } else {
+            Err(format!("{} copies", copies.len()))
+        }
+    })
+    .await;
+    assert_eq!(copies[0].body["commandId"], format!("{account}-2"));
+    assert!(
+        app.try_next_event(Duration::from_millis(200))
+            .await
+            .is_none(),
+        "no failed event"
+    );
+    stop.cancel();
+    app.stop().await;
+}
