@@ -215,7 +215,8 @@ async fn show_deferred(connection: &lapin::Connection, settings: &Settings) -> u
             let Ok(channel) = connection.create_channel().await else {
                 return found;
             };
-            while let Ok(Some(message)) = channel
+            // One copy per queue: it goes back to the head when released.
+            if let Ok(Some(message)) = channel
                 .basic_get(queue.as_str().into(), BasicGetOptions::default())
                 .await
             {
@@ -236,7 +237,6 @@ async fn show_deferred(connection: &lapin::Connection, settings: &Settings) -> u
                         },
                     )
                     .await;
-                break;
             }
             let _ = channel.close(200, "shown".into()).await;
         }
