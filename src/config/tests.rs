@@ -125,6 +125,40 @@ fn bad_values_name_their_key() {
             "0s",
             "callbacks.match_window",
         ),
+        ("GEWE_WORKER__AMQP__MAX_HOLD", "5s", "amqp.max_hold"),
+        ("GEWE_WORKER__AMQP__MAX_HOLD", "13h", "amqp.max_hold"),
+        (
+            "GEWE_WORKER__ACCOUNTS__DAILY_LIMIT",
+            "-1",
+            "accounts.daily_limit",
+        ),
+        (
+            "GEWE_WORKER__ACCOUNTS__TIMEZONE",
+            "Mars/Olympus",
+            "accounts.timezone",
+        ),
+        (
+            "GEWE_WORKER__ACCOUNTS__ACTIVE_HOURS",
+            "8-22",
+            "accounts.active_hours",
+        ),
+        (
+            "GEWE_WORKER__ACCOUNTS__ACTIVE_HOURS",
+            "09:00-09:00",
+            "accounts.active_hours",
+        ),
+        ("GEWE_WORKER__ACCOUNTS__COOLDOWN", "0s", "accounts.cooldown"),
+        (
+            "GEWE_WORKER__ACCOUNTS__COOLDOWN",
+            "100d",
+            "accounts.cooldown",
+        ),
+        (
+            "GEWE_WORKER__ACCOUNTS__COOLDOWN_ON",
+            " , ",
+            "accounts.cooldown_on",
+        ),
+        ("GEWE_WORKER__ACCOUNTS__MAX_WAIT", "0s", "accounts.max_wait"),
     ] {
         let err = Settings::load_from(None, env(&[(var, value)]))
             .expect_err(&format!("{var}={value} must be rejected"))
@@ -151,6 +185,56 @@ fn printed_config_hides_secrets() {
     assert!(!printed.contains("hunter2"));
     assert!(printed.contains("amqp://u:***@h:5672/%2f"));
     assert!(!format!("{s:?}").contains("s3cr3t-token"));
+}
+
+#[test]
+fn account_budgets_default_to_the_contract_and_take_overrides_from_toml() {
+    let s = Settings::load_from(None, env(&[])).expect("defaults");
+    let a = &s.accounts;
+    assert_eq!(a.daily_limit, 0);
+    assert_eq!(a.timezone, "Asia/Shanghai");
+    assert!(a.active_hours.is_none());
+    assert_eq!(a.cooldown, Duration::from_secs(6 * 3600));
+    assert_eq!(a.cooldown_on, ["频繁"]);
+    assert_eq!(a.max_wait, Duration::from_secs(7 * 86_400));
+    assert!(a.overrides.is_empty());
+    assert_eq!(s.amqp.max_hold, Duration::from_secs(600));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("w.toml");
+    std::fs::write(
+        &path,
+        "[accounts]\ndaily_limit = 20\nactive_hours = \"22:00-06:00\"\ncooldown_on = [\"频繁\", \"too often\"]\n\
+         [accounts.overrides.\"wx_a\"]\ndaily_limit = 40\nactive_hours = \"\"\nper_app_min_interval = \"1m\"\n",
+    )
+    .expect("write");
+    let s = Settings::load_from(
+        Some(&path),
+        env(&[("GEWE_WORKER__ACCOUNTS__COOLDOWN", "12h")]),
+    )
+    .expect("valid");
+    let a = &s.accounts;
+    assert_eq!(
+        (a.daily_limit, a.cooldown),
+        (20, Duration::from_secs(12 * 3600))
+    );
+    assert_eq!(
+        a.active_hours.map(|h| h.to_string()).as_deref(),
+        Some("22:00-06:00")
+    );
+    assert_eq!(a.cooldown_on, ["频繁", "too often"]);
+    let o = &a.overrides["wx_a"];
+    assert_eq!(o.daily_limit, Some(40));
+    assert_eq!(
+        o.active_hours,
+        Some(None),
+        "an empty window opens it all day"
+    );
+    assert_eq!(o.per_app_min_interval, Some(Duration::from_secs(60)));
+    std::fs::write(&path, "[accounts.overrides.\"wx_a\"]\ndaily_lmit = 40\n").expect("write");
+    let err = Settings::load_from(Some(&path), env(&[]))
+        .expect_err("a misspelt override key")
+        .to_string();
+    assert!(err.contains("daily_lmit"), "{err}");
 }
 
 #[test]
