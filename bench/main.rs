@@ -53,10 +53,15 @@ struct Args {
     /// Commands in the slow-GeWe phase.
     #[arg(long, default_value_t = 3_000)]
     slow_n: usize,
-    /// Also measure the worker with Redis at this URL (shared dedupe), e.g.
-    /// `redis://127.0.0.1:6379`.
+    /// Also measure the worker with Redis at this URL (shared dedupe,
+    /// pacing and budgets), e.g. `redis://127.0.0.1:6379`: in every round,
+    /// next to the worker without it.
     #[arg(long)]
     redis: Option<String>,
+    /// Commands for one account over its daily limit, queued ahead of the
+    /// others' in the backlog phase (0: no backlog phase).
+    #[arg(long, default_value_t = 5_000)]
+    backlog: usize,
     /// GeWe latency in the slow phase.
     #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
     latency: Duration,
@@ -146,6 +151,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     // the machine hits all three alike.
     let order = [Pipeline::Bare, Pipeline::Http, Pipeline::Worker];
     let mut runs: Vec<(Pipeline, Run)> = Vec::new();
+    let mut redis_runs: Vec<Run> = Vec::new();
     for round in 1..=rounds {
         let mut line = format!("round {round}:");
         for pipeline in order {
@@ -159,21 +165,34 @@ async fn bench(args: Args) -> anyhow::Result<()> {
             ));
             runs.push((pipeline, run));
         }
+        if let Some(url) = &args.redis {
+            let s = phases::settings("redis")?;
+            let run =
+                phases::phase(&conn, Pipeline::Worker, &s, fast_gewe, Some(url), args.n).await?;
+            line.push_str(&format!(
+                " worker+redis {:.0} msg/s {} µs/msg;",
+                run.rate,
+                cpu::opt(run.cpu.child_us, 0)
+            ));
+            redis_runs.push(run);
+        }
         println!("{line}");
     }
-    let with_redis = match &args.redis {
-        Some(url) => Some(
-            phases::phase(
-                &conn,
-                Pipeline::Worker,
-                &phases::settings("redis")?,
-                fast_gewe,
-                Some(url),
-                args.n,
-            )
-            .await?,
-        ),
-        None => None,
+    let backlog = if args.backlog > 0 {
+        let s = phases::settings("backlog")?;
+        let (run, deferred) =
+            phases::backlog_phase(&conn, &s, fast_gewe, args.backlog, args.n).await?;
+        println!(
+            "backlog: {} commands for {} (daily limit 1) ahead of {}: others {:.0} msg/s {} µs/msg; {deferred} copies in the deferral queues",
+            args.backlog,
+            phases::BACKLOG_APP,
+            args.n,
+            run.rate,
+            cpu::opt(run.cpu.child_us, 0)
+        );
+        Some((run, deferred))
+    } else {
+        None
     };
     let slow = phases::phase(
         &conn,
@@ -211,7 +230,12 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     report(
         &runs,
         rounds,
-        with_redis.as_ref(),
+        Budgets {
+            with_redis: &redis_runs,
+            backlog: backlog
+                .as_ref()
+                .map(|(run, deferred)| (run, *deferred, args.backlog)),
+        },
         slow,
         ideal,
         args.latency,
@@ -221,11 +245,19 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The phases that price Redis and the account budgets.
+struct Budgets<'a> {
+    /// The worker with Redis, one run per round.
+    with_redis: &'a [Run],
+    /// The backlog phase: its run, the copies deferred, the backlog size.
+    backlog: Option<(&'a Run, u32, usize)>,
+}
+
 /// Prints the tables of BENCHMARKS.md.
 fn report(
     runs: &[(Pipeline, Run)],
     rounds: usize,
-    with_redis: Option<&Run>,
+    budgets: Budgets<'_>,
     slow: f64,
     ideal: f64,
     latency: Duration,
@@ -285,12 +317,32 @@ fn report(
             ratio
         )
     );
-    if let Some(r) = with_redis {
+    let Budgets {
+        with_redis,
+        backlog,
+    } = budgets;
+    if !with_redis.is_empty() {
+        let redis_rates: Vec<f64> = with_redis.iter().map(|r| r.rate).collect();
+        let redis_cpus: Vec<f64> = with_redis.iter().filter_map(|r| r.cpu.child_us).collect();
         println!(
-            "| worker with Redis (shared dedupe), one round | {:.0} msg/s ({:.2}× the in-memory median; {} µs per message) |",
-            r.rate,
-            r.rate / median(rates(Pipeline::Worker)),
-            cpu::opt(r.cpu.child_us, 1),
+            "| worker with Redis (dedupe, pacing, budgets), msg/s | {} |",
+            spread(&redis_rates, rate)
+        );
+        println!(
+            "| worker with Redis / without, msg/s (per round) | {} |",
+            spread(&per_round(&redis_rates, &rates(Pipeline::Worker)), ratio)
+        );
+        println!(
+            "| worker with Redis / without, CPU per message (per round) | {} |",
+            spread(&per_round(&redis_cpus, &cpus(Pipeline::Worker)), ratio)
+        );
+    }
+    if let Some((run, deferred, size)) = backlog {
+        let worker = median(rates(Pipeline::Worker));
+        println!(
+            "| others' commands behind a deferred backlog of {size} for one account, msg/s | {:.0} ({:.2}× the worker's median without it; {deferred} copies deferred) |",
+            run.rate,
+            run.rate / worker
         );
     }
     println!(

@@ -51,6 +51,20 @@ fn command_bodies() -> impl Fn(usize) -> Vec<u8> {
     }
 }
 
+/// The account that holds the backlog in [`backlog_phase`].
+pub const BACKLOG_APP: &str = "bench-backlog";
+
+/// Commands for [`BACKLOG_APP`], unique to this phase.
+fn backlog_bodies() -> impl Fn(usize) -> Vec<u8> {
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    move |i| {
+        format!(
+            r#"{{"commandId":"backlog-{run}-{i}","appId":"{BACKLOG_APP}","chatroomId":"34757816141@chatroom","memberWxid":"wxid_b{i}","content":"hello"}}"#
+        )
+        .into_bytes()
+    }
+}
+
 /// Publishes `n` bodies with confirms, pipelined in windows of 1,000.
 pub async fn preload(
     ch: &Channel,
@@ -197,6 +211,72 @@ pub struct Run {
     pub cpu: PhaseCpu,
     /// The load generator's confirmed publish rate while preloading.
     pub generator: f64,
+}
+
+/// The worker with [`BACKLOG_APP`] limited to one request a day and
+/// `backlog` commands for it queued ahead of `n` commands for other
+/// accounts: the backlog is deferred (one request goes out, its one event
+/// is counted with the others), and the rate is that of the others'
+/// results. Returns the run and how many copies wait in the deferral
+/// queues afterwards.
+pub async fn backlog_phase(
+    conn: &Connection,
+    s: &Settings,
+    gewe: SocketAddr,
+    backlog: usize,
+    n: usize,
+) -> anyhow::Result<(Run, u32)> {
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    topology::declare(&ch, &s.amqp).await?;
+    topology::declare_delay_queues(&ch, &s.amqp, &[]).await?;
+    let results = results_queue(&ch, &s.amqp.result_exchange).await?;
+    preload(&ch, &s.amqp.command_queue, backlog, backlog_bodies()).await?;
+    let generator = preload(&ch, &s.amqp.command_queue, n, command_bodies()).await?;
+    let config = std::env::temp_dir().join(format!("bench-backlog-{}.toml", std::process::id()));
+    std::fs::write(
+        &config,
+        format!("[accounts.overrides.\"{BACKLOG_APP}\"]\ndaily_limit = 1\n"),
+    )?;
+    let mut child = pipeline_command(Pipeline::Worker, s, gewe, None)?
+        .env("GEWE_WORKER__PACING__PER_APP_MIN_INTERVAL", "0s")
+        .env("GEWE_WORKER_CONFIG", &config)
+        .stderr(Stdio::null())
+        .spawn()?;
+    let pid = child.id().context("child pid")?;
+    let broker = cpu::broker_pid();
+    let before = Snapshot::take(broker, Some(pid));
+    let rate = count(conn, &results, n + 1).await?;
+    let cpu = PhaseCpu::between(&before, &Snapshot::take(broker, Some(pid)), n);
+    let peak_rss_kib = cpu::peak_rss_kib(pid)?;
+    terminate(&mut child).await;
+    let mut deferred = 0;
+    for delay in gewe_friend_worker::defer::DEFER_DELAYS {
+        let queue = gewe_friend_worker::config::defer_queue_name(&s.amqp.command_queue, delay);
+        let declared = ch
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        deferred += declared.message_count();
+    }
+    topology::remove_delay_queues(&ch, &s.amqp, &[]).await;
+    topology::remove(&ch, &s.amqp).await;
+    let _ = std::fs::remove_file(&config);
+    Ok((
+        Run {
+            rate,
+            peak_rss_kib,
+            cpu,
+            generator,
+        },
+        deferred,
+    ))
 }
 
 /// Runs `pipeline` as a child process on `s` (its own topology), against
