@@ -220,8 +220,15 @@ async fn demo_runs_end_to_end_and_exits_zero() {
         text(&out.stderr)
     );
     assert!(
-        stdout.contains("demo finished: 6 commands, 6 result events, 3 friend requests accepted"),
+        stdout.contains(
+            "demo finished: 8 commands, 7 result events, 4 friend requests accepted, 1 deferred for its account"
+        ),
         "{stdout}"
+    );
+    assert!(
+        stdout.contains("⏸ deferred: ")
+            && stdout.contains("demo_app_gamma reached its daily limit"),
+        "the account over its limit is shown resting: {stdout}"
     );
     for needle in [
         "\"status\": \"succeeded\"",
