@@ -13,7 +13,9 @@
 //! the concurrency limit stays per process. A Redis reservation is taken
 //! before the wait, so an abandoned one stays spent (safe: later calls only
 //! start later). While Redis is unreachable the turn waits (with backoff)
-//! instead of letting an unpaced call through.
+//! instead of letting an unpaced call through. A reservation is a durable
+//! write ([`RedisClient::run_durable`]): one a failover could lose would let
+//! another replica start a call too early; retried, it only moves later.
 
 use std::{
     collections::HashMap,
@@ -32,7 +34,7 @@ use crate::{
     config::PacingSettings,
     halt::{Halt, Interrupted},
     meters::meters,
-    redis_client::{RedisClient, retry_while_unavailable},
+    redis_client::{Durable, RedisClient, retry_while_unavailable},
 };
 
 /// Sweep idle accounts once the map holds this many entries.
@@ -93,7 +95,13 @@ impl RedisPacing {
             REDIS_BACKOFF,
             halt,
             "Redis unavailable: pacing waits, GeWe is not called",
-            || async move { client.run(RESERVE_START.key(key).arg(interval_ms)).await },
+            // Durable: a reservation lost in a failover would let another
+            // replica start a call for this account too early.
+            || async move {
+                client
+                    .run_durable(Durable::new(&RESERVE_START).key(key).arg(interval_ms))
+                    .await
+            },
         )
         .await?;
         Ok(Duration::from_millis(u64::try_from(wait_ms).unwrap_or(0)))

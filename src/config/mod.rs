@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 mod durations;
 mod nodes;
+mod redis;
 mod secrets;
 mod sections;
 #[cfg(test)]
@@ -20,6 +21,7 @@ mod tests;
 mod tls;
 
 pub use nodes::{broker_urls, url_password};
+pub use redis::{DEFAULT_MASTER_NAME, RedisSettings, split_address};
 pub use secrets::{redact_url_list, redact_url_password};
 pub use sections::*;
 pub use tls::TlsSettings;
@@ -271,17 +273,7 @@ impl Settings {
                 "must be at least 1",
             ));
         }
-        if let Some(url) = &self.redis.url {
-            match reqwest::Url::parse(url) {
-                Ok(u) if matches!(u.scheme(), "redis" | "rediss") => {}
-                _ => {
-                    return Err(ConfigError::invalid(
-                        "redis.url",
-                        "must be a redis:// or rediss:// URL",
-                    ));
-                }
-            }
-        }
+        self.redis.validate()?;
         for (key, value, limit) in [
             ("gewe.timeout", self.gewe.timeout, 10 * 60),
             ("retry.initial_delay", r.initial_delay, 3600),

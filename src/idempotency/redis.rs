@@ -18,10 +18,10 @@ use std::{
     time::Duration,
 };
 
-use redis::{Script, ScriptInvocation, Value};
+use redis::{Script, Value};
 
 use super::Record;
-use crate::redis_client::{RELEASE_IF_OWNED, RedisClient, RedisError, millis};
+use crate::redis_client::{Durable, RELEASE_IF_OWNED, RedisClient, RedisError, millis};
 
 /// Shared by the scripts that can be first to see Redis again after a
 /// restart: notices lost data and sets the guard.
@@ -87,7 +87,10 @@ static STORE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local stored = redis.call('HSETNX', KEYS[1], 'r', ARGV[1])
-if stored == 1 then
+if stored == 0 and redis.call('HGET', KEYS[1], 'r') == ARGV[1] and redis.call('HGET', KEYS[1], 'p') == '0' then
+  -- This very record, stored by a try whose WAIT failed: stored.
+  stored = 1
+elseif stored == 1 then
   redis.call('HSET', KEYS[1], 'p', '0')
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
@@ -167,6 +170,11 @@ impl RedisStore {
         }
     }
 
+    /// The Redis client.
+    pub fn client(&self) -> &RedisClient {
+        &self.inner.client
+    }
+
     /// How long a claim lives without renewal.
     pub fn lease(&self) -> Duration {
         self.inner.lease
@@ -209,18 +217,17 @@ impl RedisStore {
         script: &Script,
         keys: &[String],
     ) -> Result<T, RedisError> {
-        let mut invocation: ScriptInvocation<'_> = script.prepare_invoke();
+        let mut call = Durable::new(script);
         for key in keys {
-            invocation.key(key);
+            call.key(key);
         }
-        invocation
-            .key(format!("{}:boot", self.inner.prefix))
+        call.key(format!("{}:boot", self.inner.prefix))
             .key(format!("{}:guard", self.inner.prefix))
             .arg(&self.inner.owner)
             .arg(millis(self.inner.lease))
             .arg(self.seen())
             .arg(uuid::Uuid::new_v4().to_string());
-        let mut reply: Vec<Value> = self.inner.client.run(&invocation).await?;
+        let mut reply: Vec<Value> = self.inner.client.run_durable(&call).await?;
         let marker = match reply.pop() {
             Some(Value::BulkString(marker)) => String::from_utf8_lossy(&marker).into_owned(),
             other => return Err(self.inner.client.unexpected(&other.unwrap_or(Value::Nil))),
@@ -282,8 +289,8 @@ impl RedisStore {
         let (stored, ours): (i64, i64) = self
             .inner
             .client
-            .run(
-                STORE
+            .run_durable(
+                Durable::new(&STORE)
                     .key(self.key("rec", command_id))
                     .key(self.key("claim", command_id))
                     .arg(json)
@@ -298,8 +305,8 @@ impl RedisStore {
     pub async fn published(&self, command_id: &str) -> Result<(), RedisError> {
         self.inner
             .client
-            .run::<i64>(
-                PUBLISHED
+            .run_durable::<i64>(
+                Durable::new(&PUBLISHED)
                     .key(self.key("rec", command_id))
                     .key(self.key("claim", command_id))
                     .arg(&self.inner.owner),

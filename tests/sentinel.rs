@@ -1,0 +1,97 @@
+//! Redis run for availability with Sentinel: the master is killed with
+//! `kill -9` while two worker replicas have friend requests in flight, and
+//! the workers follow the failover to the promoted replica.
+//!
+//! Its own binary: it starts a master, two replicas and three sentinels on
+//! fixed ports (27311-27330, held under `/tmp/gewe-sentinel.lock`) and
+//! takes them down at the end, also when it fails
+//! ([`common::sentinel::SentinelSet`]). Two replicas, not one: every write
+//! that guards a friend request waits for a replica's acknowledgement
+//! (`WAIT 1`), so after the failover the new master needs a replica of its
+//! own, as a production set of three Redis servers has.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{fake_gewe::FakeGewe, sentinel::SentinelSet, *};
+
+/// Per-account pacing during the test.
+const INTERVAL: Duration = Duration::from_millis(300);
+const APPS: usize = 6;
+const PER_APP: usize = 8;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_killed_mid_run_is_followed_and_nobody_is_called_twice() {
+    let mut set = SentinelSet::start(2).await;
+    let gewe = FakeGewe::start(Duration::from_millis(150), fake_gewe::success).await;
+    let mut settings = test_settings(&gewe.url);
+    settings.redis.sentinels = set
+        .sentinel_addresses()
+        .split(',')
+        .map(str::to_owned)
+        .collect();
+    settings.pacing.per_app_min_interval = INTERVAL;
+    settings.pacing.per_app_concurrency = 1;
+    let mut listener = spawn_listener(&settings).await;
+    let (stop_a, a, ops_a) = start_worker(&settings).await;
+    let (stop_b, b, ops_b) = start_worker(&settings).await;
+    for ops in [ops_a, ops_b] {
+        wait_for_readyz(ops, 200, "ready").await;
+    }
+
+    let apps: Vec<String> = (0..APPS).map(|_| unique("app")).collect();
+    let mut ids = Vec::new();
+    for n in 0..PER_APP {
+        for app in &apps {
+            let id = unique(&format!("failover-{n}"));
+            let body = command(&id, app);
+            // Every command twice: the copies meet on the claims in Redis.
+            listener.publish(&body).await;
+            listener.publish(&body).await;
+            ids.push(id);
+        }
+    }
+    eventually(WAIT, || async {
+        let calls = gewe.calls().len();
+        done_or(calls >= 12, || format!("only {calls} calls started"))
+    })
+    .await;
+
+    let old = set.master_port().await.expect("a master");
+    set.kill_server(old);
+    for ops in [ops_a, ops_b] {
+        wait_for_readyz(ops, 503, "redis unavailable").await;
+    }
+    let calls_at_outage = gewe.calls().len();
+    eventually(Duration::from_secs(30), || async {
+        let now = set.master_port().await?;
+        done_or(now != old, || format!("the sentinels still name {old}"))
+    })
+    .await;
+    for ops in [ops_a, ops_b] {
+        wait_for_readyz(ops, 200, "ready").await;
+    }
+
+    twice_published_succeeded_once_each(&mut listener, &ids, Duration::from_secs(90)).await;
+    assert!(
+        gewe.called_twice().is_empty(),
+        "called twice: {:?}",
+        gewe.called_twice()
+    );
+    assert_eq!(gewe.calls().len(), ids.len(), "one call per command");
+    assert!(
+        calls_at_outage < ids.len(),
+        "the failover happened while commands were in flight ({calls_at_outage} calls made by then)"
+    );
+    for app in &apps {
+        gewe.assert_paced(app, PER_APP, INTERVAL);
+    }
+
+    stop_a.cancel();
+    stop_b.cancel();
+    a.await.expect("join").expect("clean exit");
+    b.await.expect("join").expect("clean exit");
+    listener.stop().await;
+    drop(set);
+}
