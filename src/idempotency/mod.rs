@@ -13,6 +13,8 @@
 //! they and the claims live there ([`redis`]), the claim kept alive by a
 //! [`lease`]. Only definitive outcomes are stored ([`Record::is_definitive`]).
 
+mod buckets;
+mod compact;
 mod lease;
 mod local;
 mod memory;
@@ -239,8 +241,8 @@ impl Claim<'_> {
                 Stored::Kept
             }
             Backend::Redis(redis) => {
-                let json = match serde_json::to_string(record) {
-                    Ok(json) => json,
+                let packed = match compact::encode(record) {
+                    Ok(packed) => packed,
                     Err(e) => {
                         tracing::error!(error = %e, "could not encode GeWe's answer for Redis");
                         return Stored::Unencodable;
@@ -248,7 +250,7 @@ impl Claim<'_> {
                 };
                 let mut waits = REDIS_BACKOFF.waits();
                 loop {
-                    match redis.store(self.command_id, &json).await {
+                    match redis.store(self.command_id, &packed).await {
                         Ok(true) => return Stored::Kept,
                         Ok(false) => return Stored::Lost,
                         Err(e) => {
