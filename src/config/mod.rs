@@ -120,6 +120,7 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("pacing.per_app_concurrency", "1"),
     ("pacing.per_app_min_interval", "1s"),
     ("dedupe.window", "24h"),
+    ("redis.master_name", DEFAULT_MASTER_NAME),
     ("breaker.failure_threshold", "10"),
     ("breaker.cooldown", "30s"),
     ("http.listen", "0.0.0.0:8080"),
@@ -148,9 +149,7 @@ impl Settings {
             builder = builder.set_default(*key, *value)?;
         }
         // Tables with only optional keys must exist for serde to build them.
-        builder = builder
-            .set_default("redis", HashMap::<String, String>::new())?
-            .set_default("log", HashMap::<String, String>::new())?;
+        builder = builder.set_default("log", HashMap::<String, String>::new())?;
         if let Some(path) = file {
             builder = builder.add_source(
                 config::File::from(path)
