@@ -16,6 +16,9 @@
 //! instead of letting an unpaced call through. A reservation is a durable
 //! write ([`RedisClient::run_durable`]): one a failover could lose would let
 //! another replica start a call too early; retried, it only moves later.
+//! No reservation is made while Redis does not answer, and one whose wait
+//! saw Redis go away is made again: a call starts close to its reserved
+//! start, never long after it.
 
 use std::{
     collections::HashMap,
@@ -148,10 +151,19 @@ impl Pacer {
             .ok();
         if !self.interval.is_zero() {
             match &self.redis {
-                Some(redis) => {
+                Some(redis) => loop {
+                    halt.guard(redis.client.until_healthy()).await?;
                     let wait = redis.reserve(app_id, self.interval, halt).await?;
                     halt.sleep(wait).await?;
-                }
+                    if redis.client.unhealthy_reason().is_none() {
+                        break;
+                    }
+                    // Redis went away (a failover) while this call waited:
+                    // no call starts before it answers again, and by then
+                    // the start reserved may be long past, so another call
+                    // could start right after this one. A new start is
+                    // reserved once it answers.
+                },
                 None => loop {
                     // The start is taken only when it has come, so a waiter
                     // that gives up leaves the interval to the next one.

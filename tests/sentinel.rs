@@ -95,3 +95,88 @@ async fn a_master_killed_mid_run_is_followed_and_nobody_is_called_twice() {
     listener.stop().await;
     drop(set);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_no_replica_acknowledged_is_not_relied_on() {
+    use gewe_friend_worker::{
+        config::RedisSettings,
+        redis_client::{Durable, RedisClient, RedisError},
+    };
+    use redis::Script;
+
+    // A master without replicas: nothing can acknowledge a write.
+    let set = SentinelSet::start(0).await;
+    let settings = RedisSettings {
+        sentinels: set
+            .sentinel_addresses()
+            .split(',')
+            .map(str::to_owned)
+            .collect(),
+        ..Default::default()
+    };
+    let client = RedisClient::from_settings(&settings)
+        .expect("valid")
+        .expect("configured");
+    let key = unique("durable");
+    let incr = Script::new("return redis.call('INCR', KEYS[1])");
+    let count = async || -> i64 {
+        let port = set.master_port().await.expect("a master");
+        let value = common::sentinel::query(port, redis::cmd("GET").arg(&key))
+            .await
+            .expect("get");
+        redis::from_redis_value::<Option<i64>>(&value)
+            .expect("a number")
+            .unwrap_or(0)
+    };
+
+    let first = client
+        .run_durable::<i64>(Durable::new(&incr).key(&key))
+        .await;
+    assert!(
+        matches!(first, Err(RedisError::NotReplicated { .. })),
+        "{first:?}"
+    );
+    assert_eq!(
+        count().await,
+        1,
+        "the script ran; only its durability is in doubt"
+    );
+    assert!(
+        client.unhealthy_reason().is_some(),
+        "not relied on: not ready"
+    );
+
+    // A server that does not know the script (as a promoted replica): it is
+    // loaded and sent again, and runs once.
+    let port = set.master_port().await.expect("a master");
+    common::sentinel::query(port, &redis::cmd("SCRIPT").arg("FLUSH").to_owned())
+        .await
+        .expect("script flush");
+    let again = client
+        .run_durable::<i64>(Durable::new(&incr).key(&key))
+        .await;
+    assert!(
+        matches!(again, Err(RedisError::NotReplicated { .. })),
+        "{again:?}"
+    );
+    assert_eq!(count().await, 2);
+
+    // The health check says why the worker holds its commands.
+    let client = std::sync::Arc::new(client);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let probe = tokio::spawn({
+        let (client, stop) = (client.clone(), stop.clone());
+        async move { client.probe(stop).await }
+    });
+    eventually(WAIT, || async {
+        let reason = client.unhealthy_reason();
+        match &reason {
+            Some(r) if r.contains("no replica connected") => Ok(()),
+            _ => Err(format!("unhealthy_reason {reason:?}")),
+        }
+    })
+    .await;
+    stop.cancel();
+    probe.await.expect("probe ends");
+    drop(set);
+}

@@ -139,6 +139,15 @@ pub enum RedisError {
         /// How long it waited.
         wait_ms: u64,
     },
+    /// The master has no replica connected, so durable writes cannot be
+    /// acknowledged (found by the health check, before any write fails).
+    #[error(
+        "the Redis master at {url} has no replica connected: writes that guard a friend request cannot be acknowledged"
+    )]
+    NoReplica {
+        /// The master, password redacted.
+        url: String,
+    },
     /// Redis answered something a script never returns: treated like an
     /// outage (retried), never as "nothing stored".
     #[error("Redis at {url} gave an unexpected reply: {reply}")]
@@ -340,9 +349,8 @@ impl RedisClient {
         }
         match master_role(&mut current.conn).await {
             Ok(replicas) if replicas >= self.replicas as usize => Ok(()),
-            Ok(_) => Err(RedisError::NotReplicated {
+            Ok(_) => Err(RedisError::NoReplica {
                 url: current.url.clone(),
-                wait_ms: 0,
             }),
             Err(RedisRoleError::Redis(e)) => Err(self.failed(&current, e).await),
             Err(RedisRoleError::Not(role)) => {
