@@ -60,6 +60,7 @@ async fn a_master_killed_mid_run_is_followed_and_nobody_is_called_twice() {
 
     let old = set.master_port().await.expect("a master");
     set.kill_server(old);
+    let killed = std::time::Instant::now();
     for ops in [ops_a, ops_b] {
         wait_for_readyz(ops, 503, "redis unavailable").await;
     }
@@ -69,9 +70,15 @@ async fn a_master_killed_mid_run_is_followed_and_nobody_is_called_twice() {
         done_or(now != old, || format!("the sentinels still name {old}"))
     })
     .await;
+    let promoted = killed.elapsed();
     for ops in [ops_a, ops_b] {
         wait_for_readyz(ops, 200, "ready").await;
     }
+    // For BENCHMARKS.md (`-- --nocapture`).
+    eprintln!(
+        "sentinel failover: the sentinels named a new master {promoted:?} after the kill, both workers were ready {:?} after it",
+        killed.elapsed()
+    );
 
     twice_published_succeeded_once_each(&mut listener, &ids, Duration::from_secs(90)).await;
     assert!(
