@@ -65,10 +65,7 @@ impl Application {
             max_idle_connections(settings.amqp.prefetch, fd_limit),
         )?;
         warn_if_descriptors_could_run_out(&settings, fd_limit);
-        let redis = match &settings.redis.url {
-            Some(url) => Some(Arc::new(RedisClient::new(url)?)),
-            None => None,
-        };
+        let redis = RedisClient::from_settings(&settings.redis)?.map(Arc::new);
         let idempotency = match &redis {
             // The lease outlasts one GeWe attempt, so no request outlives
             // the claim it was sent under.

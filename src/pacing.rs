@@ -58,7 +58,7 @@ pub struct Pacer {
 /// Held while a GeWe call for the account is in flight. Dropped without
 /// [`Turn::sent`], its daily unit is given back: the request never left.
 pub struct Turn {
-    _permit: OwnedSemaphorePermit,
+    _permit: Option<OwnedSemaphorePermit>,
     unit: Option<Unit>,
     accounts: Arc<Accounts>,
     /// Time spent waiting for this turn.
@@ -115,18 +115,35 @@ impl Pacer {
             .guard(slots.acquire_owned())
             .await?
             .map_err(|_| NoTurn::Interrupted(Interrupted::Shutdown))?;
-        let admitted = match self.accounts.admit(app_id, halt.hold_left(), halt).await? {
-            Ok(admitted) => admitted,
-            Err(rest) => return Err(NoTurn::Rest(rest)),
-        };
-        let mut turn = Turn {
-            _permit: permit,
-            unit: Some(admitted.unit),
-            accounts: self.accounts.clone(),
-            waited: Duration::ZERO,
-        };
-        if !admitted.wait.is_zero() {
+        let mut turn = loop {
+            // No turn is reserved while the store does not answer (a Redis
+            // failover): it would be reserved against a master that may be
+            // gone.
+            self.accounts.until_ready(halt).await?;
+            let admitted = match self.accounts.admit(app_id, halt.hold_left(), halt).await? {
+                Ok(admitted) => admitted,
+                Err(rest) => return Err(NoTurn::Rest(rest)),
+            };
+            let mut turn = Turn {
+                _permit: None,
+                unit: Some(admitted.unit),
+                accounts: self.accounts.clone(),
+                waited: Duration::ZERO,
+            };
+            if admitted.wait.is_zero() {
+                break turn;
+            }
             halt.sleep(admitted.wait).await?;
+            if !self.accounts.ready() {
+                // Redis went away while this call waited: by the time it
+                // answers the reserved start may be long past, so another
+                // call could start right after this one. Its unit goes back
+                // and a new turn is reserved.
+                if let Some(unit) = turn.unit.take() {
+                    self.accounts.give_back(unit).await;
+                }
+                continue;
+            }
             // The account may have started resting while this call waited
             // (the previous call met "too often").
             if let Some(rest) = self.accounts.rests_now(app_id, halt).await? {
@@ -135,7 +152,9 @@ impl Pacer {
                 }
                 return Err(NoTurn::Rest(rest));
             }
-        }
+            break turn;
+        };
+        turn._permit = Some(permit);
         turn.waited = began.elapsed();
         meters().pacing_wait.record(turn.waited.as_secs_f64());
         Ok(turn)

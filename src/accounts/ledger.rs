@@ -103,6 +103,22 @@ impl Ledger {
         }
     }
 
+    /// Whether the store answers now (memory: always).
+    pub fn healthy(&self) -> bool {
+        match self {
+            Ledger::Memory(_) => true,
+            Ledger::Redis(r) => r.healthy(),
+        }
+    }
+
+    /// Waits until the store answers (memory: at once).
+    pub async fn until_healthy(&self, halt: &Halt) -> Result<(), Interrupted> {
+        match self {
+            Ledger::Memory(_) => Ok(()),
+            Ledger::Redis(r) => halt.guard(r.until_healthy()).await,
+        }
+    }
+
     /// Whether the account is paused or cooling down at `now`.
     pub async fn rests_now(
         &self,

@@ -230,6 +230,16 @@ impl Accounts {
         })
     }
 
+    /// Waits until the budget store answers (Redis through a failover).
+    pub async fn until_ready(&self, halt: &Halt) -> Result<(), Interrupted> {
+        self.ledger.until_healthy(halt).await
+    }
+
+    /// Whether the budget store answers now.
+    pub fn ready(&self) -> bool {
+        self.ledger.healthy()
+    }
+
     /// Whether `app_id` started resting (a pause, a cooldown) since it was
     /// admitted: asked after a pacing wait, so a call does not go out
     /// right after another one met "too often".

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 mod accounts;
 mod durations;
 mod nodes;
+mod redis;
 mod secrets;
 mod sections;
 #[cfg(test)]
@@ -22,6 +23,7 @@ mod tls;
 
 pub use accounts::{AccountOverride, AccountsSettings, ActiveHours};
 pub use nodes::{broker_urls, url_password};
+pub use redis::{DEFAULT_MASTER_NAME, RedisSettings, split_address};
 pub use secrets::{redact_url_list, redact_url_password};
 pub use sections::*;
 pub use tls::TlsSettings;
@@ -123,6 +125,7 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("pacing.per_app_concurrency", "1"),
     ("pacing.per_app_min_interval", "1s"),
     ("dedupe.window", "24h"),
+    ("redis.master_name", DEFAULT_MASTER_NAME),
     ("breaker.failure_threshold", "10"),
     ("breaker.cooldown", "30s"),
     ("http.listen", "0.0.0.0:8080"),
@@ -157,9 +160,7 @@ impl Settings {
             builder = builder.set_default(*key, *value)?;
         }
         // Tables with only optional keys must exist for serde to build them.
-        builder = builder
-            .set_default("redis", HashMap::<String, String>::new())?
-            .set_default("log", HashMap::<String, String>::new())?;
+        builder = builder.set_default("log", HashMap::<String, String>::new())?;
         if let Some(path) = file {
             builder = builder.add_source(
                 config::File::from(path)
@@ -282,17 +283,7 @@ impl Settings {
                 "must be at least 1",
             ));
         }
-        if let Some(url) = &self.redis.url {
-            match reqwest::Url::parse(url) {
-                Ok(u) if matches!(u.scheme(), "redis" | "rediss") => {}
-                _ => {
-                    return Err(ConfigError::invalid(
-                        "redis.url",
-                        "must be a redis:// or rediss:// URL",
-                    ));
-                }
-            }
-        }
+        self.redis.validate()?;
         for (key, value, limit) in [
             ("gewe.timeout", self.gewe.timeout, 10 * 60),
             ("retry.initial_delay", r.initial_delay, 3600),

@@ -43,7 +43,8 @@ impl Settings {
     /// Every secret of the configuration, as the log writer and the event
     /// texts must mask it: the GeWe token, the password of each broker URL
     /// and of the Redis URL (as written and percent-decoded, since clients
-    /// print either), and the lines of the TLS client key.
+    /// print either), the callback and sentinel passwords, and the lines of
+    /// the TLS client key.
     pub fn secrets(&self) -> Vec<String> {
         let mut secrets = Vec::new();
         if let Some(token) = &self.gewe.token {
@@ -56,7 +57,10 @@ impl Settings {
                 secrets.push(decoded.into_owned());
             }
         }
-        if let Some(secret) = &self.callbacks.secret {
+        for secret in [&self.callbacks.secret, &self.redis.sentinel_password]
+            .into_iter()
+            .flatten()
+        {
             secrets.push(secret.expose_secret().to_owned());
         }
         secrets.extend(self.amqp.tls.key_secrets());
@@ -89,13 +93,13 @@ impl Settings {
         {
             keys.push("redis.url (its password)");
         }
-        if self
-            .callbacks
-            .secret
-            .as_ref()
-            .is_some_and(|s| short(s.expose_secret()))
-        {
-            keys.push("callbacks.secret");
+        for (key, secret) in [
+            ("callbacks.secret", &self.callbacks.secret),
+            ("redis.sentinel_password", &self.redis.sentinel_password),
+        ] {
+            if secret.as_ref().is_some_and(|s| short(s.expose_secret())) {
+                keys.push(key);
+            }
         }
         keys
     }
@@ -126,7 +130,7 @@ pub fn redact_url_password(url: &str) -> String {
 }
 
 /// Configuration keys whose values are secrets.
-const SECRET_KEYS: &[&str] = &["gewe.token", "callbacks.secret"];
+const SECRET_KEYS: &[&str] = &["gewe.token", "callbacks.secret", "redis.sentinel_password"];
 /// Configuration keys whose values are URLs (lists of them) with passwords.
 const URL_KEYS: &[&str] = &["amqp.url", "redis.url"];
 /// Shorter secrets are not masked in error texts: masking them would mangle

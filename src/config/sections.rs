@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     TlsSettings,
-    secrets::{serialize_opt_url_redacted, serialize_secret, serialize_url_list_redacted},
+    secrets::{serialize_secret, serialize_url_list_redacted},
 };
 
 /// Type of the command queue.
@@ -166,15 +166,6 @@ pub struct DedupeSettings {
     /// How long a known outcome suppresses new GeWe calls for its commandId.
     #[serde(with = "humantime_serde")]
     pub window: Duration,
-}
-
-/// `[redis]`
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct RedisSettings {
-    /// Shared store for dedupe and pacing state.
-    #[serde(default, serialize_with = "serialize_opt_url_redacted")]
-    pub url: Option<String>,
 }
 
 /// `[breaker]`

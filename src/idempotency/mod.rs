@@ -13,6 +13,8 @@
 //! they and the claims live there ([`redis`]), the claim kept alive by a
 //! [`lease`]. Only definitive outcomes are stored ([`Record::is_definitive`]).
 
+mod buckets;
+mod compact;
 mod lease;
 mod local;
 mod memory;
@@ -41,6 +43,8 @@ use crate::{
 
 /// Poll period while another replica holds a commandId.
 const HELD_POLL: Duration = Duration::from_millis(100);
+/// Longest wait for Redis to answer again before the claim is checked anew.
+const HEALTH_POLL: Duration = Duration::from_secs(1);
 /// Waits while Redis is unavailable.
 const REDIS_BACKOFF: Backoff =
     Backoff::doubling(Duration::from_millis(100), Duration::from_secs(2));
@@ -204,11 +208,26 @@ pub struct Claim<'a> {
 
 impl Claim<'_> {
     /// Waits until a GeWe request of up to `request` may be sent under this
-    /// claim; `ClaimLost` when another replica may be calling instead.
+    /// claim; `ClaimLost` when another replica may be calling instead. With
+    /// Redis it also waits while Redis does not answer (no master known
+    /// during a failover): no call is made on state that may be gone.
     pub async fn ready(&self, request: Duration, halt: &Halt) -> Result<(), Interrupted> {
-        match &self.lease {
-            Some(lease) => lease.ready(request, halt).await,
-            None => Ok(()),
+        let (Some(lease), Backend::Redis(redis)) = (&self.lease, &self.store.backend) else {
+            return Ok(());
+        };
+        loop {
+            lease.ready(request, halt).await?;
+            if redis.client().unhealthy_reason().is_none() {
+                return Ok(());
+            }
+            tracing::debug!("Redis does not answer: the GeWe call waits");
+            // Bounded, so a lapsing claim is noticed by `lease.ready`.
+            let _ = halt
+                .guard(tokio::time::timeout(
+                    HEALTH_POLL,
+                    redis.client().until_healthy(),
+                ))
+                .await?;
         }
     }
 
@@ -222,8 +241,8 @@ impl Claim<'_> {
                 Stored::Kept
             }
             Backend::Redis(redis) => {
-                let json = match serde_json::to_string(record) {
-                    Ok(json) => json,
+                let packed = match compact::encode(record) {
+                    Ok(packed) => packed,
                     Err(e) => {
                         tracing::error!(error = %e, "could not encode GeWe's answer for Redis");
                         return Stored::Unencodable;
@@ -231,7 +250,7 @@ impl Claim<'_> {
                 };
                 let mut waits = REDIS_BACKOFF.waits();
                 loop {
-                    match redis.store(self.command_id, &json).await {
+                    match redis.store(self.command_id, &packed).await {
                         Ok(true) => return Stored::Kept,
                         Ok(false) => return Stored::Lost,
                         Err(e) => {

@@ -39,6 +39,18 @@ impl Fingerprint {
     }
 }
 
+impl Fingerprint {
+    /// Its 16 bytes, as the compact record keeps them.
+    pub(super) fn to_bytes(self) -> [u8; 16] {
+        self.0.to_be_bytes()
+    }
+
+    /// The fingerprint of [`Fingerprint::to_bytes`].
+    pub(super) fn from_bytes(bytes: [u8; 16]) -> Self {
+        Self(u128::from_be_bytes(bytes))
+    }
+}
+
 impl Serialize for Fingerprint {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&format!("{:032x}", self.0))
@@ -90,6 +102,27 @@ impl Record {
             parked: tries.parked,
             deferred: tries.deferred,
         }
+    }
+
+    /// A record read back from its stored parts.
+    pub(super) fn from_parts(
+        fingerprint: Fingerprint,
+        outcome: CallOutcome,
+        completed_at_ms: u64,
+        tries: Tries,
+    ) -> Self {
+        Self {
+            fingerprint,
+            outcome,
+            completed_at_ms,
+            parked: tries.parked,
+            deferred: tries.deferred,
+        }
+    }
+
+    /// When the outcome was known, in milliseconds since the Unix epoch.
+    pub(super) fn completed_at_ms(&self) -> u64 {
+        self.completed_at_ms
     }
 
     /// The request this outcome answered.

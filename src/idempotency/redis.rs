@@ -1,9 +1,12 @@
 //! Outcomes and claims in Redis (`redis.url`), shared by every replica.
 //!
-//! Per commandId: a hash `rec:<id>` holding the stored [`Record`] (`r`) and
-//! whether an event for it was confirmed (`p`), and a claim `claim:<id>`
-//! naming the replica that is handling the command, with a lease. Every
-//! step is one Lua script, so two replicas never both own a commandId.
+//! Per commandId: the stored [`Record`], packed ([`compact`]; 128 added to
+//! its first byte once an event for it was confirmed), as a field of a hash
+//! bucket ([`Buckets`]); and a claim `claim:<id>` naming the
+//! replica that is handling the command, with a lease. Every step is one
+//! Lua script, so two replicas never both own a commandId, and every write
+//! is durable ([`RedisClient::run_durable`]): a replica acknowledged it
+//! before it is relied on.
 //!
 //! Redis without persistence forgets every claim when it restarts, and a
 //! replica whose GeWe call is in flight would then find its claim gone
@@ -18,10 +21,10 @@ use std::{
     time::Duration,
 };
 
-use redis::{Script, ScriptInvocation, Value};
+use redis::{Script, Value};
 
-use super::Record;
-use crate::redis_client::{RELEASE_IF_OWNED, RedisClient, RedisError, millis};
+use super::{Record, buckets::Buckets, compact};
+use crate::redis_client::{Durable, RELEASE_IF_OWNED, RedisClient, RedisError, millis};
 
 /// Shared by the scripts that can be first to see Redis again after a
 /// restart: notices lost data and sets the guard.
@@ -40,21 +43,42 @@ local function boot(bootk, guardk, seen, fresh, lease)
 end
 "#;
 
-/// KEYS: rec, claim, boot, guard. ARGV: owner, lease ms, seen marker, new
-/// marker. Returns {state, record or '', marker}; state is `published`
-/// (no claim needed), `claimed`, `held` (another replica) or `guarded`.
+/// Finds the record of field `field` in the buckets `KEYS[first..]`, then
+/// in the legacy hash `legacy`. Returns its key, the record, its published
+/// flag (`'1'`) and 1 when it is compact (0: legacy JSON). A compact
+/// record's first byte is its tag, with 128 added once it is published.
+const FIND: &str = r#"
+local function find(legacy, first, field)
+  for i = first, #KEYS do
+    local v = redis.call('HGET', KEYS[i], field)
+    if v then
+      local tag = string.byte(v, 1)
+      if tag >= 128 then return KEYS[i], string.char(tag - 128) .. string.sub(v, 2), '1', 1 end
+      return KEYS[i], v, '0', 1
+    end
+  end
+  local old = redis.call('HMGET', legacy, 'r', 'p')
+  if old[1] then return legacy, old[1], old[2], 0 end
+  return nil, nil, nil, 0
+end
+"#;
+
+/// KEYS: legacy record, claim, boot, guard, buckets. ARGV: owner, lease
+/// ms, seen marker, new marker, field. Returns {state, record or '',
+/// compact, marker}; state is `published` (no claim needed), `claimed`,
+/// `held` (another replica) or `guarded`.
 static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        "{BOOT}{}",
+        "{BOOT}{FIND}{}",
         r#"
 local marker = boot(KEYS[3], KEYS[4], ARGV[3], ARGV[4], ARGV[2])
-local rec = redis.call('HMGET', KEYS[1], 'r', 'p')
-if rec[1] and rec[2] == '1' then return {'published', rec[1], marker} end
+local _, rec, p, compact = find(KEYS[1], 5, ARGV[5])
+if rec and p == '1' then return {'published', rec, compact, marker} end
 local holder = redis.call('GET', KEYS[2])
-if holder and holder ~= ARGV[1] then return {'held', '', marker} end
-if (not holder) and redis.call('EXISTS', KEYS[4]) == 1 then return {'guarded', '', marker} end
+if holder and holder ~= ARGV[1] then return {'held', '', 0, marker} end
+if (not holder) and redis.call('EXISTS', KEYS[4]) == 1 then return {'guarded', '', 0, marker} end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-return {'claimed', rec[1] or '', marker}
+return {'claimed', rec or '', compact, marker}
 "#
     ))
 });
@@ -81,33 +105,44 @@ return {0, marker}
     ))
 });
 
-/// KEYS: rec, claim. ARGV: record, window ms, owner. Stores the record
+/// KEYS: legacy record, claim, target bucket, buckets. ARGV: record,
+/// bucket expiry (ms since the epoch), owner, field. Stores the record
 /// unless one is there (the first answer wins). Returns {stored, claim ours}.
 static STORE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(&format!(
+        "{FIND}{}",
         r#"
-local stored = redis.call('HSETNX', KEYS[1], 'r', ARGV[1])
-if stored == 1 then
-  redis.call('HSET', KEYS[1], 'p', '0')
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local _, rec, p, compact = find(KEYS[1], 4, ARGV[4])
+local stored = 0
+if not rec then
+  redis.call('HSET', KEYS[3], ARGV[4], ARGV[1])
+  redis.call('PEXPIREAT', KEYS[3], ARGV[2])
+  stored = 1
+elseif compact == 1 and p == '0' and rec == ARGV[1] then
+  -- This very record, stored by a try whose WAIT failed: stored.
+  stored = 1
 end
 local ours = 0
 if redis.call('GET', KEYS[2]) == ARGV[3] then ours = 1 end
 return {stored, ours}
-"#,
-    )
+"#
+    ))
 });
 
-/// KEYS: rec, claim. ARGV: owner. Marks the record published and releases
-/// the claim if it is ours.
+/// KEYS: legacy record, claim, buckets. ARGV: owner, field. Marks the
+/// record published and releases the claim if it is ours.
 static PUBLISHED: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(&format!(
+        "{FIND}{}",
         r#"
-if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'p', '1') end
+local key, rec, _, compact = find(KEYS[1], 3, ARGV[2])
+if rec and compact == 1 then
+  redis.call('HSET', key, ARGV[2], string.char(string.byte(rec, 1) + 128) .. string.sub(rec, 2))
+elseif rec then redis.call('HSET', key, 'p', '1') end
 if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
 return 1
-"#,
-    )
+"#
+    ))
 });
 
 /// What [`RedisStore::acquire`] found.
@@ -145,7 +180,7 @@ struct Inner {
     client: Arc<RedisClient>,
     prefix: String,
     owner: String,
-    window: Duration,
+    buckets: Buckets,
     lease: Duration,
     /// The boot marker this replica last saw ('' before the first answer).
     seen: Mutex<String>,
@@ -160,11 +195,16 @@ impl RedisStore {
                 client,
                 prefix: prefix.to_owned(),
                 owner: uuid::Uuid::new_v4().to_string(),
-                window,
+                buckets: Buckets::new(prefix, window),
                 lease,
                 seen: Mutex::new(String::new()),
             }),
         }
+    }
+
+    /// The Redis client.
+    pub fn client(&self) -> &RedisClient {
+        &self.inner.client
     }
 
     /// How long a claim lives without renewal.
@@ -202,25 +242,33 @@ impl RedisStore {
     }
 
     /// Runs one of the scripts that watch Redis' boot marker ([`BOOT`]):
-    /// `keys` first, then the marker's keys and arguments. Returns the reply
-    /// with the marker it reported (taken note of) split off.
+    /// `keys` first, then the marker's keys, then `more_keys`; the marker's
+    /// arguments, then `more_args`. Returns the reply with the marker it
+    /// reported (taken note of) split off.
     async fn with_boot<T: redis::FromRedisValue>(
         &self,
         script: &Script,
         keys: &[String],
+        more_keys: &[String],
+        more_args: &[&[u8]],
     ) -> Result<T, RedisError> {
-        let mut invocation: ScriptInvocation<'_> = script.prepare_invoke();
+        let mut call = Durable::new(script);
         for key in keys {
-            invocation.key(key);
+            call.key(key);
         }
-        invocation
-            .key(format!("{}:boot", self.inner.prefix))
-            .key(format!("{}:guard", self.inner.prefix))
-            .arg(&self.inner.owner)
+        call.key(format!("{}:boot", self.inner.prefix))
+            .key(format!("{}:guard", self.inner.prefix));
+        for key in more_keys {
+            call.key(key);
+        }
+        call.arg(&self.inner.owner)
             .arg(millis(self.inner.lease))
             .arg(self.seen())
             .arg(uuid::Uuid::new_v4().to_string());
-        let mut reply: Vec<Value> = self.inner.client.run(&invocation).await?;
+        for arg in more_args {
+            call.arg(*arg);
+        }
+        let mut reply: Vec<Value> = self.inner.client.run_durable(&call).await?;
         let marker = match reply.pop() {
             Some(Value::BulkString(marker)) => String::from_utf8_lossy(&marker).into_owned(),
             other => return Err(self.inner.client.unexpected(&other.unwrap_or(Value::Nil))),
@@ -232,19 +280,22 @@ impl RedisStore {
 
     /// The stored outcome of `command_id` if announced, else our claim on it.
     pub async fn acquire(&self, command_id: &str) -> Result<Acquired, RedisError> {
-        let (state, record): (String, Vec<u8>) = self
+        let buckets = &self.inner.buckets;
+        let (state, record, packed): (String, Vec<u8>, i64) = self
             .with_boot(
                 &ACQUIRE,
-                &[self.key("rec", command_id), self.key("claim", command_id)],
+                &[buckets.legacy(command_id), self.key("claim", command_id)],
+                &buckets.lookup(command_id, crate::timestamp::now_millis()),
+                &[&Buckets::field(command_id)],
             )
             .await?;
-        let decoded = (!record.is_empty()).then(|| serde_json::from_slice::<Record>(&record));
-        let unreadable = |e: serde_json::Error, claimed| {
-            tracing::error!(%command_id, error = %e, "Redis holds a record for this commandId that this version cannot read");
-            Acquired::Unreadable {
-                reason: e.to_string(),
-                claimed,
-            }
+        let decoded = (!record.is_empty()).then(|| match packed {
+            1 => compact::decode(&record).map_err(|e| e.to_string()),
+            _ => serde_json::from_slice::<Record>(&record).map_err(|e| e.to_string()),
+        });
+        let unreadable = |reason: String, claimed| {
+            tracing::error!(%command_id, error = %reason, "Redis holds a record for this commandId that this version cannot read");
+            Acquired::Unreadable { reason, claimed }
         };
         match (state.as_str(), decoded) {
             ("published", Some(Ok(record))) => Ok(Acquired::Published(record)),
@@ -263,7 +314,7 @@ impl RedisStore {
     /// Extends our claim on `command_id`.
     pub async fn renew(&self, command_id: &str) -> Result<Renewed, RedisError> {
         let (state,): (i64,) = self
-            .with_boot(&RENEW, &[self.key("claim", command_id)])
+            .with_boot(&RENEW, &[self.key("claim", command_id)], &[], &[])
             .await?;
         match state {
             1 => Ok(Renewed::Yes),
@@ -276,34 +327,40 @@ impl RedisStore {
         }
     }
 
-    /// Stores the encoded record unless an outcome is there; true when it
+    /// Stores the packed record unless an outcome is there; true when it
     /// was stored and the claim is still ours.
-    pub async fn store(&self, command_id: &str, json: &str) -> Result<bool, RedisError> {
-        let (stored, ours): (i64, i64) = self
-            .inner
-            .client
-            .run(
-                STORE
-                    .key(self.key("rec", command_id))
-                    .key(self.key("claim", command_id))
-                    .arg(json)
-                    .arg(millis(self.inner.window))
-                    .arg(&self.inner.owner),
-            )
-            .await?;
+    pub async fn store(&self, command_id: &str, packed: &[u8]) -> Result<bool, RedisError> {
+        let buckets = &self.inner.buckets;
+        let now = crate::timestamp::now_millis();
+        let (target, expire_at) = buckets.target(command_id, now);
+        let mut call = Durable::new(&STORE);
+        call.key(buckets.legacy(command_id))
+            .key(self.key("claim", command_id))
+            .key(target);
+        for bucket in buckets.lookup(command_id, now) {
+            call.key(bucket);
+        }
+        call.arg(packed)
+            .arg(expire_at)
+            .arg(&self.inner.owner)
+            .arg(&Buckets::field(command_id));
+        let (stored, ours): (i64, i64) = self.inner.client.run_durable(&call).await?;
         Ok(stored == 1 && ours == 1)
     }
 
     /// Marks the outcome announced and releases our claim.
     pub async fn published(&self, command_id: &str) -> Result<(), RedisError> {
+        let buckets = &self.inner.buckets;
+        let mut call = Durable::new(&PUBLISHED);
+        call.key(buckets.legacy(command_id))
+            .key(self.key("claim", command_id));
+        for bucket in buckets.lookup(command_id, crate::timestamp::now_millis()) {
+            call.key(bucket);
+        }
+        call.arg(&self.inner.owner).arg(&Buckets::field(command_id));
         self.inner
             .client
-            .run::<i64>(
-                PUBLISHED
-                    .key(self.key("rec", command_id))
-                    .key(self.key("claim", command_id))
-                    .arg(&self.inner.owner),
-            )
+            .run_durable::<i64>(&call)
             .await
             .map(|_| ())
     }

@@ -7,6 +7,8 @@
 //!   it *exclusively*, so it never restarts RabbitMQ under anyone's test.
 //! - The extra RabbitMQ nodes (cluster on 5701-5703, TLS node on 5771): one
 //!   test at a time on the machine starts them.
+//! - The Sentinel test's Redis servers and sentinels (27311-27330): one run
+//!   at a time.
 //!
 //! flock locks belong to the open file: they go with the process however it
 //! ends, so a killed run leaves no stale lock behind.
@@ -85,4 +87,13 @@ pub fn broker_exclusive() {
 /// The extra RabbitMQ nodes, held until dropped.
 pub fn extra_nodes() -> Held {
     take(EXTRA_NODES, true)
+}
+
+/// Held while `tests/sentinel.rs` has its Redis servers and sentinels up
+/// (fixed ports 27311-27330).
+const SENTINEL: &str = "/tmp/gewe-sentinel.lock";
+
+/// The Sentinel test's ports, held until dropped.
+pub fn sentinel() -> Held {
+    take(SENTINEL, true)
 }

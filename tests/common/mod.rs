@@ -11,6 +11,7 @@ pub mod lock;
 pub mod logs;
 pub mod nodes;
 pub mod process;
+pub mod sentinel;
 pub mod tcp_proxy;
 
 use std::{future::Future, net::SocketAddr, time::Duration};
@@ -623,4 +624,39 @@ pub async fn start_up_error_with_a_classic(settings: &Settings, queue: &str) -> 
     topology::remove_callbacks(&channel, &settings.callbacks).await;
     let _ = connection.close(200, "done".into()).await;
     format!("{err:#}")
+}
+
+/// Waits (up to `within`) for the two events of every command in `ids`,
+/// each published twice: asserts all succeeded and each command has exactly
+/// one event not marked `duplicate`.
+pub async fn twice_published_succeeded_once_each(
+    listener: &mut TestApp,
+    ids: &[String],
+    within: Duration,
+) {
+    let mut unmarked: std::collections::HashMap<String, usize> = Default::default();
+    let mut events = 0;
+    let all = tokio::time::timeout(within, async {
+        while events < ids.len() * 2 {
+            let Some(e) = listener.try_next_event(Duration::from_secs(1)).await else {
+                continue;
+            };
+            events += 1;
+            assert_eq!(e.status(), "succeeded", "{}", e.body);
+            if e.body["duplicate"] != true {
+                *unmarked
+                    .entry(e.body["commandId"].as_str().unwrap_or("").to_owned())
+                    .or_default() += 1;
+            }
+        }
+    })
+    .await;
+    assert!(all.is_ok(), "{events} of {} events arrived", ids.len() * 2);
+    let expected: std::collections::HashSet<&String> = ids.iter().collect();
+    assert_eq!(
+        unmarked.keys().collect::<std::collections::HashSet<_>>(),
+        expected,
+        "every command has its event"
+    );
+    assert!(unmarked.values().all(|n| *n == 1), "{unmarked:?}");
 }

@@ -357,3 +357,25 @@ async fn after_redis_lost_its_data_no_free_command_id_is_claimed_for_a_lease_and
     assert!(duplicate, "B gets A's outcome, no second call");
     delete_keys(&prefix).await;
 }
+
+#[tokio::test]
+async fn an_outcome_stored_before_the_buckets_is_still_republished() {
+    // Written by the previous version (one JSON hash per commandId): read
+    // until it expires, one dedupe.window after the upgrade.
+    let prefix = prefix();
+    let mut conn = redis().await;
+    let stored = record("m", "v3_020b3826fd03@stranger");
+    let json = serde_json::to_string(&stored).expect("encodes");
+    let _: () = conn
+        .hset_multiple(
+            format!("{prefix}:rec:cmd"),
+            &[("r", json.as_str()), ("p", "1")],
+        )
+        .await
+        .expect("hset");
+    match acquire(&replica(&prefix), "m").await {
+        Found::Duplicate(found) => assert_eq!(found, stored),
+        _ => panic!("the legacy outcome is a duplicate"),
+    }
+    delete_keys(&prefix).await;
+}

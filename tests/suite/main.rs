@@ -24,6 +24,7 @@ mod ops;
 mod pacing;
 mod parking;
 mod redis_faults;
+mod redis_memory;
 mod resilience;
 mod resources;
 mod secrets;

@@ -22,7 +22,7 @@ use crate::{
     accounts::{AccountError, calendar::Millis},
     backoff::Backoff,
     halt::{Halt, Interrupted},
-    redis_client::{RedisClient, retry_while_unavailable},
+    redis_client::{Durable, RedisClient, retry_while_unavailable},
 };
 
 /// Waits while Redis is unavailable.
@@ -132,9 +132,13 @@ impl RedisLedger {
             REDIS_BACKOFF,
             halt,
             "Redis unavailable: account budgets cannot be checked, GeWe is not called",
+            // Durable: a unit or a turn a failover could lose would let
+            // another replica send past the limit or too early. Retried
+            // after a write no replica acknowledged, the script may take a
+            // second unit: the day ends early, never late.
             || {
-                let mut invocation = ADMIT.key(&key);
-                invocation
+                let mut call = Durable::new(&ADMIT);
+                call.key(&key)
                     .key(&registry)
                     .arg(req.app_id)
                     .arg(req.now)
@@ -143,11 +147,21 @@ impl RedisLedger {
                     .arg(req.interval_ms)
                     .arg(req.max_wait_ms)
                     .arg(KEEP_MS);
-                async move { client.run(&invocation).await }
+                async move { client.run_durable(&call).await }
             },
         )
         .await?;
         Ok(decode(code, value))
+    }
+
+    /// Whether Redis answers now (a failover in progress: no).
+    pub fn healthy(&self) -> bool {
+        self.client.unhealthy_reason().is_none()
+    }
+
+    /// Resolves once Redis answers (with Sentinel: a master is known).
+    pub async fn until_healthy(&self) {
+        self.client.until_healthy().await;
     }
 
     /// See [`super::Ledger::rests_now`].

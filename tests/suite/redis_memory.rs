@@ -1,0 +1,144 @@
+//! What a succeeded command leaves in Redis for `dedupe.window`, measured
+//! on a private, empty `redis-server` (so `used_memory` counts nothing
+//! else): the compact record in its hash bucket against the JSON hash per
+//! commandId that earlier versions wrote. The figures are printed for
+//! BENCHMARKS.md (`cargo test --test suite redis_memory -- --nocapture`).
+
+use std::{sync::Arc, time::Duration};
+
+use crate::common::{tcp_proxy::RedisServer, unique};
+use gewe_friend_worker::{
+    command::Command,
+    halt::{Halt, Signal},
+    idempotency::{Fingerprint, Found, Idempotency, Record, Stored},
+    outcome::CallOutcome,
+    redis_client::RedisClient,
+};
+use redis::AsyncCommands;
+
+/// The v3 of the seed's example answer: GeWe's real length (211 characters).
+const GEWE_V3: &str = "v3_020b3826fd030100000000003a070e7757675c000000501ea9a3dba12f95f6b60a0536a1adb690dcccc9bf58cc80765e6eb16bffa5996420bb1b2577634516ff82090419d8bdcd5689df8dfb21d40af93d286f72c3a0e8cfa6dcb68afed39226f008c6@stranger";
+const COMMANDS: usize = 10_000;
+/// The most a succeeded command may cost per retained day (issue 26).
+const BUDGET: f64 = 300.0;
+
+fn command(n: usize) -> Command {
+    Command {
+        // A commandId as publishers make them: 37 characters.
+        command_id: format!("crm-7f3a-2026-11-25-{n:08}-{:08x}", n * 7919),
+        app_id: "wx_3f8d2c1b".into(),
+        chatroom_id: "34757816141@chatroom".into(),
+        member_wxid: format!("wxid_member{n:08}"),
+        content: "你好，我是群里的小王".into(),
+    }
+}
+
+fn record(cmd: &Command, n: usize) -> Record {
+    // Distinct v3s of GeWe's length: the last hex digits vary.
+    let v3 = format!("{}{n:08x}@stranger", &GEWE_V3[..GEWE_V3.len() - 17]);
+    Record::new(
+        Fingerprint::of(cmd),
+        CallOutcome {
+            result: Ok(v3),
+            attempts: 1,
+        },
+        gewe_friend_worker::outcome::Tries::default(),
+    )
+}
+
+async fn used_memory(conn: &mut redis::aio::MultiplexedConnection) -> f64 {
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(conn)
+        .await
+        .expect("info");
+    info.lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("used_memory")
+}
+
+/// Sum of `MEMORY USAGE` over the keys under `prefix`.
+async fn memory_usage(conn: &mut redis::aio::MultiplexedConnection, prefix: &str) -> (f64, usize) {
+    let keys: Vec<String> = conn.keys(format!("{prefix}:*")).await.expect("keys");
+    let mut total = 0.0;
+    for key in &keys {
+        let bytes: Option<u64> = redis::cmd("MEMORY")
+            .arg("USAGE")
+            .arg(key)
+            .arg("SAMPLES")
+            .arg(0)
+            .query_async(conn)
+            .await
+            .expect("memory usage");
+        total += bytes.unwrap_or(0) as f64;
+    }
+    (total, keys.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_succeeded_command_leaves_at_most_300_bytes_in_redis() {
+    let server = RedisServer::start().await;
+    let mut conn = redis::Client::open(server.url.as_str())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let prefix = unique("mem");
+    let store = Idempotency::in_redis(
+        Arc::new(RedisClient::new(&server.url).expect("url")),
+        &prefix,
+        Duration::from_secs(24 * 3600),
+        Duration::from_secs(20),
+    );
+    let shutdown = Signal::new();
+    let handle = async |n: usize| {
+        let cmd = command(n);
+        let Found::Claimed { mut claim, .. } = store
+            .acquire(&cmd.command_id, Fingerprint::of(&cmd), &Halt::never())
+            .await
+            .expect("acquired")
+        else {
+            panic!("a fresh commandId is claimed");
+        };
+        assert_eq!(claim.store(&record(&cmd, n)).await, Stored::Kept);
+        claim.published(&shutdown).await;
+    };
+    // Scripts loaded and the first buckets made before the baseline.
+    handle(COMMANDS).await;
+    let before = used_memory(&mut conn).await;
+    for n in 0..COMMANDS {
+        handle(n).await;
+    }
+    let compact_used = (used_memory(&mut conn).await - before) / COMMANDS as f64;
+    let (usage, keys) = memory_usage(&mut conn, &prefix).await;
+    let compact_usage = usage / (COMMANDS + 1) as f64;
+
+    // The layout of earlier versions, for comparison: one hash per
+    // commandId with the JSON record and the published flag.
+    let legacy = unique("legacy");
+    let before = used_memory(&mut conn).await;
+    for n in 0..COMMANDS {
+        let cmd = command(n);
+        let key = format!("{legacy}:rec:{}", cmd.command_id);
+        let json = serde_json::to_string(&record(&cmd, n)).expect("json");
+        let _: () = conn
+            .hset_multiple(&key, &[("r", json.as_str()), ("p", "1")])
+            .await
+            .expect("hset");
+        let _: () = conn.pexpire(&key, 86_400_000).await.expect("pexpire");
+    }
+    let legacy_used = (used_memory(&mut conn).await - before) / COMMANDS as f64;
+    let (usage, _) = memory_usage(&mut conn, &legacy).await;
+    let legacy_usage = usage / COMMANDS as f64;
+
+    eprintln!(
+        "redis_memory: {COMMANDS} succeeded commands, v3 of {} characters, commandId of {}:\n  \
+         compact buckets: {compact_used:.0} B/command (used_memory), {compact_usage:.0} B/command (MEMORY USAGE over {keys} keys)\n  \
+         legacy JSON hash: {legacy_used:.0} B/command (used_memory), {legacy_usage:.0} B/command (MEMORY USAGE)",
+        GEWE_V3.len(),
+        command(0).command_id.len(),
+    );
+    assert!(compact_used <= BUDGET, "{compact_used:.0} B per command");
+    assert!(compact_usage <= BUDGET, "{compact_usage:.0} B per command");
+}
