@@ -185,7 +185,10 @@ mod tests {
     #[test]
     fn a_gewe_v3_is_kept_in_half_its_length() {
         let bytes = encode(&record(Ok(GEWE_V3.into()), 1, 0)).expect("encodes");
-        assert_eq!(bytes.len(), 1 + 16 + 6 + 1 + 1 + 1 + (GEWE_V3.len() - 12) / 2);
+        assert_eq!(
+            bytes.len(),
+            1 + 16 + 6 + 1 + 1 + 1 + (GEWE_V3.len() - 12) / 2
+        );
         assert!(bytes.len() < 130, "{}", bytes.len());
     }
 
