@@ -10,6 +10,11 @@
 //! holds its command and tries again, exactly as when Redis is down. A
 //! script repeated that way must therefore be idempotent for its caller.
 //!
+//! A caller writes, for example,
+//! `client.run_durable::<i64>(Durable::new(&TAKE_UNIT).key(&day_key).arg(limit))`
+//! inside [`super::retry_while_unavailable`], which waits out every
+//! [`super::RedisError`], `NotReplicated` included, without calling GeWe.
+//!
 //! The script goes as `EVALSHA`; a server that does not know it (a replica
 //! just promoted has an empty script cache) answers `NOSCRIPT`, and the
 //! script is loaded and the pipeline sent once more, which is safe because

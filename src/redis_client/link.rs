@@ -217,3 +217,23 @@ fn needs_new_connection(error: &redis::RedisError) -> bool {
         || matches!(error.kind(), ErrorKind::ReadOnly | ErrorKind::MasterDown)
         || matches!(error.code(), Some("READONLY" | "MASTERDOWN" | "LOADING"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_demoted_or_gone_server_is_left_and_a_script_error_is_not() {
+        let gone =
+            redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert!(needs_new_connection(&gone));
+        let demoted = redis::RedisError::from((ErrorKind::ReadOnly, "READONLY"));
+        assert!(needs_new_connection(&demoted));
+        let down = redis::RedisError::from((ErrorKind::MasterDown, "MASTERDOWN"));
+        assert!(needs_new_connection(&down));
+        let script = redis::RedisError::from((ErrorKind::NoScriptError, "NOSCRIPT"));
+        assert!(!needs_new_connection(&script));
+        let lua = redis::RedisError::from((ErrorKind::ResponseError, "ERR user_script:1"));
+        assert!(!needs_new_connection(&lua));
+    }
+}
