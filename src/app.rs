@@ -7,6 +7,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    accounts::AccountDirectory,
+    admin::{self, Admin, dead_letters::DeadLetters, summary::Sources},
     breaker::Breaker,
     broker::Connector,
     callbacks::{self, Ingress, IngressLink, Matcher, Store},
@@ -44,11 +46,24 @@ pub struct Application {
     /// `callbacks.listen`, bound, with the endpoint behind it.
     callback_endpoint: Option<(TcpListener, Arc<Ingress>)>,
     callback_addr: Option<SocketAddr>,
+    /// `admin.listen`, bound, with the console behind it.
+    admin: Option<(TcpListener, Arc<Admin>)>,
+    admin_addr: Option<SocketAddr>,
 }
 
 impl Application {
     /// Builds everything that can fail before the first command.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        Self::build_with_accounts(settings, None).await
+    }
+
+    /// Like [`Application::build`], with the accounts the operator's
+    /// console (`admin.listen`) shows and steers: `None` while no account
+    /// state is kept (the console's accounts API then answers 503).
+    pub async fn build_with_accounts(
+        settings: Settings,
+        accounts: Option<Arc<dyn AccountDirectory>>,
+    ) -> anyhow::Result<Self> {
         // Every metric exists from start-up, before the first command.
         let _ = meters();
         let token = settings.require_token()?;
@@ -129,8 +144,30 @@ impl Application {
             .await
             .with_context(|| format!("could not bind http.listen {}", settings.http.listen))?;
         let ops_addr = ops_listener.local_addr()?;
+        let readiness = Arc::new(Readiness::new(breaker.clone(), redis.clone()));
+        let (admin, admin_addr) = match settings.admin.listen.zip(settings.admin.token.as_ref()) {
+            Some((addr, token)) => {
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("could not bind admin.listen {addr}"))?;
+                let bound = listener.local_addr()?;
+                let a = &settings.amqp;
+                let dead_letters =
+                    DeadLetters::new(Connector::new(a)?, &a.dead_letter_queue, &a.command_queue);
+                let sources = Sources {
+                    readiness: readiness.clone(),
+                    breaker,
+                    redis: redis.clone(),
+                    command_queue: a.command_queue.clone(),
+                    park: settings.retry.park.clone(),
+                };
+                let console = Admin::new(token, accounts, dead_letters, sources);
+                (Some((listener, Arc::new(console))), Some(bound))
+            }
+            None => (None, None),
+        };
         Ok(Self {
-            readiness: Arc::new(Readiness::new(breaker, redis.clone())),
+            readiness,
             settings,
             connector,
             processor,
@@ -144,6 +181,8 @@ impl Application {
             ),
             callback_endpoint,
             callback_addr,
+            admin,
+            admin_addr,
         })
     }
 
@@ -155,6 +194,11 @@ impl Application {
     /// Where `POST /gewe/callback` is served (`callbacks.listen`).
     pub fn callback_addr(&self) -> Option<SocketAddr> {
         self.callback_addr
+    }
+
+    /// Where the operator's console and its API are served (`admin.listen`).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     /// Runs until `shutdown` is cancelled and in-flight work is settled.
@@ -181,6 +225,17 @@ impl Application {
                 shutdown.clone(),
             ))
         });
+        // Served until the worker has stopped, like the ops port: an
+        // operator can watch a shutdown from the console.
+        let console = self.admin.map(|(listener, console)| {
+            tracing::info!(addr = ?self.admin_addr, "operator's console listening");
+            tokio::spawn(http_server::serve(
+                listener,
+                admin::router(console),
+                admin::limits(resources::fd_limit()),
+                ops_stop.clone(),
+            ))
+        });
         if let Some(redis) = self.redis.clone() {
             let stop = ops_stop.clone();
             tokio::spawn(async move { redis.probe(stop).await });
@@ -204,6 +259,9 @@ impl Application {
         .await;
         ops_stop.cancel();
         let _ = ops.await;
+        if let Some(console) = console {
+            let _ = console.await;
+        }
         if let Some(endpoint) = endpoint {
             let _ = endpoint.await;
         }
@@ -231,8 +289,12 @@ fn warn_if_descriptors_could_run_out(settings: &Settings, fd_limit: Option<u64>)
         .callbacks
         .listen
         .map_or(0, |_| callbacks::ingress::LIMITS.max_connections);
+    let admin_connections = settings
+        .admin
+        .listen
+        .map_or(0, |_| admin::limits(fd_limit).max_connections);
     let needed = u64::from(settings.amqp.prefetch)
-        + (ops_connections + callback_connections) as u64
+        + (ops_connections + callback_connections + admin_connections) as u64
         + BASE_DESCRIPTORS;
     if needed > limit {
         tracing::warn!(
@@ -241,6 +303,7 @@ fn warn_if_descriptors_could_run_out(settings: &Settings, fd_limit: Option<u64>)
             prefetch = settings.amqp.prefetch,
             ops_connections,
             callback_connections,
+            admin_connections,
             "the open-file limit may be too low: raise the hard limit (ulimit -n, LimitNOFILE) or lower amqp.prefetch"
         );
     }

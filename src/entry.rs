@@ -7,6 +7,7 @@
 use std::process::ExitCode;
 
 use crate::{
+    admin::client as console_client,
     app::{self, Application},
     cli::{Cli, Command, PublishArgs},
     command_publisher::{CommandPublisher, Listen, NewCommand},
@@ -76,6 +77,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             telemetry::init(settings.log.format, redactor, "error");
             prepare_process();
             demo::run(settings, args.timeout).await
+        }
+        Command::Accounts(args) => {
+            telemetry::init(settings.log.format, redactor, "warn");
+            console_client::accounts(&settings, args).await
+        }
+        Command::DeadLetters(args) => {
+            telemetry::init(settings.log.format, redactor, "warn");
+            console_client::dead_letters(&settings, args).await
         }
         Command::SimulateGewe(args) => {
             telemetry::init(settings.log.format, redactor, "info");

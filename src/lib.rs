@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod accounts;
+pub mod admin;
 pub mod app;
 pub mod backoff;
 pub mod bounded_cache;

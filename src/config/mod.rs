@@ -11,6 +11,7 @@ use std::{collections::HashMap, path::Path, time::Duration};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
+mod admin;
 mod durations;
 mod nodes;
 mod secrets;
@@ -19,6 +20,7 @@ mod sections;
 mod tests;
 mod tls;
 
+pub use admin::{AdminSettings, MIN_ADMIN_TOKEN_CHARS};
 pub use nodes::{broker_urls, url_password};
 pub use secrets::{redact_url_list, redact_url_password};
 pub use sections::*;
@@ -89,6 +91,9 @@ pub struct Settings {
     pub log: LogSettings,
     /// GeWe callbacks.
     pub callbacks: CallbacksSettings,
+    /// The operator's console (off unless `admin.listen` is set).
+    #[serde(default)]
+    pub admin: AdminSettings,
 }
 
 /// Shortest accepted `gewe.token`.
@@ -324,7 +329,8 @@ impl Settings {
                 ));
             }
         }
-        self.validate_callbacks()
+        self.validate_callbacks()?;
+        self.admin.validate()
     }
 
     fn validate_callbacks(&self) -> Result<(), ConfigError> {
