@@ -1,15 +1,23 @@
 //! The dead-letter queue as an operator sees and re-drives it (contract §8).
 //!
-//! **Listing leaves every message in place, in order.** Messages are taken
-//! with `basic.get` (unacknowledged) on a channel of their own, read, and
-//! handed back by *closing that channel*, never by `basic.nack`/`reject`
-//! with requeue: the broker returns a closed channel's unacknowledged
-//! messages to the head of the queue in their original order (classic
-//! queues put them back in place; quorum queues deliver returned messages
-//! before any other, in order). A nack with requeue would count as a
-//! failed delivery on RabbitMQ 4 quorum queues, whose default delivery
-//! limit (20) would then drop a dead letter that was merely looked at
-//! 20 times. The suite checks order and count after a listing.
+//! **Listing leaves every message in place, in order.** A listing takes
+//! *every* dead letter (up to [`MAX_SCAN`]) with `basic.get`,
+//! unacknowledged, on a channel of its own, shows the first ones, and hands
+//! all of them back with one `basic.nack` (requeue) each, in the order they
+//! came, 30 at a time, waiting until the queue holds each batch again
+//! before the next (and before it closes the channel). A classic queue puts each requeued message back in its place.
+//! A quorum queue (RabbitMQ 3.10.8, measured by the suite) puts returned
+//! messages at the back, in the order they were returned: handing back the
+//! whole queue in order is a full turn, and the order is what it was. Only
+//! a partial turn would change it, and closing the channel with messages
+//! unacknowledged returns them shuffled; both were seen in the suite before
+//! this design. A quorum queue counts each return in the message's
+//! `x-delivery-count`; the dead-letter queue has no delivery limit on
+//! RabbitMQ 3.x, so that count is all that changes. (RabbitMQ 4 gives
+//! quorum queues a default delivery limit of 20: give the dead-letter queue
+//! `x-delivery-limit: -1` by policy there.) A dead letter that arrives
+//! during a listing lands before the ones handed back. Listings and
+//! replays take turns.
 //!
 //! **Replay is publish-confirm-then-ack.** Each selected message is
 //! published to the command queue (default exchange, `mandatory`) with a
@@ -17,7 +25,7 @@
 //! crash between the two leaves the command in both queues: it comes back
 //! twice, and idempotency answers the second copy with its outcome marked
 //! `duplicate`. Nothing is lost. Messages scanned but not selected (replay
-//! by ids) are handed back by closing the channel, like a listing.
+//! by ids) are handed back in order, like a listing's.
 //!
 //! A message's id is a digest of its body and properties (the broker's
 //! `x-delivery-count` left out, since it changes while the message sits in
@@ -28,7 +36,7 @@ use std::{collections::HashSet, sync::Arc, time::Duration};
 use lapin::{
     BasicProperties, Channel, Connection, ConnectionProperties,
     message::BasicGetMessage,
-    options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions},
+    options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions},
     types::{AMQPValue, FieldTable, ShortString},
 };
 use serde::Serialize;
@@ -59,11 +67,16 @@ const RESET_HEADERS: &[&str] = &[
     "x-last-death-reason",
     "x-delivery-count",
 ];
-/// Most messages one listing returns.
+/// Most messages one listing shows.
 pub const MAX_LIST: usize = 1000;
-/// Most messages one replay looks at: a replay by ids holds the messages it
-/// passes over in memory until it hands them back.
+/// Most messages one listing or replay reads: they are held in memory
+/// until handed back. Beyond it, a listing changes a quorum queue's order.
 pub const MAX_SCAN: usize = 10_000;
+/// Nacks in flight at once while handing back: below the 32 commands a
+/// quorum queue's client sends before it holds more back.
+const RETURN_BATCH: usize = 30;
+/// How long handing back may take before the channel is closed anyway.
+const HAND_BACK_LIMIT: Duration = Duration::from_secs(10);
 /// Longest body shown in a listing, in bytes.
 const MAX_SHOWN_BODY: usize = 16 * 1024;
 /// Bound on every broker call of an operator's request.
@@ -148,6 +161,8 @@ pub struct DeadLetters {
     dead_letter_queue: String,
     command_queue: String,
     connection: Mutex<Option<Arc<Connection>>>,
+    /// Held by a listing or a replay: one at a time reads the queue.
+    turn: Mutex<()>,
 }
 
 impl DeadLetters {
@@ -159,6 +174,7 @@ impl DeadLetters {
             dead_letter_queue: dead_letter_queue.to_owned(),
             command_queue: command_queue.to_owned(),
             connection: Mutex::new(None),
+            turn: Mutex::new(()),
         }
     }
 
@@ -213,25 +229,32 @@ impl DeadLetters {
 
     /// The first `limit` dead letters, left in place and in order.
     pub async fn list(&self, limit_to: usize) -> Result<Vec<DeadLetter>, DeadLetterError> {
+        let _turn = self.turn.lock().await;
         let channel = self.channel().await?;
         let mut out = Vec::new();
+        let mut taken = Vec::new();
         let read = async {
-            while out.len() < limit_to.min(MAX_LIST) {
+            while taken.len() < MAX_SCAN {
                 match self.get(&channel).await? {
-                    Some(message) => out.push(view(&message)),
+                    Some(message) => {
+                        if out.len() < limit_to.min(MAX_LIST) {
+                            out.push(view(&message));
+                        }
+                        taken.push(message);
+                    }
                     None => break,
                 }
             }
             Ok(())
         }
         .await;
-        // Hands every message back, in order (see the module's note).
-        let _ = channel.close(200, "dead letters listed".into()).await;
+        self.hand_back(&channel, taken).await;
         read.map(|()| out)
     }
 
     /// Moves the selected dead letters back to the command queue.
     pub async fn replay(&self, selection: &Selection) -> Result<Replayed, DeadLetterError> {
+        let _turn = self.turn.lock().await;
         let connection = self.connection().await?;
         let channel = limit(connection.create_channel())
             .await?
@@ -241,11 +264,18 @@ impl DeadLetters {
             .map_err(broker("opening the confirm channel"))?;
         let mut done = Replayed::default();
         let mut found = HashSet::new();
+        let mut passed = Vec::new();
         let moved = self
-            .move_selected(&channel, &publisher, selection, &mut done, &mut found)
+            .move_selected(
+                &channel,
+                &publisher,
+                selection,
+                &mut done,
+                &mut found,
+                &mut passed,
+            )
             .await;
-        // Hands back what was passed over, in order.
-        let _ = channel.close(200, "replay done".into()).await;
+        self.hand_back(&channel, passed).await;
         if let Selection::Ids(ids) = selection {
             let mut missing: Vec<String> = ids.difference(&found).cloned().collect();
             missing.sort();
@@ -261,13 +291,16 @@ impl DeadLetters {
         selection: &Selection,
         done: &mut Replayed,
         found: &mut HashSet<String>,
+        passed: &mut Vec<BasicGetMessage>,
     ) -> Result<(), DeadLetterError> {
         let mut scanned = 0;
         while scanned < MAX_SCAN {
-            match selection {
-                Selection::All { limit } if done.replayed >= *limit => break,
-                Selection::Ids(ids) if found.len() >= ids.len() => break,
-                _ => {}
+            // A replay by ids reads on after the last one: handing back
+            // the whole queue keeps its order (see the module's note).
+            if let Selection::All { limit } = selection
+                && done.replayed >= *limit
+            {
+                break;
             }
             let Some(message) = self.get(channel).await? else {
                 break;
@@ -276,6 +309,7 @@ impl DeadLetters {
             let id = message_id(&message);
             if let Selection::Ids(ids) = selection {
                 if !ids.contains(&id) {
+                    passed.push(message);
                     continue;
                 }
                 found.insert(id.clone());
@@ -312,6 +346,47 @@ impl DeadLetters {
             done.command_ids.push(shown.command_id);
         }
         Ok(())
+    }
+
+    /// Returns `taken` to the queue one nack each, in the order they came,
+    /// [`RETURN_BATCH`] at a time: before the next batch (and before the
+    /// channel closes) it waits, up to [`HAND_BACK_LIMIT`], until the queue
+    /// holds the batch again. A quorum queue's client holds back commands
+    /// beyond 32 in flight and later sends them in reverse order, and
+    /// closing the channel under them returns them shuffled (both seen in
+    /// the suite).
+    async fn hand_back(&self, channel: &Channel, taken: Vec<BasicGetMessage>) {
+        let requeue = BasicNackOptions {
+            multiple: false,
+            requeue: true,
+        };
+        let deadline = tokio::time::Instant::now() + HAND_BACK_LIMIT;
+        // Messages ready besides those taken (beyond MAX_SCAN, say).
+        let mut expected = match self.count().await {
+            Ok(Some(ready)) => ready as usize,
+            _ => 0,
+        };
+        'batches: for batch in taken.chunks(RETURN_BATCH) {
+            for message in batch {
+                let failure = match limit(message.delivery.acker.nack(requeue)).await {
+                    Ok(Ok(_)) => continue,
+                    Ok(Err(e)) => e.to_string(),
+                    Err(e) => e.to_string(),
+                };
+                tracing::warn!(error = %failure, "could not hand a dead letter back; the channel's close returns it");
+                break 'batches;
+            }
+            expected += batch.len();
+            // Polls the broker with a deadline: there is no event to wait on.
+            while tokio::time::Instant::now() < deadline {
+                match self.count().await {
+                    Ok(Some(ready)) if ready as usize >= expected => break,
+                    Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                    Err(_) => break 'batches,
+                }
+            }
+        }
+        let _ = channel.close(200, "dead letters handed back".into()).await;
     }
 
     async fn get(&self, channel: &Channel) -> Result<Option<BasicGetMessage>, DeadLetterError> {

@@ -12,6 +12,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod admin;
 mod asyncapi;
 mod callback_endpoint;
 mod callbacks;
