@@ -640,10 +640,12 @@ async fn a_worker_killed_mid_replay_loses_nothing() {
     settings.redis.url = Some(redis_url());
     let mut app = spawn_listener(&settings).await;
     let total = 400;
+    // Unique ids: Redis remembers outcomes across runs.
+    let run = unique("kill");
     for i in 0..total {
         dead_letter(
             &app,
-            command(&format!("kill-{i}"), &format!("wx_kill_{}", i % 4))
+            command(&format!("{run}-{i}"), &format!("wx_kill_{}", i % 4))
                 .to_string()
                 .as_bytes(),
             BasicProperties::default(),
@@ -664,11 +666,14 @@ async fn a_worker_killed_mid_replay_loses_nothing() {
         .logs
         .reported("operator's console listening", "addr")
         .await;
-    let replay = tokio::spawn(async move {
-        Api::new(admin)
-            .post("/api/dead-letters/replay", json!({"all": true}))
-            .await
-    });
+    // Its answer never comes: the worker dies first.
+    let replay = tokio::spawn(
+        reqwest::Client::new()
+            .post(format!("http://{admin}/api/dead-letters/replay"))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&json!({"all": true}))
+            .send(),
+    );
     // Killed once part of the dead letters moved.
     eventually(WAIT, || async {
         let left = depth(&app, &dlq).await;
@@ -681,10 +686,16 @@ async fn a_worker_killed_mid_replay_loses_nothing() {
     let left_dead = depth(&app, &dlq).await;
     let queued = depth(&app, &settings.amqp.command_queue).await;
     let mut seen: HashSet<String> = HashSet::new();
+    // Unmarked events per commandId: exactly one each, in the end.
+    let mut unmarked: std::collections::HashMap<String, u32> = Default::default();
     let mut events = 0;
     while let Some(e) = app.try_next_event(Duration::from_millis(300)).await {
         events += 1;
-        seen.insert(e.body["commandId"].as_str().unwrap_or("").to_owned());
+        let id = e.body["commandId"].as_str().unwrap_or("").to_owned();
+        if e.body.get("duplicate").is_none() {
+            *unmarked.entry(id.clone()).or_default() += 1;
+        }
+        seen.insert(id);
     }
     eprintln!(
         "killed mid-replay: {left_dead} dead letters left, {queued} in the command queue, {} commands had events ({events} events)",
@@ -707,7 +718,7 @@ async fn a_worker_killed_mid_replay_loses_nothing() {
     assert_eq!(status, StatusCode::OK, "{done}");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     let mut duplicates = 0;
-    while seen.len() < total as usize {
+    while seen.len() < total as usize || unmarked.len() < total as usize {
         assert!(
             tokio::time::Instant::now() < deadline,
             "only {} of {total} commands had their event",
@@ -716,12 +727,21 @@ async fn a_worker_killed_mid_replay_loses_nothing() {
         if let Some(e) = app.try_next_event(Duration::from_millis(500)).await {
             if e.body.get("duplicate").is_some() {
                 duplicates += 1;
+            } else {
+                *unmarked
+                    .entry(e.body["commandId"].as_str().unwrap_or("").to_owned())
+                    .or_default() += 1;
             }
             seen.insert(e.body["commandId"].as_str().unwrap_or("").to_owned());
         }
     }
     eprintln!(
-        "after the second replay: all {total} commands had their event; {duplicates} duplicates marked so far"
+        "after the second replay: all {total} commands had their event; {duplicates} duplicates marked"
+    );
+    let twice: Vec<_> = unmarked.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "one unmarked event per command: {twice:?}"
     );
     assert_eq!(depth(&app, &dlq).await, 0, "no dead letter left");
     second.child.start_kill().expect("kill");
