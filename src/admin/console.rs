@@ -207,6 +207,19 @@ fn badge(text: &str) -> Markup {
     html! { span class={ "badge " (text) } { (text.replace('_', " ")) } }
 }
 
+/// An RFC 3339 time as `2026-12-03 16:28` (UTC), the full time on hover.
+fn time(at: Option<&str>) -> Markup {
+    match at {
+        None => html! {},
+        Some(at) => {
+            let short = at
+                .get(..16)
+                .map_or_else(|| at.to_owned(), |t| t.replace('T', " "));
+            html! { time.t datetime=(at) title=(at) { (short) } }
+        }
+    }
+}
+
 fn count(n: Option<u32>) -> String {
     n.map_or_else(|| "–".to_owned(), |n| n.to_string())
 }
@@ -250,17 +263,17 @@ fn accounts_section(accounts: &Result<Vec<AccountView>, String>) -> Markup {
                 Ok(list) if list.is_empty() => p.muted { "No account was seen in the last 7 days." },
                 Ok(list) => div.scroll { table {
                     thead { tr {
-                        th { "appId" } th { "state" } th { "sent today" } th { "resting until" }
-                        th { "reason" } th { "last sent" } th { "last outcome" } th {}
+                        th { "appId" } th { "state" } th { "sent today" } th { "resting until (UTC)" }
+                        th { "reason" } th { "last sent (UTC)" } th { "last outcome" } th {}
                     } }
                     tbody { @for a in list {
                         tr data-app=(a.app_id) {
                             td { code { (a.app_id) } }
                             td.state { (badge(a.state.as_str())) }
                             td { (a.sent_today) " / " (a.daily_limit.map_or_else(|| "∞".to_owned(), |l| l.to_string())) }
-                            td { (a.resting_until.as_deref().unwrap_or("")) }
+                            td { (time(a.resting_until.as_deref())) }
                             td { (a.reason.as_deref().unwrap_or("")) }
-                            td { (a.last_sent_at.as_deref().unwrap_or("")) }
+                            td { (time(a.last_sent_at.as_deref())) }
                             td { (a.last_outcome.as_deref().unwrap_or("")) }
                             td { @if a.state.as_str() == "paused" {
                                 button data-action="resume" data-app=(a.app_id) { "Resume" }
@@ -291,7 +304,7 @@ fn dead_letters_section(dead: &Result<Vec<DeadLetter>, String>, total: Option<u3
                     }
                     div.scroll { table {
                         thead { tr {
-                            th { "commandId" } th { "appId" } th { "reason" } th { "dead since" }
+                            th { "commandId" } th { "appId" } th { "reason" } th { "dead since (UTC)" }
                             th { "body" } th {}
                         } }
                         tbody { @for d in list {
@@ -299,7 +312,7 @@ fn dead_letters_section(dead: &Result<Vec<DeadLetter>, String>, total: Option<u3
                                 td { code { (d.command_id) } }
                                 td { (d.app_id.as_deref().unwrap_or("")) }
                                 td.reason { (d.reason) @if d.replayed > 0 { " " span.muted { "(replayed " (d.replayed) "×)" } } }
-                                td { (d.dead_at.as_deref().unwrap_or("")) }
+                                td { (time(d.dead_at.as_deref())) }
                                 td.body { (d.body.chars().take(300).collect::<String>()) }
                                 td { button data-action="replay" data-id=(d.id) { "Replay" } }
                             }

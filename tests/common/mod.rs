@@ -12,6 +12,7 @@ pub mod logs;
 pub mod nodes;
 pub mod process;
 pub mod tcp_proxy;
+pub mod webdriver;
 
 use std::{future::Future, net::SocketAddr, time::Duration};
 

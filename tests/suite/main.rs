@@ -17,6 +17,7 @@ mod asyncapi;
 mod callback_endpoint;
 mod callbacks;
 mod cli;
+mod console_browser;
 mod guarantees;
 mod idempotency;
 mod observability;
