@@ -59,7 +59,8 @@ impl Application {
 
     /// Like [`Application::build`], with the accounts the operator's
     /// console (`admin.listen`) shows and steers: `None` while no account
-    /// state is kept (the console's accounts API then answers 503).
+    /// state is kept (the console's accounts API then answers 503). This is
+    /// the one place a directory reaches the console.
     pub async fn build_with_accounts(
         settings: Settings,
         accounts: Option<Arc<dyn AccountDirectory>>,
@@ -161,6 +162,8 @@ impl Application {
                     command_queue: a.command_queue.clone(),
                     park: settings.retry.park.clone(),
                 };
+                // The accounts the console steers: the caller's (tests),
+                // else (issue 23) the budget keeper's own directory.
                 let console = Admin::new(token, accounts, dead_letters, sources);
                 (Some((listener, Arc::new(console))), Some(bound))
             }

@@ -49,3 +49,42 @@ impl AdminSettings {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::super::Settings;
+
+    fn load(pairs: &[(&str, &str)]) -> Result<Settings, String> {
+        let env: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Settings::load_from(None, Some(env)).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_console_is_off_by_default_and_needs_a_long_token_when_on() {
+        let off = load(&[]).expect("defaults are valid");
+        assert!(off.admin.listen.is_none() && off.admin.enabled_token().is_none());
+        let listen = ("GEWE_WORKER__ADMIN__LISTEN", "127.0.0.1:8090");
+        let missing = load(&[listen]).expect_err("a token is required");
+        assert!(
+            missing.contains("admin.token") && missing.contains("required"),
+            "{missing}"
+        );
+        let short = load(&[listen, ("GEWE_WORKER__ADMIN__TOKEN", "fifteen-chars-x")])
+            .expect_err("too short");
+        assert!(short.contains("at least 16"), "{short}");
+        let token = "sixteen-chars-ok";
+        let on = load(&[listen, ("GEWE_WORKER__ADMIN__TOKEN", token)]).expect("valid");
+        assert!(on.admin.enabled_token().is_some());
+        let printed = on.redacted_json();
+        assert!(!printed.contains(token), "{printed}");
+        assert!(
+            on.secrets().iter().any(|s| s == token),
+            "masked in every log line"
+        );
+    }
+}
