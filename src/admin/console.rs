@@ -96,10 +96,13 @@ pub async fn sign_in(State(admin): State<Arc<Admin>>, body: Bytes) -> Response {
         .map(|(_, v)| v.into_owned())
         .unwrap_or_default();
     if !admin.auth.token_matches(&token) {
-        tracing::warn!(
-            action = "sign_in",
-            "admin console sign-in refused: wrong token"
-        );
+        if let Some(count) = admin.refusals.due() {
+            tracing::warn!(
+                action = "sign_in",
+                count,
+                "admin console sign-in refused: wrong token (count: refusals since the last such line)"
+            );
+        }
         return sign_in_page(StatusCode::UNAUTHORIZED, Some("Wrong token."));
     }
     tracing::info!(action = "sign_in", "admin console signed in");

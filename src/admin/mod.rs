@@ -35,6 +35,9 @@ use summary::Sources;
 /// Everything the console reads and steers.
 pub struct Admin {
     auth: Auth,
+    /// Refusals, logged at most once a second: a scan or a guessing
+    /// script must not flood the log.
+    refusals: Refusals,
     /// The accounts (the budget keeper); `None` while none is wired in:
     /// the accounts API then answers 503.
     accounts: Option<Arc<dyn AccountDirectory>>,
@@ -53,6 +56,7 @@ impl Admin {
     ) -> Self {
         Self {
             auth: Auth::new(token),
+            refusals: Refusals::default(),
             accounts,
             dead_letters,
             sources,
@@ -139,7 +143,9 @@ async fn guard(State(admin): State<Arc<Admin>>, mut request: Request, next: Next
     let access = match access(&admin.auth, request.headers()) {
         Ok(access) => access,
         Err(refusal) => {
-            tracing::warn!(method = %request.method(), path = request.uri().path(), reason = refusal, "admin request refused: missing or wrong token");
+            if let Some(count) = admin.refusals.due() {
+                tracing::warn!(method = %request.method(), path = request.uri().path(), reason = refusal, count, "admin request refused: missing or wrong token (count: refusals since the last such line)");
+            }
             if request.method() == Method::GET && request.uri().path() == "/" {
                 return console::sign_in_page(StatusCode::UNAUTHORIZED, None);
             }
@@ -158,12 +164,39 @@ async fn guard(State(admin): State<Arc<Admin>>, mut request: Request, next: Next
             .get(auth::CSRF_HEADER)
             .and_then(|v| v.to_str().ok());
         if changes_state && !csrf.is_some_and(|c| admin.auth.csrf_matches(session, c)) {
-            tracing::warn!(method = %request.method(), path = request.uri().path(), "admin request refused: missing or wrong CSRF token");
+            if let Some(count) = admin.refusals.due() {
+                tracing::warn!(method = %request.method(), path = request.uri().path(), count, "admin request refused: missing or wrong CSRF token (count: refusals since the last such line)");
+            }
             return error(StatusCode::FORBIDDEN, "missing or wrong CSRF token");
         }
     }
     request.extensions_mut().insert(access);
     next.run(request).await
+}
+
+/// Counts refused requests; says when one may be logged again.
+#[derive(Default)]
+struct Refusals {
+    state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl Refusals {
+    /// Counts a refusal; the count since the last logged one when a second
+    /// has passed since it.
+    fn due(&self) -> Option<u64> {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (last, count) = &mut *state;
+        *count += 1;
+        let now = std::time::Instant::now();
+        if last.is_some_and(|l| now.duration_since(l) < std::time::Duration::from_secs(1)) {
+            return None;
+        }
+        *last = Some(now);
+        Some(std::mem::take(count))
+    }
 }
 
 fn access(auth: &Auth, headers: &HeaderMap) -> Result<Access, &'static str> {
