@@ -7,12 +7,11 @@
 use std::process::ExitCode;
 
 use crate::{
-    admin::client as console_client,
     app::{self, Application},
     cli::{Cli, Command, PublishArgs},
     command_publisher::{CommandPublisher, Listen, NewCommand},
     config::Settings,
-    demo,
+    console_cli, demo,
     redact::Redactor,
     resources, simulator, telemetry,
 };
@@ -80,11 +79,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Accounts(args) => {
             telemetry::init(settings.log.format, redactor, "warn");
-            console_client::accounts(&settings, args).await
+            console_cli::accounts(&settings, args).await
         }
         Command::DeadLetters(args) => {
             telemetry::init(settings.log.format, redactor, "warn");
-            console_client::dead_letters(&settings, args).await
+            console_cli::dead_letters(&settings, args).await
         }
         Command::SimulateGewe(args) => {
             telemetry::init(settings.log.format, redactor, "info");

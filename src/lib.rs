@@ -19,6 +19,7 @@ pub mod cli;
 pub mod command;
 pub mod command_publisher;
 pub mod config;
+pub mod console_cli;
 pub mod demo;
 pub mod entry;
 pub mod error_kind;

@@ -8,15 +8,24 @@ use reqwest::{Method, StatusCode};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 
-use crate::{
-    accounts::AccountView,
-    cli::{AccountsArgs, AccountsCommand, AdminTarget, DeadLettersArgs, DeadLettersCommand},
-    config::Settings,
-};
+use crate::{accounts::AccountView, config::Settings};
 
 /// Most ids one replay request carries: the admin port takes bodies of at
 /// most 1 KiB, as the ops port does.
 const IDS_PER_REQUEST: usize = 32;
+/// The admin API's URL: `url` when given, else `admin.listen` (a wildcard
+/// address reached on loopback).
+pub fn base_url(settings: &Settings, url: Option<&str>) -> String {
+    if let Some(url) = url {
+        return url.to_owned();
+    }
+    match settings.admin.listen {
+        Some(addr) if addr.ip().is_unspecified() => format!("http://127.0.0.1:{}", addr.port()),
+        Some(addr) => format!("http://{addr}"),
+        None => "http://127.0.0.1:8090".to_owned(),
+    }
+}
+
 /// Bound on one request (a replay of thousands of dead letters included).
 const REQUEST_LIMIT: Duration = Duration::from_secs(120);
 
@@ -281,81 +290,4 @@ pub fn dead_letters_table(list: &Value) -> String {
         ));
     }
     out
-}
-
-/// The admin API's URL: `--admin-url`, else `admin.listen` (a wildcard
-/// address reached on loopback).
-fn base_url(settings: &Settings, target: &AdminTarget) -> String {
-    if let Some(url) = &target.admin_url {
-        return url.clone();
-    }
-    match settings.admin.listen {
-        Some(addr) if addr.ip().is_unspecified() => format!("http://127.0.0.1:{}", addr.port()),
-        Some(addr) => format!("http://{addr}"),
-        None => "http://127.0.0.1:8090".to_owned(),
-    }
-}
-
-fn client(settings: &Settings, target: &AdminTarget) -> Result<AdminClient, ClientError> {
-    AdminClient::new(&base_url(settings, target), settings.admin.token.as_ref())
-}
-
-/// `gewe-friend-worker accounts …`.
-pub async fn accounts(settings: &Settings, args: AccountsArgs) -> anyhow::Result<()> {
-    let client = client(settings, &args.target)?;
-    match args.command {
-        AccountsCommand::List { json } => {
-            let accounts = client.accounts().await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&accounts)?);
-            } else {
-                print!("{}", accounts_table(&accounts));
-            }
-        }
-        AccountsCommand::Pause {
-            app_id,
-            duration,
-            reason,
-        } => {
-            let view = client
-                .pause(&app_id, duration.as_deref(), reason.as_deref())
-                .await?;
-            let until = view["restingUntil"].as_str().unwrap_or("resumed");
-            println!("paused {app_id} until {until}");
-        }
-        AccountsCommand::Resume { app_id } => {
-            let view = client.resume(&app_id).await?;
-            let state = view["state"].as_str().unwrap_or("active");
-            println!("resumed {app_id} (now {state})");
-        }
-    }
-    Ok(())
-}
-
-/// `gewe-friend-worker dead-letters …`.
-pub async fn dead_letters(settings: &Settings, args: DeadLettersArgs) -> anyhow::Result<()> {
-    let client = client(settings, &args.target)?;
-    match args.command {
-        DeadLettersCommand::List { limit, json } => {
-            let list = client.dead_letters(limit).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
-            } else {
-                print!("{}", dead_letters_table(&list));
-            }
-        }
-        DeadLettersCommand::Replay { id, all, limit } => {
-            if all {
-                let moved = client.replay_all(limit).await?;
-                println!("replayed {moved} dead letters");
-            } else {
-                let (moved, missing) = client.replay_ids(&id).await?;
-                println!("replayed {moved} dead letters");
-                if !missing.is_empty() {
-                    anyhow::bail!("not in the dead letters: {}", missing.join(", "));
-                }
-            }
-        }
-    }
-    Ok(())
 }
