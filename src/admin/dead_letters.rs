@@ -1,7 +1,8 @@
 //! The dead-letter queue as an operator sees and re-drives it (contract §8).
 //!
 //! **Listing leaves every message in place, in order.** A listing takes
-//! *every* dead letter (up to [`MAX_SCAN`]) with `basic.get`,
+//! *every* dead letter (up to [`MAX_SCAN`] messages and
+//! [`MAX_HELD_BYTES`] of bodies) with `basic.get`,
 //! unacknowledged, on a channel of its own, shows the first ones, and hands
 //! all of them back with one `basic.nack` (requeue) each, in the order they
 //! came, 30 at a time, waiting until the queue holds each batch again
@@ -75,6 +76,12 @@ pub const MAX_SCAN: usize = 10_000;
 /// Nacks in flight at once while handing back: below the 32 commands a
 /// quorum queue's client sends before it holds more back.
 const RETURN_BATCH: usize = 30;
+/// Most bytes of bodies a listing or a replay by ids holds at once, so a
+/// queue of large dead letters cannot grow the worker past its memory
+/// limit (the Deployment's is 256 MiB). Beyond it, as beyond
+/// [`MAX_SCAN`], a listing is a partial turn and moves what it read of a
+/// quorum queue behind the rest.
+const MAX_HELD_BYTES: usize = 32 * 1024 * 1024;
 /// How long handing back may take before the channel is closed anyway.
 const HAND_BACK_LIMIT: Duration = Duration::from_secs(10);
 /// Longest body shown in a listing, in bytes.
@@ -234,12 +241,14 @@ impl DeadLetters {
         let mut out = Vec::new();
         let mut taken = Vec::new();
         let read = async {
-            while taken.len() < MAX_SCAN {
+            let mut held = 0;
+            while taken.len() < MAX_SCAN && held < MAX_HELD_BYTES {
                 match self.get(&channel).await? {
                     Some(message) => {
                         if out.len() < limit_to.min(MAX_LIST) {
                             out.push(view(&message));
                         }
+                        held += message.delivery.data.len();
                         taken.push(message);
                     }
                     None => break,
@@ -293,8 +302,8 @@ impl DeadLetters {
         found: &mut HashSet<String>,
         passed: &mut Vec<BasicGetMessage>,
     ) -> Result<(), DeadLetterError> {
-        let mut scanned = 0;
-        while scanned < MAX_SCAN {
+        let (mut scanned, mut held) = (0, 0);
+        while scanned < MAX_SCAN && held < MAX_HELD_BYTES {
             // A replay by ids reads on after the last one: handing back
             // the whole queue keeps its order (see the module's note).
             if let Selection::All { limit } = selection
@@ -309,6 +318,7 @@ impl DeadLetters {
             let id = message_id(&message);
             if let Selection::Ids(ids) = selection {
                 if !ids.contains(&id) {
+                    held += message.delivery.data.len();
                     passed.push(message);
                     continue;
                 }
