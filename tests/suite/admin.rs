@@ -165,6 +165,25 @@ async fn the_console_needs_the_token_a_session_and_a_csrf_token_and_the_ops_port
     assert_eq!(status, StatusCode::OK);
     assert_eq!(list.as_array().map(Vec::len), Some(2));
 
+    // Signing out clears the cookie (a state change: CSRF token needed).
+    let r = http
+        .post(url("/logout"))
+        .header(header::COOKIE, &session)
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let r = http
+        .post(url("/logout"))
+        .header(header::COOKIE, &session)
+        .header("x-csrf-token", &csrf)
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let cleared = r.headers()[header::SET_COOKIE].to_str().expect("ascii");
+    assert!(cleared.contains("Max-Age=0"), "{cleared}");
+
     // The ops port serves none of it.
     for route in [
         "/",
