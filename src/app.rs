@@ -8,6 +8,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     accounts::Accounts,
+    accounts::AccountDirectory,
+    admin::{self, Admin, dead_letters::DeadLetters, summary::Sources},
     breaker::Breaker,
     broker::Connector,
     callbacks::{self, Ingress, IngressLink, Matcher, Store},
@@ -47,11 +49,25 @@ pub struct Application {
     /// `callbacks.listen`, bound, with the endpoint behind it.
     callback_endpoint: Option<(TcpListener, Arc<Ingress>)>,
     callback_addr: Option<SocketAddr>,
+    /// `admin.listen`, bound, with the console behind it.
+    admin: Option<(TcpListener, Arc<Admin>)>,
+    admin_addr: Option<SocketAddr>,
 }
 
 impl Application {
     /// Builds everything that can fail before the first command.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        Self::build_with_accounts(settings, None).await
+    }
+
+    /// Like [`Application::build`], with the accounts the operator's
+    /// console (`admin.listen`) shows and steers: `None` for the worker's
+    /// own budget keeper (tests pass a directory of their own). This is the
+    /// one place a directory reaches the console.
+    pub async fn build_with_accounts(
+        settings: Settings,
+        directory: Option<Arc<dyn AccountDirectory>>,
+    ) -> anyhow::Result<Self> {
         // Every metric exists from start-up, before the first command.
         let _ = meters();
         let token = settings.require_token()?;
@@ -132,9 +148,35 @@ impl Application {
             .await
             .with_context(|| format!("could not bind http.listen {}", settings.http.listen))?;
         let ops_addr = ops_listener.local_addr()?;
+        let readiness = Arc::new(Readiness::new(breaker.clone(), redis.clone()));
+        let (admin, admin_addr) = match settings.admin.listen.zip(settings.admin.token.as_ref()) {
+            Some((addr, token)) => {
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("could not bind admin.listen {addr}"))?;
+                let bound = listener.local_addr()?;
+                let a = &settings.amqp;
+                let dead_letters =
+                    DeadLetters::new(Connector::new(a)?, &a.dead_letter_queue, &a.command_queue);
+                let sources = Sources {
+                    readiness: readiness.clone(),
+                    breaker,
+                    redis: redis.clone(),
+                    command_queue: a.command_queue.clone(),
+                    park: settings.retry.park.clone(),
+                };
+                // The accounts the console steers: the caller's (tests),
+                // else the budget keeper's own.
+                let directory =
+                    directory.unwrap_or_else(|| accounts.clone() as Arc<dyn AccountDirectory>);
+                let console = Admin::new(token, Some(directory), dead_letters, sources);
+                (Some((listener, Arc::new(console))), Some(bound))
+            }
+            None => (None, None),
+        };
         Ok(Self {
             accounts,
-            readiness: Arc::new(Readiness::new(breaker, redis.clone())),
+            readiness,
             settings,
             connector,
             processor,
@@ -148,6 +190,8 @@ impl Application {
             ),
             callback_endpoint,
             callback_addr,
+            admin,
+            admin_addr,
         })
     }
 
@@ -164,6 +208,11 @@ impl Application {
     /// Where `POST /gewe/callback` is served (`callbacks.listen`).
     pub fn callback_addr(&self) -> Option<SocketAddr> {
         self.callback_addr
+    }
+
+    /// Where the operator's console and its API are served (`admin.listen`).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     /// Runs until `shutdown` is cancelled and in-flight work is settled.
@@ -190,6 +239,17 @@ impl Application {
                 shutdown.clone(),
             ))
         });
+        // Served until the worker has stopped, like the ops port: an
+        // operator can watch a shutdown from the console.
+        let console = self.admin.map(|(listener, console)| {
+            tracing::info!(addr = ?self.admin_addr, "operator's console listening");
+            tokio::spawn(http_server::serve(
+                listener,
+                admin::router(console),
+                admin::limits(resources::fd_limit()),
+                ops_stop.clone(),
+            ))
+        });
         if let Some(redis) = self.redis.clone() {
             let stop = ops_stop.clone();
             tokio::spawn(async move { redis.probe(stop).await });
@@ -213,6 +273,9 @@ impl Application {
         .await;
         ops_stop.cancel();
         let _ = ops.await;
+        if let Some(console) = console {
+            let _ = console.await;
+        }
         if let Some(endpoint) = endpoint {
             let _ = endpoint.await;
         }
@@ -240,8 +303,12 @@ fn warn_if_descriptors_could_run_out(settings: &Settings, fd_limit: Option<u64>)
         .callbacks
         .listen
         .map_or(0, |_| callbacks::ingress::LIMITS.max_connections);
+    let admin_connections = settings
+        .admin
+        .listen
+        .map_or(0, |_| admin::limits(fd_limit).max_connections);
     let needed = u64::from(settings.amqp.prefetch)
-        + (ops_connections + callback_connections) as u64
+        + (ops_connections + callback_connections + admin_connections) as u64
         + BASE_DESCRIPTORS;
     if needed > limit {
         tracing::warn!(
@@ -250,6 +317,7 @@ fn warn_if_descriptors_could_run_out(settings: &Settings, fd_limit: Option<u64>)
             prefetch = settings.amqp.prefetch,
             ops_connections,
             callback_connections,
+            admin_connections,
             "the open-file limit may be too low: raise the hard limit (ulimit -n, LimitNOFILE) or lower amqp.prefetch"
         );
     }

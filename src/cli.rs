@@ -33,6 +33,94 @@ pub enum Command {
     Demo(DemoArgs),
     /// Run the GeWe simulator as a standalone HTTP server.
     SimulateGewe(SimulateArgs),
+    /// List, pause and resume accounts through a worker's admin API.
+    Accounts(AccountsArgs),
+    /// List and replay dead letters through a worker's admin API.
+    DeadLetters(DeadLettersArgs),
+}
+
+/// Where the admin API is (`accounts`, `dead-letters`).
+#[derive(Debug, Args)]
+pub struct AdminTarget {
+    /// The worker's admin API, e.g. http://127.0.0.1:8090; admin.listen
+    /// of the configuration when omitted. The token is admin.token
+    /// (GEWE_WORKER__ADMIN__TOKEN or --config).
+    #[arg(long, value_name = "URL", global = true)]
+    pub admin_url: Option<String>,
+}
+
+/// `accounts` arguments.
+#[derive(Debug, Args)]
+pub struct AccountsArgs {
+    #[command(flatten)]
+    pub target: AdminTarget,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: AccountsCommand,
+}
+
+/// `accounts` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum AccountsCommand {
+    /// Every account seen in the last 7 days.
+    List {
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pause an account: its commands are deferred until resumed.
+    Pause {
+        /// The account's appId.
+        app_id: String,
+        /// For how long, e.g. 6h (until resumed when omitted).
+        #[arg(long = "for", value_name = "DUR")]
+        duration: Option<String>,
+        /// Why, shown in the console.
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+    },
+    /// Resume a paused account.
+    Resume {
+        /// The account's appId.
+        app_id: String,
+    },
+}
+
+/// `dead-letters` arguments.
+#[derive(Debug, Args)]
+pub struct DeadLettersArgs {
+    #[command(flatten)]
+    pub target: AdminTarget,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: DeadLettersCommand,
+}
+
+/// `dead-letters` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DeadLettersCommand {
+    /// The first dead letters, left in place.
+    List {
+        /// How many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move dead letters back to the command queue.
+    #[command(group = clap::ArgGroup::new("which").required(true).args(["id", "all"]))]
+    Replay {
+        /// A dead letter's id (from `list`); repeat for more.
+        #[arg(long = "id", value_name = "ID")]
+        id: Vec<String>,
+        /// All of them (up to --limit).
+        #[arg(long)]
+        all: bool,
+        /// With --all: how many at most.
+        #[arg(long, requires = "all")]
+        limit: Option<usize>,
+    },
 }
 
 /// `publish` arguments.

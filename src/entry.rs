@@ -11,7 +11,7 @@ use crate::{
     cli::{Cli, Command, PublishArgs},
     command_publisher::{CommandPublisher, Listen, NewCommand},
     config::Settings,
-    demo,
+    console_cli, demo,
     redact::Redactor,
     resources, simulator, telemetry,
 };
@@ -76,6 +76,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             telemetry::init(settings.log.format, redactor, "error");
             prepare_process();
             demo::run(settings, args.timeout).await
+        }
+        Command::Accounts(args) => {
+            telemetry::init(settings.log.format, redactor, "warn");
+            console_cli::accounts(&settings, args).await
+        }
+        Command::DeadLetters(args) => {
+            telemetry::init(settings.log.format, redactor, "warn");
+            console_cli::dead_letters(&settings, args).await
         }
         Command::SimulateGewe(args) => {
             telemetry::init(settings.log.format, redactor, "info");

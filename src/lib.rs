@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod accounts;
+pub mod admin;
 pub mod app;
 pub mod backoff;
 pub mod bounded_cache;
@@ -19,6 +20,7 @@ pub mod command;
 pub mod command_publisher;
 pub mod config;
 pub mod defer;
+pub mod console_cli;
 pub mod demo;
 pub mod entry;
 pub mod error_kind;

@@ -85,6 +85,12 @@ impl Readiness {
         }
     }
 
+    /// Whether a broker session is up and consuming (the console's broker
+    /// state).
+    pub fn consuming(&self) -> bool {
+        self.consuming.load(Ordering::Relaxed)
+    }
+
     fn set_consuming(&self, consuming: bool) {
         self.consuming.store(consuming, Ordering::Relaxed);
     }

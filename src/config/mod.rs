@@ -12,6 +12,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 mod accounts;
+mod admin;
 mod durations;
 mod nodes;
 mod redis;
@@ -22,6 +23,7 @@ mod tests;
 mod tls;
 
 pub use accounts::{AccountOverride, AccountsSettings, ActiveHours};
+pub use admin::{AdminSettings, MIN_ADMIN_TOKEN_CHARS};
 pub use nodes::{broker_urls, url_password};
 pub use redis::{DEFAULT_MASTER_NAME, RedisSettings, split_address};
 pub use secrets::{redact_url_list, redact_url_password};
@@ -95,6 +97,9 @@ pub struct Settings {
     pub callbacks: CallbacksSettings,
     /// Budgets per WeChat account (§7).
     pub accounts: AccountsSettings,
+    /// The operator's console (off unless `admin.listen` is set).
+    #[serde(default)]
+    pub admin: AdminSettings,
 }
 
 /// Shortest accepted `gewe.token`.
@@ -328,7 +333,8 @@ impl Settings {
         }
         self.validate_hold()?;
         self.accounts.validate()?;
-        self.validate_callbacks()
+        self.validate_callbacks()?;
+        self.admin.validate()
     }
 
     /// `amqp.max_hold` must leave room for one GeWe attempt and stay far

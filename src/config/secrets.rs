@@ -63,6 +63,9 @@ impl Settings {
         {
             secrets.push(secret.expose_secret().to_owned());
         }
+        if let Some(token) = &self.admin.token {
+            secrets.push(token.expose_secret().to_owned());
+        }
         secrets.extend(self.amqp.tls.key_secrets());
         secrets.retain(|s| !s.is_empty());
         secrets.sort();
@@ -130,7 +133,12 @@ pub fn redact_url_password(url: &str) -> String {
 }
 
 /// Configuration keys whose values are secrets.
-const SECRET_KEYS: &[&str] = &["gewe.token", "callbacks.secret", "redis.sentinel_password"];
+const SECRET_KEYS: &[&str] = &[
+    "gewe.token",
+    "callbacks.secret",
+    "redis.sentinel_password",
+    "admin.token",
+];
 /// Configuration keys whose values are URLs (lists of them) with passwords.
 const URL_KEYS: &[&str] = &["amqp.url", "redis.url"];
 /// Shorter secrets are not masked in error texts: masking them would mangle

@@ -3,6 +3,7 @@
 //! exchange standing in for a downstream consumer.
 #![allow(dead_code)]
 
+pub mod admin;
 pub mod broker;
 pub mod callbacks;
 pub mod delay_queues;
@@ -13,6 +14,7 @@ pub mod nodes;
 pub mod process;
 pub mod sentinel;
 pub mod tcp_proxy;
+pub mod webdriver;
 
 use std::{future::Future, net::SocketAddr, time::Duration};
 
@@ -146,6 +148,8 @@ pub struct TestApp {
     pub ops_addr: SocketAddr,
     /// `POST /gewe/callback`, when `callbacks.listen` is set.
     pub callback_addr: Option<SocketAddr>,
+    /// The operator's console, when `admin.listen` is set.
+    pub admin_addr: Option<SocketAddr>,
     pub connection: Connection,
     pub channel: Channel,
     pub events: Consumer,
@@ -181,13 +185,23 @@ impl Received {
 /// Declares the topology, binds a listener to the result exchange (unless
 /// `bind_results` is false), then starts the worker.
 pub async fn spawn_app_with(settings: Settings, bind_results: bool) -> TestApp {
+    spawn_app_with_accounts(settings, bind_results, None).await
+}
+
+/// Like [`spawn_app_with`], with the accounts the console shows.
+pub async fn spawn_app_with_accounts(
+    settings: Settings,
+    bind_results: bool,
+    accounts: Option<std::sync::Arc<dyn gewe_friend_worker::accounts::AccountDirectory>>,
+) -> TestApp {
     logs::init();
     let mut app = listener(settings, bind_results).await;
     app.in_process = in_process().await;
-    let worker = Application::build(app.settings.clone())
+    let worker = Application::build_with_accounts(app.settings.clone(), accounts)
         .await
         .expect("application builds");
     app.ops_addr = worker.ops_addr();
+    app.admin_addr = worker.admin_addr();
     app.callback_addr = worker.callback_addr();
     app.worker = Some(tokio::spawn(worker.run(app.stop.clone())));
     app
@@ -285,6 +299,7 @@ async fn listener(settings: Settings, bind_results: bool) -> TestApp {
         settings,
         ops_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
         callback_addr: None,
+        admin_addr: None,
         connection,
         channel,
         events,

@@ -13,10 +13,12 @@
 mod common;
 
 mod accounts;
+mod admin;
 mod asyncapi;
 mod callback_endpoint;
 mod callbacks;
 mod cli;
+mod console_browser;
 mod guarantees;
 mod idempotency;
 mod observability;
