@@ -43,7 +43,7 @@ impl Processor {
                 meters().result_published(event.error_kind()).increment(1);
                 if let Some(matcher) = &self.matcher {
                     matcher
-                        .remember(event, &delivery.envelope, &delivery.halt)
+                        .confirm(event, &delivery.envelope, &delivery.halt)
                         .await;
                 }
                 true

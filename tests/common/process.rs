@@ -39,7 +39,7 @@ pub fn worker_command(settings: &Settings, gewe: &str) -> Command {
     cmd.arg("run")
         .env("GEWE_WORKER__GEWE__BASE_URL", gewe)
         .env("GEWE_WORKER__GEWE__TOKEN", TOKEN)
-        .env("GEWE_WORKER__DEDUPE__WINDOW", "10m")
+        .env("GEWE_WORKER__DEDUPE__WINDOW", "1h")
         // The test timeout: it also sets the Redis claim lease (timeout +
         // 10 s), which a killed worker's claims hold commands for.
         .env(
