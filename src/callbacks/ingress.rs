@@ -19,9 +19,11 @@
 //! 503, so GeWe sends it again later. 256 connections of 1 MiB bodies then
 //! hold 16 MiB, not 256.
 //!
-//! The endpoint publishes on its own channel of the worker's current broker
-//! session ([`IngressLink`]), so a missing exchange breaks only that
-//! channel; it is reopened on the next request.
+//! The endpoint publishes on its own channel, on a connection of its own
+//! opened with each broker session of the worker (the session's connection
+//! when that one is gone) ([`IngressLink`]): a missing exchange breaks only
+//! that channel, reopened on the next request, and a flood of callbacks
+//! does not hold up the session's result events.
 
 use std::{sync::Arc, time::Duration};
 
@@ -98,7 +100,12 @@ pub struct IngressLink {
 }
 
 struct Link {
-    connection: Arc<Connection>,
+    /// The session's connection: used when the endpoint's own is gone.
+    session: Arc<Connection>,
+    /// A connection of the endpoint's own, so a flood of large callbacks
+    /// does not queue the session's result events behind it (RabbitMQ's
+    /// flow control blocks a whole connection).
+    own: Option<Arc<Connection>>,
     publisher: Option<Publisher>,
 }
 
@@ -108,17 +115,23 @@ impl IngressLink {
         Self::default()
     }
 
-    /// A session is up on `connection`.
-    pub async fn attach(&self, connection: Arc<Connection>) {
+    /// A session is up on `session`; the endpoint publishes on `own` while
+    /// it is connected.
+    pub async fn attach(&self, session: Arc<Connection>, own: Option<Connection>) {
         *self.current.lock().await = Some(Link {
-            connection,
+            session,
+            own: own.map(Arc::new),
             publisher: None,
         });
     }
 
-    /// The session is gone.
+    /// The session is gone; the endpoint's own connection is closed.
     pub async fn detach(&self) {
-        *self.current.lock().await = None;
+        let link = self.current.lock().await.take();
+        if let Some(own) = link.and_then(|l| l.own) {
+            let closing = own.close(200, "session ended".into());
+            let _ = tokio::time::timeout(CONFIRM_LIMIT, closing).await;
+        }
     }
 
     /// The endpoint's confirm-mode channel, opened when there is none or
@@ -130,7 +143,12 @@ impl IngressLink {
         if let Some(publisher) = link.publisher.as_ref().filter(|p| p.is_open()) {
             return Ok(publisher.clone());
         }
-        let publisher = Publisher::open(&link.connection)
+        let connection = link
+            .own
+            .as_ref()
+            .filter(|c| c.status().connected())
+            .unwrap_or(&link.session);
+        let publisher = Publisher::open(connection)
             .await
             .map_err(IngressError::Channel)?;
         link.publisher = Some(publisher.clone());

@@ -11,9 +11,12 @@ use super::{TOKEN, WAIT, eventually};
 /// Path of the worker binary.
 pub const BIN: &str = env!("CARGO_BIN_EXE_gewe-friend-worker");
 
-/// The binary with a clean configuration environment.
+/// The binary with a clean configuration environment: [`BIN`], or the one
+/// `GEWE_TEST_WORKER_BIN` names (to measure another build, e.g. main's,
+/// with the same test).
 pub fn program() -> Command {
-    let mut cmd = Command::new(BIN);
+    let bin = std::env::var_os("GEWE_TEST_WORKER_BIN").unwrap_or_else(|| BIN.into());
+    let mut cmd = Command::new(bin);
     for (key, _) in std::env::vars() {
         if key.starts_with("GEWE_WORKER") || key == "RUST_LOG" {
             cmd.env_remove(key);

@@ -141,7 +141,9 @@ async fn one_accepted_after_each_succeeded(app: &mut TestApp, ids: &[String]) {
     let wrong: Vec<_> = ids
         .iter()
         .filter(|id| {
-            let statuses = seen.get(*id).map(|s| s.iter().map(String::as_str).collect::<Vec<_>>());
+            let statuses = seen
+                .get(*id)
+                .map(|s| s.iter().map(String::as_str).collect::<Vec<_>>());
             statuses.as_deref() != Some(&["succeeded", "accepted"][..])
         })
         .map(|id| (id, seen.get(id)))
@@ -248,7 +250,11 @@ async fn accepted(app: &mut TestApp, n: usize) -> Vec<(String, String)> {
     for _ in 0..n {
         let event = app.next_event().await;
         assert_eq!(event.status(), "accepted", "{}", event.body);
-        let correlation = event.properties.correlation_id().as_ref().map(|c| c.to_string());
+        let correlation = event
+            .properties
+            .correlation_id()
+            .as_ref()
+            .map(|c| c.to_string());
         got.push((
             event.body["commandId"].as_str().unwrap_or("").to_owned(),
             correlation.unwrap_or_default(),

@@ -14,6 +14,7 @@ mod common;
 
 mod asyncapi;
 mod callback_endpoint;
+mod callback_flood;
 mod callback_races;
 mod callbacks;
 mod cli;
