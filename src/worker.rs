@@ -166,12 +166,13 @@ pub async fn run(
             if settings.callbacks.enabled {
                 tracing::info!(queue = %settings.callbacks.queue, prefetch = CALLBACK_PREFETCH, "consuming callbacks");
             }
-            readiness.set_consuming(true);
-            let opened_at = tokio::time::Instant::now();
+            // Before readiness: a ready worker's endpoint publishes.
             let ingress_connection = match &callbacks.ingress {
                 Some(_) => ingress_connection(connector, node, &consumer_tag).await,
                 None => None,
             };
+            readiness.set_consuming(true);
+            let opened_at = tokio::time::Instant::now();
             let end = consume(
                 session,
                 Handlers {
