@@ -60,9 +60,33 @@ return 1
     )
 });
 
-/// KEYS: entry. Returns its fields and records.
-static LOOKUP: LazyLock<Script> =
-    LazyLock::new(|| Script::new("return redis.call('HGETALL', KEYS[1])"));
+/// KEYS: entry, legacy key. Returns the entry's fields and records, and
+/// the legacy record (if any) under the field `""`.
+static LOOKUP: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local found = redis.call('HGETALL', KEYS[1])
+local legacy = redis.call('GET', KEYS[2])
+if legacy then
+  table.insert(found, '')
+  table.insert(found, legacy)
+end
+return found
+"#,
+    )
+});
+
+/// What versions before the `(appId, v3)` entries remembered, under
+/// `<prefix>:v3:<len(appId)>:<appId>:<v3>`, once the `succeeded` event was
+/// confirmed. Still read, so a callback for a request sent before an
+/// upgrade matches; those keys expire within `callbacks.match_window`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Legacy {
+    command_id: String,
+    #[serde(flatten)]
+    fields: Fields,
+}
 
 /// One command as stored in an entry's field.
 #[derive(Debug, Serialize, Deserialize)]
@@ -129,6 +153,10 @@ impl RedisStore {
         format!("{}:v3h:{digest}", self.prefix)
     }
 
+    fn legacy_key(&self, app_id: &str, v3: &str) -> String {
+        format!("{}:v3:{}:{app_id}:{v3}", self.prefix, app_id.len())
+    }
+
     fn mark_key(&self, command_id: &str) -> String {
         format!("{}:accepted:{command_id}", self.prefix)
     }
@@ -163,11 +191,21 @@ impl RedisStore {
     ) -> Result<Vec<Remembered>, RedisError> {
         let stored: Vec<(String, String)> = self
             .client
-            .run(&LOOKUP.key(self.v3_key(app_id, v3)))
+            .run(
+                LOOKUP
+                    .key(self.v3_key(app_id, v3))
+                    .key(self.legacy_key(app_id, v3)),
+            )
             .await?;
         let since = now_ms().saturating_sub(millis(self.window));
         let mut found = Vec::with_capacity(stored.len());
         for (command_id, json) in stored {
+            if command_id.is_empty() {
+                if let Some(legacy) = read_legacy(app_id, v3, &json) {
+                    found.push((0, legacy));
+                }
+                continue;
+            }
             match serde_json::from_str::<Record>(&json) {
                 Ok(record) if record.at > since => found.push((
                     record.at,
@@ -237,5 +275,24 @@ impl RedisStore {
             )
             .await
             .map(|_| ())
+    }
+}
+
+/// A remembered `v3` of an earlier version: its command was confirmed.
+fn read_legacy(app_id: &str, v3: &str, json: &str) -> Option<Remembered> {
+    match serde_json::from_str::<Legacy>(json) {
+        Ok(legacy) => Some(Remembered {
+            sent: Sent {
+                command_id: legacy.command_id,
+                app_id: app_id.to_owned(),
+                v3: v3.to_owned(),
+                fields: legacy.fields,
+            },
+            phase: Phase::Confirmed,
+        }),
+        Err(e) => {
+            tracing::error!(%app_id, error = %e, "Redis holds a remembered v3 of an earlier version this one cannot read; it matches nothing");
+            None
+        }
     }
 }
