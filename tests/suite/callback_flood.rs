@@ -14,6 +14,9 @@ use crate::common::{callbacks::*, process::*, *};
 const CONNECTIONS: usize = 256;
 /// Size of each body: just under the 1 MiB limit.
 const BODY_BYTES: usize = 1024 * 1024 - 64;
+/// Every this many senders, one sends a small body with a wrong secret:
+/// its 401s must not flood the log.
+const FORGER_EVERY: usize = 8;
 /// Commands timed quietly and during the flood.
 const SAMPLES: usize = 40;
 /// The process must stay under this (contract §6; the Kubernetes limit
@@ -81,11 +84,16 @@ async fn a_flood_of_large_callbacks_keeps_the_worker_small_and_commands_flowing(
         json!({"TypeName": "Flood", "pad": "x".repeat(BODY_BYTES - 40)}).to_string(),
     );
     let url = format!("http://{endpoint}/gewe/callback{}", with_secret());
+    let forged = format!("http://{endpoint}/gewe/callback?secret=forged-0123456789");
     let stop = CancellationToken::new();
     let flood_started = Instant::now();
     let senders: Vec<_> = (0..CONNECTIONS)
-        .map(|_| {
-            let (body, url, stop) = (body.clone(), url.clone(), stop.clone());
+        .map(|i| {
+            let (body, url) = match i % FORGER_EVERY {
+                0 => (bytes::Bytes::from_static(b"{}"), forged.clone()),
+                _ => (body.clone(), url.clone()),
+            };
+            let stop = stop.clone();
             tokio::spawn(async move {
                 // A connection of its own for each sender.
                 let client = reqwest::Client::builder()
@@ -142,8 +150,12 @@ async fn a_flood_of_large_callbacks_keeps_the_worker_small_and_commands_flowing(
         rss_peak < RSS_LIMIT_KIB,
         "peak RSS {rss_peak} KiB, over {RSS_LIMIT_KIB} KiB"
     );
-    // At most one line a second per status (200 and 503 are the only
-    // answers here), plus one for a partial second at each end.
+    assert!(
+        answers.get(&401).copied().unwrap_or(0) > 100,
+        "the forgers were refused: {answers:?}"
+    );
+    // At most one line a second per status (401, and 503 if a body found
+    // no room), plus one for a partial second at each end.
     let most = 2 * (flood_secs.ceil() as usize + 2);
     assert!(
         refusal_lines + per_request_lines <= most,
