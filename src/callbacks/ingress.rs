@@ -10,7 +10,7 @@
 //! confirm, the worker has no broker session, or there was no room for the
 //! body within [`ROOM_WAIT`], 408 when the whole request took longer than
 //! 30 s. The URI (which carries the secret) is never logged; refusals are
-//! logged at most once a second per status, with a count ([`Refusals`]).
+//! logged at most once a second per status, with a count (`refusals`).
 //!
 //! Memory: at most [`MAX_HELD_BYTES`] of request bodies are held at once. A
 //! request takes room for its declared `Content-Length` (or for the

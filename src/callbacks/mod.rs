@@ -12,7 +12,7 @@
 //!   event for each confirmed command with that `v3` ([`consume`],
 //!   [`accepted`], [`callback`]); a callback whose `v3` is unknown or
 //!   whose command is still pending goes through a delay queue and is
-//!   tried again for `callbacks.early_grace` ([`early`]);
+//!   tried again for `callbacks.early_grace` (`early`);
 //! - receiving: with `callbacks.listen`, `POST /gewe/callback` publishes
 //!   GeWe's callbacks to `callbacks.exchange` ([`ingress`], served by
 //!   [`crate::http_server`] within [`ingress::LIMITS`]).
