@@ -182,7 +182,7 @@ pub fn pipeline_command(
         .envs(redis.into_iter().flat_map(|url| {
             [
                 ("GEWE_WORKER__REDIS__URL", url),
-                ("GEWE_WORKER__DEDUPE__WINDOW", "10m"),
+                ("GEWE_WORKER__DEDUPE__WINDOW", "1h"),
             ]
         }))
         .stdin(Stdio::null())

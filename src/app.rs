@@ -11,8 +11,8 @@ use crate::{
     accounts::AccountDirectory,
     admin::{self, Admin, dead_letters::DeadLetters, summary::Sources},
     breaker::Breaker,
-    broker::Connector,
-    callbacks::{self, Ingress, IngressLink, Matcher, Store},
+    broker::{Connector, topology},
+    callbacks::{self, Early, Ingress, IngressLink, Matcher, Store},
     config::{QueueType, Settings},
     gewe::{GeweClient, RetryPolicy},
     halt::Signal,
@@ -106,9 +106,14 @@ impl Application {
                 Some(client) => Store::in_redis(client.clone(), REDIS_PREFIX, c.match_window),
                 None => Store::in_memory(c.match_window),
             };
+            let early = Early {
+                queue: topology::early_queue_name(&c.queue),
+                grace: c.early_grace,
+            };
             Arc::new(Matcher::new(
                 store,
                 settings.amqp.result_exchange.clone(),
+                early,
                 stop_calls.clone(),
             ))
         });

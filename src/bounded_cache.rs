@@ -18,7 +18,7 @@ const SHARDS: usize = 8;
 
 /// A cache of at most `capacity` entries that keeps new, unread entries
 /// long enough (see [`HOT_SHARE`]).
-pub fn new<V: Clone>(capacity: usize) -> Cache<String, V> {
+pub fn new<K: Eq + std::hash::Hash, V: Clone>(capacity: usize) -> Cache<K, V> {
     let options = quick_cache::OptionsBuilder::new()
         .estimated_items_capacity(capacity)
         .weight_capacity(capacity as u64)

@@ -71,14 +71,19 @@ pub enum CallbackOutcome {
     Repeated,
     /// Not a JSON object: dead-lettered.
     Invalid,
+    /// Its `v3` is not known yet, or its command's `succeeded` event is
+    /// not confirmed yet: sent through the early delay queue to be tried
+    /// again (counted once per try, within `callbacks.early_grace`).
+    Early,
 }
 
 impl CallbackOutcome {
-    const ALL: [CallbackOutcome; 4] = [
+    const ALL: [CallbackOutcome; 5] = [
         CallbackOutcome::Matched,
         CallbackOutcome::Unmatched,
         CallbackOutcome::Repeated,
         CallbackOutcome::Invalid,
+        CallbackOutcome::Early,
     ];
 
     /// Label value of `callbacks_total{outcome}`.
@@ -88,6 +93,7 @@ impl CallbackOutcome {
             CallbackOutcome::Unmatched => "unmatched",
             CallbackOutcome::Repeated => "repeated",
             CallbackOutcome::Invalid => "invalid",
+            CallbackOutcome::Early => "early",
         }
     }
 
@@ -97,6 +103,7 @@ impl CallbackOutcome {
             CallbackOutcome::Unmatched => 1,
             CallbackOutcome::Repeated => 2,
             CallbackOutcome::Invalid => 3,
+            CallbackOutcome::Early => 4,
         }
     }
 }

@@ -172,6 +172,11 @@ pub async fn run(
             if settings.callbacks.enabled {
                 tracing::info!(queue = %settings.callbacks.queue, prefetch = CALLBACK_PREFETCH, "consuming callbacks");
             }
+            // Before readiness: a ready worker's endpoint publishes.
+            let ingress_connection = match &callbacks.ingress {
+                Some(_) => ingress_connection(connector, node, &consumer_tag).await,
+                None => None,
+            };
             readiness.set_consuming(true);
             let opened_at = tokio::time::Instant::now();
             let end = consume(
@@ -179,6 +184,7 @@ pub async fn run(
                 Handlers {
                     commands: &processor,
                     callbacks: &callbacks,
+                    ingress_connection,
                 },
                 &tasks,
                 &readiness,
@@ -233,6 +239,26 @@ pub async fn run(
 struct Handlers<'a> {
     commands: &'a Arc<Processor>,
     callbacks: &'a CallbackParts,
+    /// The callback endpoint's own connection for this session.
+    ingress_connection: Option<lapin::Connection>,
+}
+
+/// A connection of the callback endpoint's own to `node`; `None` (the
+/// endpoint then shares the session's) when it cannot be opened.
+async fn ingress_connection(
+    connector: &Connector,
+    node: usize,
+    consumer_tag: &str,
+) -> Option<lapin::Connection> {
+    let properties = lapin::ConnectionProperties::default()
+        .with_connection_name(format!("gewe-friend-worker {consumer_tag} callbacks").into());
+    match connector.connect(node, properties).await {
+        Ok(connection) => Some(connection),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not open the callback endpoint's own connection; it shares the session's");
+            None
+        }
+    }
 }
 
 async fn consume(
@@ -240,6 +266,7 @@ async fn consume(
     Handlers {
         commands,
         callbacks,
+        ingress_connection,
     }: Handlers<'_>,
     all_tasks: &TaskTracker,
     readiness: &Readiness,
@@ -250,7 +277,7 @@ async fn consume(
     let tasks = TaskTracker::new();
     let control = SessionControl::new(session.publisher().clone());
     if let Some(link) = &callbacks.ingress {
-        link.attach(session.connection()).await;
+        link.attach(session.connection(), ingress_connection).await;
     }
     // Made once, not per delivery: each one registers a waiter with its
     // token when first polled and takes it out again when dropped.

@@ -26,6 +26,16 @@ use crate::{
 /// callbacks queue is bound with (contract §6).
 pub const MOD_CONTACTS: &str = "ModContacts";
 
+/// How long a callback that came too early waits in the early delay queue
+/// before it is tried again (contract §6, `callbacks.early_grace`): short,
+/// since a member who needs no verification accepts within moments.
+pub const EARLY_DELAY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The early delay queue of `callbacks_queue`: `<callbacks.queue>.early`.
+pub fn early_queue_name(callbacks_queue: &str) -> String {
+    format!("{callbacks_queue}.early")
+}
+
 /// Why the topology could not be declared.
 #[derive(Debug, thiserror::Error)]
 pub enum TopologyError {
@@ -230,18 +240,34 @@ pub async fn declare_callbacks(
         )
         .await
         .map_err(|e| TopologyError::from_lapin(queue, e))?;
+    // Callbacks that came before their command's `succeeded` wait here and
+    // go back to the callbacks queue (see `callbacks::early`).
+    let early = early_queue_name(&c.queue);
+    channel
+        .queue_declare(
+            ShortString::from(early.as_str()),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            delay_queue_arguments(&c.queue, EARLY_DELAY, a.queue_type),
+        )
+        .await
+        .map_err(|e| TopologyError::from_lapin(format!("queue '{early}'"), e))?;
     Ok(())
 }
 
 /// Deletes what [`declare_callbacks`] creates (best effort), for private
 /// topologies like [`remove`].
 pub async fn remove_callbacks(channel: &Channel, c: &CallbacksSettings) {
-    let _ = channel
-        .queue_delete(
-            ShortString::from(c.queue.as_str()),
-            QueueDeleteOptions::default(),
-        )
-        .await;
+    for queue in [c.queue.clone(), early_queue_name(&c.queue)] {
+        let _ = channel
+            .queue_delete(
+                ShortString::from(queue.as_str()),
+                QueueDeleteOptions::default(),
+            )
+            .await;
+    }
     let _ = channel
         .exchange_delete(
             ShortString::from(c.exchange.as_str()),
@@ -307,7 +333,9 @@ pub async fn declare_delay_queue(
     Ok(())
 }
 
-/// The arguments of the delay queue for `delay`, exactly as declared.
+/// The arguments of a delay queue whose messages return to `command_queue`
+/// (the command queue, or the callbacks queue) after `delay`, exactly as
+/// declared.
 fn delay_queue_arguments(
     command_queue: &str,
     delay: Duration,

@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+#[cfg(test)]
+use super::store::Fields;
 use super::store::Sent;
 use crate::{
     broker::Publisher,
@@ -57,8 +59,8 @@ impl AcceptedEvent {
             command_id: sent.command_id.clone(),
             status: Accepted::Accepted,
             app_id: sent.app_id.clone(),
-            chatroom_id: sent.chatroom_id.clone(),
-            member_wxid: sent.member_wxid.clone(),
+            chatroom_id: sent.fields.chatroom_id.clone(),
+            member_wxid: sent.fields.member_wxid.clone(),
             v3: sent.v3.clone(),
             friend_wxid: friend_wxid.map(str::to_owned),
             received_at,
@@ -93,11 +95,13 @@ mod tests {
         let sent = Sent {
             command_id: "c1".into(),
             app_id: "wx_a".into(),
-            chatroom_id: "1@chatroom".into(),
-            member_wxid: "wxid_m".into(),
             v3: "v3_x@stranger".into(),
-            correlation_id: "corr".into(),
-            completed_at: "2024-05-01T08:00:00.000Z".into(),
+            fields: Fields {
+                chatroom_id: "1@chatroom".into(),
+                member_wxid: "wxid_m".into(),
+                correlation_id: "corr".into(),
+                completed_at: "2024-05-01T08:00:00.000Z".into(),
+            },
         };
         let e = AcceptedEvent::new(&sent, Some("wxid_f"), "t0".into(), "t1".into());
         let v = serde_json::to_value(&e).expect("serialises");

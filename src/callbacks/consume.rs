@@ -1,12 +1,16 @@
 //! One callback from `callbacks.queue`, top to bottom: parse, find the
-//! command its `v3` belongs to, claim its accepted event, publish it, then
-//! settle.
+//! commands its `v3` belongs to, and for each whose `succeeded` event is
+//! confirmed claim its accepted event, publish it; then settle.
 //!
-//! As for commands, a callback is acked only after its event is confirmed;
-//! the mark that the event is out is set before the ack, so a redelivery
-//! (or a copy in another replica) is acknowledged as a repeat instead of
-//! publishing again. A callback that matches nothing is acked at once; one
-//! that is not a JSON object is rejected to the dead-letter exchange.
+//! As for commands, a callback is acked only after its events are
+//! confirmed; the mark that an event is out is set before the ack, so a
+//! redelivery (or a copy in another replica) is acknowledged as a repeat
+//! instead of publishing again. A callback whose `v3` is unknown, or one
+//! of whose commands is still pending, is tried again through the early
+//! delay queue ([`super::early`]) until `callbacks.early_grace` has passed,
+//! then counts as unmatched. Other callbacks that match nothing are acked
+//! at once; one that is not a JSON object is rejected to the dead-letter
+//! exchange.
 
 use std::{
     sync::Arc,
@@ -20,7 +24,8 @@ use super::{
     Matcher, REDIS_BACKOFF, accepted,
     accepted::AcceptedEvent,
     callback::{self, Candidate},
-    store::{Claim, Mark},
+    early,
+    store::{Claim, Mark, Phase, Sent},
 };
 use crate::{
     broker::{SessionHandle, settle},
@@ -86,16 +91,39 @@ impl Matcher {
             || self.store.lookup(app_id, v3),
         )
         .await;
-        let sent = match found {
-            Ok(Some(sent)) => sent,
-            Ok(None) => {
-                tracing::debug!(
-                    "callback v3 is not one of this account's succeeded commands (unknown, expired or another account's)"
-                );
-                return unmatched(&delivery.message).await;
-            }
+        let found = match found {
+            Ok(found) => found,
             Err(interrupted) => return give_back(delivery, interrupted).await,
         };
+        let (mut published, mut repeated, mut pending) = (0, 0, 0);
+        for remembered in found {
+            if remembered.phase == Phase::Pending {
+                pending += 1;
+                continue;
+            }
+            match self.accept(&remembered.sent, delivery).await {
+                Ok(true) => published += 1,
+                Ok(false) => repeated += 1,
+                // Settled already: given back or requeued.
+                Err(Settled) => return,
+            }
+        }
+        if pending > 0 || published + repeated == 0 {
+            return self.too_early(delivery, pending).await;
+        }
+        let outcome = if published > 0 {
+            CallbackOutcome::Matched
+        } else {
+            CallbackOutcome::Repeated
+        };
+        meters().callback(outcome).increment(1);
+        settle::ack(&delivery.message, "callback").await;
+    }
+
+    /// Publishes `sent`'s accepted event unless it is out already: `true`
+    /// when this delivery published it, `false` for a repeat. On `Err` the
+    /// delivery is settled (requeued or given back).
+    async fn accept(&self, sent: &Sent, delivery: &CallbackDelivery<'_>) -> Result<bool, Settled> {
         let command_id = sent.command_id.as_str();
         let claim = loop {
             let mark = retry_while_unavailable(
@@ -110,22 +138,25 @@ impl Matcher {
                 Ok(Mark::Repeated) => {
                     tracing::info!(
                         command_id,
-                        "accepted event already published; acknowledging the repeated callback"
+                        "accepted event already published; no other for this callback"
                     );
-                    meters().callback(CallbackOutcome::Repeated).increment(1);
-                    return settle::ack(&delivery.message, "callback").await;
+                    return Ok(false);
                 }
                 Ok(Mark::Held) => {
                     if let Err(interrupted) = delivery.halt.sleep(HELD_POLL).await {
-                        return give_back(delivery, interrupted).await;
+                        give_back(delivery, interrupted).await;
+                        return Err(Settled);
                     }
                 }
-                Err(interrupted) => return give_back(delivery, interrupted).await,
+                Err(interrupted) => {
+                    give_back(delivery, interrupted).await;
+                    return Err(Settled);
+                }
             }
         };
         let accepted_at = SystemTime::now();
         let event = AcceptedEvent::new(
-            &sent,
+            sent,
             delivery.candidate.friend_wxid,
             delivery.received_at.clone(),
             timestamp::format(accepted_at),
@@ -133,7 +164,7 @@ impl Matcher {
         let published = accepted::publish(
             &self.result_exchange,
             &event,
-            &sent.correlation_id,
+            &sent.fields.correlation_id,
             delivery.session.publisher(),
         )
         .await;
@@ -146,23 +177,75 @@ impl Matcher {
             if let Err(e) = self.store.release(&claim).await {
                 tracing::warn!(error = %e, "could not release the claim on the accepted event; it expires by itself");
             }
-            return settle::requeue(&delivery.message, "callback").await;
+            settle::requeue(&delivery.message, "callback").await;
+            return Err(Settled);
         }
         self.announced(&claim).await;
-        let delay = humantime::parse_rfc3339(&sent.completed_at)
+        let delay = humantime::parse_rfc3339(&sent.fields.completed_at)
             .ok()
             .and_then(|completed| accepted_at.duration_since(completed).ok());
         if let Some(delay) = delay {
             meters().accept_delay.record(delay.as_secs_f64());
         }
         meters().results_accepted.increment(1);
-        meters().callback(CallbackOutcome::Matched).increment(1);
         tracing::info!(
             command_id,
             accepted_after_s = delay.map(|d| d.as_secs()),
             "friend request accepted; accepted event published"
         );
-        settle::ack(&delivery.message, "callback").await;
+        Ok(true)
+    }
+
+    /// A callback whose `v3` is not known, or has `pending` commands: it
+    /// goes round the early delay queue while `callbacks.early_grace`
+    /// allows (acked once its copy is confirmed), then counts as unmatched.
+    async fn too_early(&self, delivery: &CallbackDelivery<'_>, pending: usize) {
+        let message = &delivery.message;
+        let tries = self.early.tries(&message.properties);
+        if !self.early.may_wait(tries) {
+            if pending > 0 {
+                tracing::warn!(
+                    pending,
+                    tries,
+                    "callback's commands still have no confirmed succeeded event after callbacks.early_grace; it counts as unmatched"
+                );
+            } else {
+                tracing::debug!(
+                    tries,
+                    "callback v3 is not one of this account's succeeded commands (unknown, expired or another account's)"
+                );
+            }
+            return unmatched(message).await;
+        }
+        let properties = early::with_tries(
+            &message.properties,
+            tries.saturating_add(1),
+            RECEIVED_AT_HEADER,
+            &delivery.received_at,
+        );
+        let published = delivery
+            .session
+            .publisher()
+            .publish("", &self.early.queue, true, &message.data, properties)
+            .await;
+        match published {
+            Ok(()) => {
+                tracing::debug!(
+                    tries,
+                    pending,
+                    "callback came before its command's succeeded event; it is tried again after a delay"
+                );
+                meters().callback(CallbackOutcome::Early).increment(1);
+                settle::ack(message, "callback").await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, queue = %self.early.queue, "could not delay the early callback; requeueing it");
+                if e.breaks_channel() {
+                    delivery.session.publishing_channel_broke();
+                }
+                settle::requeue(message, "callback").await;
+            }
+        }
     }
 
     /// Marks the accepted event as out, through a Redis outage until
@@ -201,6 +284,9 @@ async fn unmatched(delivery: &Delivery) {
     meters().callback(CallbackOutcome::Unmatched).increment(1);
     settle::ack(delivery, "callback").await;
 }
+
+/// The delivery was settled on the way (requeued or given back).
+struct Settled;
 
 /// A callback without an outcome for now goes back to the queue.
 async fn give_back(delivery: &CallbackDelivery<'_>, interrupted: Interrupted) {

@@ -3,15 +3,27 @@
 //! its `TypeName` and a publisher confirm, and only then answered 200.
 //!
 //! Answers: 401 without the right `secret` query parameter (when one is
-//! configured; compared in constant time, checked before the body is
-//! read), 413 for a body over 1 MiB (as declared, or as sent), 400 for a body that is not a JSON
-//! object or has no `TypeName`, 503 when the broker did not confirm or the
-//! worker has no broker session, 408 when the whole request took longer
-//! than 30 s. The URI (which carries the secret) is never logged.
+//! configured; the raw query value, percent-decoded but with `+` left as
+//! it is, compared in constant time, checked before the body is read), 413
+//! for a body over 1 MiB (as declared, or as sent), 400 for a body that is
+//! not a JSON object or has no `TypeName`, 503 when the broker did not
+//! confirm, the worker has no broker session, or there was no room for the
+//! body within [`ROOM_WAIT`], 408 when the whole request took longer than
+//! 30 s. The URI (which carries the secret) is never logged; refusals are
+//! logged at most once a second per status, with a count (`refusals`).
 //!
-//! The endpoint publishes on its own channel of the worker's current broker
-//! session ([`IngressLink`]), so a missing exchange breaks only that
-//! channel; it is reopened on the next request.
+//! Memory: at most [`MAX_HELD_BYTES`] of request bodies are held at once. A
+//! request takes room for its declared `Content-Length` (or for the
+//! largest body, when it declares none) before its body is read, and gives
+//! it back when answered; one that finds no room within [`ROOM_WAIT`] gets
+//! 503, so GeWe sends it again later. 256 connections of 1 MiB bodies then
+//! hold 16 MiB, not 256.
+//!
+//! The endpoint publishes on its own channel, on a connection of its own
+//! opened with each broker session of the worker (the session's connection
+//! when that one is gone) ([`IngressLink`]): a missing exchange breaks only
+//! that channel, reopened on the next request, and a flood of callbacks
+//! does not hold up the session's result events.
 
 use std::{sync::Arc, time::Duration};
 
@@ -19,7 +31,7 @@ use axum::{
     Router,
     body::Bytes,
     extract::{Request, State},
-    http::StatusCode,
+    http::{StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::post,
@@ -31,8 +43,9 @@ use lapin::{
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::{callback, consume::RECEIVED_AT_HEADER};
+use super::{callback, consume::RECEIVED_AT_HEADER, refusals::Refusals};
 use crate::{
     broker::{PublishError, Publisher},
     http_server::Limits,
@@ -53,6 +66,10 @@ pub const LIMITS: Limits = Limits {
     max_body_bytes: MAX_CALLBACK_BYTES,
     max_head_bytes: 16 * 1024,
 };
+/// Most bytes of request bodies held at once (contract §6).
+pub const MAX_HELD_BYTES: usize = 16 * 1024 * 1024;
+/// How long a request waits for room for its body before it gets 503.
+pub const ROOM_WAIT: Duration = Duration::from_secs(10);
 /// How long the broker gets to confirm a callback.
 const CONFIRM_LIMIT: Duration = Duration::from_secs(10);
 /// How long one request may take, body upload included.
@@ -83,7 +100,12 @@ pub struct IngressLink {
 }
 
 struct Link {
-    connection: Arc<Connection>,
+    /// The session's connection: used when the endpoint's own is gone.
+    session: Arc<Connection>,
+    /// A connection of the endpoint's own, so a flood of large callbacks
+    /// does not queue the session's result events behind it (RabbitMQ's
+    /// flow control blocks a whole connection).
+    own: Option<Arc<Connection>>,
     publisher: Option<Publisher>,
 }
 
@@ -93,17 +115,23 @@ impl IngressLink {
         Self::default()
     }
 
-    /// A session is up on `connection`.
-    pub async fn attach(&self, connection: Arc<Connection>) {
+    /// A session is up on `session`; the endpoint publishes on `own` while
+    /// it is connected.
+    pub async fn attach(&self, session: Arc<Connection>, own: Option<Connection>) {
         *self.current.lock().await = Some(Link {
-            connection,
+            session,
+            own: own.map(Arc::new),
             publisher: None,
         });
     }
 
-    /// The session is gone.
+    /// The session is gone; the endpoint's own connection is closed.
     pub async fn detach(&self) {
-        *self.current.lock().await = None;
+        let link = self.current.lock().await.take();
+        if let Some(own) = link.and_then(|l| l.own) {
+            let closing = own.close(200, "session ended".into());
+            let _ = tokio::time::timeout(CONFIRM_LIMIT, closing).await;
+        }
     }
 
     /// The endpoint's confirm-mode channel, opened when there is none or
@@ -115,7 +143,12 @@ impl IngressLink {
         if let Some(publisher) = link.publisher.as_ref().filter(|p| p.is_open()) {
             return Ok(publisher.clone());
         }
-        let publisher = Publisher::open(&link.connection)
+        let connection = link
+            .own
+            .as_ref()
+            .filter(|c| c.status().connected())
+            .unwrap_or(&link.session);
+        let publisher = Publisher::open(connection)
             .await
             .map_err(IngressError::Channel)?;
         link.publisher = Some(publisher.clone());
@@ -130,6 +163,10 @@ pub struct Ingress {
     /// SHA-256 of `callbacks.secret`: compared in constant time whatever
     /// the length of what was sent, and the secret itself is not kept.
     secret: Option<[u8; 32]>,
+    /// Room for request bodies, in bytes ([`MAX_HELD_BYTES`]).
+    room: Arc<Semaphore>,
+    /// Rate-limited log lines about refusals.
+    refusals: Refusals,
 }
 
 impl Ingress {
@@ -139,6 +176,8 @@ impl Ingress {
             link,
             exchange,
             secret: secret.map(|s| Sha256::digest(s.expose_secret().as_bytes()).into()),
+            room: Arc::new(Semaphore::new(MAX_HELD_BYTES)),
+            refusals: Refusals::default(),
         }
     }
 
@@ -151,16 +190,34 @@ impl Ingress {
         let Some(expected) = &self.secret else {
             return true;
         };
+        // Not form decoding: that would turn a `+` into a space.
         let given = query.and_then(|q| {
-            url::form_urlencoded::parse(q.as_bytes())
-                .find(|(k, _)| k == "secret")
-                .map(|(_, v)| v)
+            q.split('&')
+                .filter_map(|pair| pair.split_once('='))
+                .find(|(k, _)| *k == "secret")
+                .map(|(_, v)| percent_encoding::percent_decode_str(v).collect::<Vec<u8>>())
         });
         let Some(given) = given else {
             return false;
         };
-        let given: [u8; 32] = Sha256::digest(given.as_bytes()).into();
+        let given: [u8; 32] = Sha256::digest(&given).into();
         given.ct_eq(expected).into()
+    }
+
+    /// Room for a body of `declared` bytes (the largest when unknown),
+    /// waited for up to [`ROOM_WAIT`].
+    async fn room_for(&self, declared: Option<usize>) -> Option<OwnedSemaphorePermit> {
+        let bytes = declared
+            .unwrap_or(MAX_CALLBACK_BYTES)
+            .min(MAX_CALLBACK_BYTES);
+        // At most 1 MiB: it fits a u32.
+        let bytes = u32::try_from(bytes.max(1)).unwrap_or(u32::MAX);
+        let wait = self.room.clone().acquire_many_owned(bytes);
+        match tokio::time::timeout(ROOM_WAIT, wait).await {
+            Ok(Ok(permit)) => Some(permit),
+            // Never closed; a timeout is the flood.
+            Ok(Err(_)) | Err(_) => None,
+        }
     }
 
     async fn publish(&self, type_name: &str, body: &[u8]) -> Result<(), IngressError> {
@@ -194,25 +251,58 @@ pub fn router(ingress: Arc<Ingress>) -> Router {
         .with_state(ingress)
 }
 
-/// Runs before the body is read: the secret, the request deadline, and
-/// the count of every answer (413 included).
+/// Runs before the body is read: the secret, room for the body, the
+/// request deadline, the count of every answer (413 included) and the
+/// rate-limited log of refusals.
 async fn guard(State(ingress): State<Arc<Ingress>>, request: Request, next: Next) -> Response {
     let response = if !ingress.authorised(request.uri().query()) {
-        tracing::warn!("callback refused: missing or wrong secret");
         (StatusCode::UNAUTHORIZED, "missing or wrong secret\n").into_response()
     } else {
-        match tokio::time::timeout(REQUEST_LIMIT, next.run(request)).await {
-            Ok(response) => response,
-            Err(_) => {
-                tracing::warn!("callback request took longer than {REQUEST_LIMIT:?}");
-                (StatusCode::REQUEST_TIMEOUT, "request took too long\n").into_response()
+        let declared = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        if declared.is_some_and(|n| n > MAX_CALLBACK_BYTES) {
+            (StatusCode::PAYLOAD_TOO_LARGE, "body over 1 MiB\n").into_response()
+        } else {
+            match ingress.room_for(declared).await {
+                None => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too many callbacks at once; try again\n",
+                )
+                    .into_response(),
+                Some(_room) => match tokio::time::timeout(REQUEST_LIMIT, next.run(request)).await {
+                    Ok(response) => response,
+                    Err(_) => {
+                        (StatusCode::REQUEST_TIMEOUT, "request took too long\n").into_response()
+                    }
+                },
             }
         }
     };
-    if let Some(counter) = meters().callback_request(response.status().as_u16()) {
+    let status = response.status();
+    if let Some(counter) = meters().callback_request(status.as_u16()) {
         counter.increment(1);
     }
+    if !status.is_success() {
+        ingress.refusals.log(status.as_u16(), refusal(status));
+    }
     response
+}
+
+/// Why a request got `status`, for the log.
+fn refusal(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::UNAUTHORIZED => "missing or wrong secret",
+        StatusCode::BAD_REQUEST => "body is not a JSON object with a TypeName",
+        StatusCode::PAYLOAD_TOO_LARGE => "body over 1 MiB",
+        StatusCode::REQUEST_TIMEOUT => "request took longer than 30s",
+        StatusCode::SERVICE_UNAVAILABLE => {
+            "not confirmed by the broker, no broker session, or no room for the body within 10s; GeWe sends it again"
+        }
+        _ => "refused",
+    }
 }
 
 async fn receive(State(ingress): State<Arc<Ingress>>, body: Bytes) -> (StatusCode, &'static str) {
@@ -239,11 +329,37 @@ async fn receive(State(ingress): State<Arc<Ingress>>, body: Bytes) -> (StatusCod
             (StatusCode::OK, "ok\n")
         }
         Err(e) => {
-            tracing::warn!(type_name, error = %e, "callback not confirmed by the broker; answered 503 so GeWe sends it again");
+            // The guard's rate-limited line counts it.
+            tracing::debug!(type_name, error = %e, "callback not confirmed by the broker; answered 503 so GeWe sends it again");
             (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "callback not accepted by the broker; try again\n",
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ingress(secret: &str) -> Ingress {
+        Ingress::new(
+            Arc::new(IngressLink::new()),
+            "gewe.callbacks".into(),
+            Some(&SecretString::from(secret)),
+        )
+    }
+
+    #[test]
+    fn the_secret_is_the_raw_query_value_with_plus_kept() {
+        let i = ingress("a+b_0123456789-.~");
+        assert!(i.authorised(Some("secret=a+b_0123456789-.~")));
+        assert!(i.authorised(Some("x=1&secret=a%2Bb_0123456789-.~")));
+        assert!(!i.authorised(Some("secret=a b_0123456789-.~")));
+        assert!(!i.authorised(Some("secret=a%20b_0123456789-.~")));
+        assert!(!i.authorised(Some("secret=a+b_0123456789-.~x")));
+        assert!(!i.authorised(Some("xsecret=a+b_0123456789-.~")));
+        assert!(!i.authorised(None));
     }
 }

@@ -1,12 +1,19 @@
-//! What the worker remembers to match callbacks: the `v3` of every
-//! succeeded command, for `callbacks.match_window`, keyed by `(appId, v3)`,
-//! and per commandId a mark that its accepted event was published.
+//! What the worker remembers to match callbacks: per `(appId, v3)`, every
+//! command whose request got that `v3` within `callbacks.match_window`
+//! (GeWe may return the same `v3` for later requests to the same member),
+//! each `pending` from the moment GeWe's answer is stored and `confirmed`
+//! once its `succeeded` event is; and per commandId a mark that its
+//! accepted event was published.
 //!
 //! In memory ([`memory`]) when `redis.url` is unset: per process, bounded.
 //! In Redis ([`redis`]) otherwise, so a callback matches whichever replica
 //! takes it, after restarts too, and two replicas handling copies of one
 //! callback publish one accepted event: the mark is claimed atomically
 //! before publishing and set once the event is confirmed.
+//!
+//! An entry is found by a hash of `(appId, v3)`: the `v3` (about 220
+//! characters from WeChat) is neither a key nor stored; the callback that
+//! looks it up carries it.
 
 mod memory;
 mod redis;
@@ -14,6 +21,7 @@ mod redis;
 use std::{sync::Arc, time::Duration};
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 pub use memory::MAX_REMEMBERED;
 
@@ -28,20 +36,32 @@ use crate::{
 /// confirmed publish may take. A holder that dies is replaced after it.
 pub const CLAIM_LEASE: Duration = Duration::from_secs(30);
 
+/// Most commands remembered for one `(appId, v3)`; beyond it the oldest
+/// is forgotten. A member asked this often within the window is a bug
+/// (GeWe returning one `v3` for everything), not a reused ticket.
+pub const MAX_PER_V3: usize = 64;
+
 /// A succeeded command, as remembered for its `v3`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sent {
     /// The command's id.
     pub command_id: String,
     /// The account that sent the request.
     pub app_id: String,
+    /// GeWe's ticket for the request.
+    pub v3: String,
+    /// What else the accepted event says.
+    pub fields: Fields,
+}
+
+/// What is stored of a succeeded command besides its ids and `v3`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Fields {
     /// The group.
     pub chatroom_id: String,
     /// The member asked.
     pub member_wxid: String,
-    /// GeWe's ticket for the request.
-    pub v3: String,
     /// The `correlation_id` of the command's events, for the accepted one.
     pub correlation_id: String,
     /// The succeeded event's `completedAt`.
@@ -49,9 +69,9 @@ pub struct Sent {
 }
 
 impl Sent {
-    /// What to remember of a confirmed event: only a succeeded one has a
-    /// `v3` to match. The correlation id is the one the event carried
-    /// (contract §4), so the accepted event carries it too.
+    /// What to remember of an event: only a succeeded one has a `v3` to
+    /// match. The correlation id is the one the event carries (contract
+    /// §4), so the accepted event carries it too.
     pub fn of(event: &ResultEvent<'_>, envelope: &Envelope) -> Option<Self> {
         if event.status != Status::Succeeded {
             return None;
@@ -59,21 +79,45 @@ impl Sent {
         Some(Self {
             command_id: event.command_id.clone().into_owned(),
             app_id: event.app_id.as_deref()?.to_owned(),
-            chatroom_id: event.chatroom_id.as_deref()?.to_owned(),
-            member_wxid: event.member_wxid.as_deref()?.to_owned(),
             v3: event.v3.as_deref()?.to_owned(),
-            correlation_id: envelope
-                .correlation_id()
-                .map_or_else(|| event.command_id.clone().into_owned(), str::to_owned),
-            completed_at: event.completed_at.clone().into_owned(),
+            fields: Fields {
+                chatroom_id: event.chatroom_id.as_deref()?.to_owned(),
+                member_wxid: event.member_wxid.as_deref()?.to_owned(),
+                correlation_id: envelope
+                    .correlation_id()
+                    .map_or_else(|| event.command_id.clone().into_owned(), str::to_owned),
+                completed_at: event.completed_at.clone().into_owned(),
+            },
         })
     }
 }
 
-/// The key of a remembered `v3`: the account's id is length-prefixed, so
-/// no pair of `(appId, v3)` spells another's key.
-fn sent_key(app_id: &str, v3: &str) -> String {
-    format!("{}:{app_id}:{v3}", app_id.len())
+/// Where a remembered command stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// GeWe's answer is stored; its `succeeded` event is not confirmed yet.
+    Pending,
+    /// Its `succeeded` event was confirmed: an accepted event may follow.
+    Confirmed,
+}
+
+/// One command found for a callback's `(appId, v3)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Remembered {
+    /// The command.
+    pub sent: Sent,
+    /// Whether its `succeeded` event was confirmed.
+    pub phase: Phase,
+}
+
+/// The entry of `(appId, v3)`: a SHA-256, so no pair spells another's and
+/// the long `v3` is not kept.
+fn v3_digest(app_id: &str, v3: &str) -> [u8; 32] {
+    let mut hash = Sha256::new();
+    hash.update(app_id.len().to_le_bytes());
+    hash.update(app_id.as_bytes());
+    hash.update(v3.as_bytes());
+    hash.finalize().into()
 }
 
 /// A claim on publishing a commandId's accepted event.
@@ -113,21 +157,22 @@ impl Store {
         Store::Redis(RedisStore::new(client, prefix, window))
     }
 
-    /// Remembers `sent` by `(appId, v3)`. A `v3` already remembered keeps
-    /// its first entry and expiry (a republished duplicate changes nothing).
-    pub async fn remember(&self, sent: &Sent) -> Result<(), RedisError> {
+    /// Remembers `sent` under its `(appId, v3)` in `phase`. A pending
+    /// command never undoes a confirmation, and a command already there
+    /// keeps its first time (a republished duplicate changes nothing).
+    pub async fn remember(&self, sent: &Sent, phase: Phase) -> Result<(), RedisError> {
         match self {
             Store::Memory(m) => {
-                m.remember(sent);
+                m.remember(sent, phase);
                 Ok(())
             }
-            Store::Redis(r) => r.remember(sent).await,
+            Store::Redis(r) => r.remember(sent, phase).await,
         }
     }
 
-    /// The command whose request got `v3` from `app_id`'s account, if it is
-    /// remembered. One round trip with Redis.
-    pub async fn lookup(&self, app_id: &str, v3: &str) -> Result<Option<Sent>, RedisError> {
+    /// Every command whose request got `v3` from `app_id`'s account within
+    /// the window, oldest first. One round trip with Redis.
+    pub async fn lookup(&self, app_id: &str, v3: &str) -> Result<Vec<Remembered>, RedisError> {
         match self {
             Store::Memory(m) => Ok(m.lookup(app_id, v3)),
             Store::Redis(r) => r.lookup(app_id, v3).await,

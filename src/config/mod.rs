@@ -105,6 +105,18 @@ pub struct Settings {
 /// Shortest accepted `gewe.token`.
 const MIN_TOKEN_CHARS: usize = 8;
 
+/// Shortest `dedupe.window` (contract §2): a shorter one lets a late copy
+/// of a command call GeWe again.
+const MIN_DEDUPE_WINDOW: Duration = Duration::from_secs(3600);
+
+/// Bounds of `callbacks.early_grace`: below the lower one a callback that
+/// raced GeWe's answer gets too few tries to be matched; above the upper one
+/// unknown callbacks circle through the delay queue for no use.
+const EARLY_GRACE: (Duration, Duration) = (Duration::from_secs(10), Duration::from_secs(3600));
+
+/// Shortest `callbacks.secret` (contract §2).
+const MIN_CALLBACK_SECRET_CHARS: usize = 16;
+
 /// Most delays `retry.park` may list.
 const MAX_PARKS: usize = 20;
 
@@ -145,6 +157,7 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("accounts.cooldown", "6h"),
     ("accounts.cooldown_on", "频繁"),
     ("accounts.max_wait", "7d"),
+    ("callbacks.early_grace", "2m"),
 ];
 
 impl Settings {
@@ -203,6 +216,13 @@ impl Settings {
             if value.trim().is_empty() || value.len() > 255 {
                 return Err(ConfigError::invalid(key, "must be 1..=255 characters"));
             }
+        }
+        // Its early delay queue, `<callbacks.queue>.early`, must fit too.
+        if self.callbacks.queue.len() > 255 - ".early".len() {
+            return Err(ConfigError::invalid(
+                "callbacks.queue",
+                "must be at most 249 characters (its delay queue adds `.early`)",
+            ));
         }
         if a.prefetch == 0 {
             return Err(ConfigError::invalid(
@@ -275,6 +295,12 @@ impl Settings {
                     "makes a delay queue name longer than 255 bytes (shorten amqp.command_queue)",
                 ));
             }
+        }
+        if self.dedupe.window < MIN_DEDUPE_WINDOW {
+            return Err(ConfigError::invalid(
+                "dedupe.window",
+                "must be at least 1h: a shorter window lets a late copy of a command call GeWe again",
+            ));
         }
         if self.pacing.per_app_concurrency == 0 {
             return Err(ConfigError::invalid(
@@ -364,13 +390,44 @@ impl Settings {
                 "must be greater than 0",
             ));
         }
-        if let Some(secret) = &c.secret
-            && secret.expose_secret().trim().is_empty()
-        {
+        let (shortest, longest) = EARLY_GRACE;
+        if c.early_grace < shortest || c.early_grace > longest {
             return Err(ConfigError::invalid(
-                "callbacks.secret",
-                "must not be empty",
+                "callbacks.early_grace",
+                format!(
+                    "must be between {} and {}",
+                    humantime::format_duration(shortest),
+                    humantime::format_duration(longest)
+                ),
             ));
+        }
+        match &c.secret {
+            Some(secret) => {
+                let secret = secret.expose_secret();
+                let url_safe = |ch: char| ch.is_ascii_alphanumeric() || "._~-".contains(ch);
+                if secret.chars().count() < MIN_CALLBACK_SECRET_CHARS
+                    || !secret.chars().all(url_safe)
+                {
+                    return Err(ConfigError::invalid(
+                        "callbacks.secret",
+                        format!(
+                            "must be at least {MIN_CALLBACK_SECRET_CHARS} characters from A-Z a-z 0-9 . _ ~ - (nothing a URL would escape)"
+                        ),
+                    ));
+                }
+            }
+            None => {
+                if let Some(listen) = c.listen
+                    && !listen.ip().is_loopback()
+                {
+                    return Err(ConfigError::invalid(
+                        "callbacks.secret",
+                        format!(
+                            "is required when callbacks.listen ({listen}) is not a loopback address: without it anyone who reaches the port can forge callbacks"
+                        ),
+                    ));
+                }
+            }
         }
         Ok(())
     }

@@ -215,6 +215,11 @@ pub struct CallbacksSettings {
     /// How long the `v3` of a succeeded command is kept for matching.
     #[serde(with = "humantime_serde")]
     pub match_window: Duration,
+    /// How long a `ModContacts` callback whose `v3` is not known (or whose
+    /// command's `succeeded` event is not confirmed) yet is tried again
+    /// before it counts as unmatched.
+    #[serde(with = "humantime_serde")]
+    pub early_grace: Duration,
 }
 
 /// Log line format.

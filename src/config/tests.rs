@@ -35,6 +35,7 @@ fn defaults_match_the_contract() {
     assert!(c.listen.is_none());
     assert!(c.secret.is_none());
     assert_eq!(c.match_window, Duration::from_secs(30 * 24 * 3600));
+    assert_eq!(c.early_grace, Duration::from_secs(120));
 }
 
 #[test]
@@ -44,7 +45,7 @@ fn callbacks_are_configured_from_the_environment() {
         env(&[
             ("GEWE_WORKER__CALLBACKS__ENABLED", "true"),
             ("GEWE_WORKER__CALLBACKS__LISTEN", "0.0.0.0:8081"),
-            ("GEWE_WORKER__CALLBACKS__SECRET", "cb-s3cret"),
+            ("GEWE_WORKER__CALLBACKS__SECRET", "cb-s3cret-0123456789"),
             ("GEWE_WORKER__CALLBACKS__MATCH_WINDOW", "7d"),
         ]),
     )
@@ -53,9 +54,9 @@ fn callbacks_are_configured_from_the_environment() {
     assert_eq!(s.callbacks.listen.map(|l| l.port()), Some(8081));
     assert_eq!(s.callbacks.match_window, Duration::from_secs(7 * 24 * 3600));
     let printed = s.redacted_json();
-    assert!(!printed.contains("cb-s3cret"), "{printed}");
+    assert!(!printed.contains("cb-s3cret-0123456789"), "{printed}");
     assert!(printed.contains(r#""secret": "***""#), "{printed}");
-    assert!(!format!("{s:?}").contains("cb-s3cret"));
+    assert!(!format!("{s:?}").contains("cb-s3cret-0123456789"));
 }
 
 #[test]
@@ -159,6 +160,28 @@ fn bad_values_name_their_key() {
             "accounts.cooldown_on",
         ),
         ("GEWE_WORKER__ACCOUNTS__MAX_WAIT", "0s", "accounts.max_wait"),
+        ("GEWE_WORKER__DEDUPE__WINDOW", "0s", "dedupe.window"),
+        ("GEWE_WORKER__DEDUPE__WINDOW", "59m", "dedupe.window"),
+        (
+            "GEWE_WORKER__CALLBACKS__EARLY_GRACE",
+            "0s",
+            "callbacks.early_grace",
+        ),
+        (
+            "GEWE_WORKER__CALLBACKS__SECRET",
+            "short-secret",
+            "callbacks.secret",
+        ),
+        (
+            "GEWE_WORKER__CALLBACKS__SECRET",
+            "with+plus/and=0123456789",
+            "callbacks.secret",
+        ),
+        (
+            "GEWE_WORKER__CALLBACKS__SECRET",
+            "with space 0123456789",
+            "callbacks.secret",
+        ),
     ] {
         let err = Settings::load_from(None, env(&[(var, value)]))
             .expect_err(&format!("{var}={value} must be rejected"))
@@ -168,6 +191,29 @@ fn bad_values_name_their_key() {
             "{var}={value}: {err:?} does not name {key}"
         );
     }
+}
+
+#[test]
+fn a_callback_endpoint_beyond_loopback_requires_a_secret() {
+    for listen in ["0.0.0.0:8081", "10.1.2.3:8081", "[::]:8081"] {
+        let err = Settings::load_from(None, env(&[("GEWE_WORKER__CALLBACKS__LISTEN", listen)]))
+            .expect_err(&format!("{listen} without a secret must be rejected"))
+            .to_string();
+        assert!(err.contains("callbacks.secret"), "{listen}: {err}");
+    }
+    for listen in ["127.0.0.1:8081", "[::1]:8081"] {
+        Settings::load_from(None, env(&[("GEWE_WORKER__CALLBACKS__LISTEN", listen)]))
+            .unwrap_or_else(|e| panic!("{listen} needs no secret: {e}"));
+    }
+    let s = Settings::load_from(
+        None,
+        env(&[
+            ("GEWE_WORKER__CALLBACKS__LISTEN", "0.0.0.0:8081"),
+            ("GEWE_WORKER__CALLBACKS__SECRET", "Az09._~-Az09._~-"),
+        ]),
+    )
+    .expect("16 URL-safe characters are enough");
+    assert!(s.callbacks.secret.is_some());
 }
 
 #[test]

@@ -322,6 +322,13 @@ impl Processor {
                 record.completed_at(),
                 false,
             );
+            if let Some(matcher) = &self.matcher {
+                // Before the event: a callback that beats its confirm waits
+                // for it instead of counting as unmatched.
+                matcher
+                    .expect(&event, &delivery.envelope, &delivery.halt)
+                    .await;
+            }
             if self.publish(&event, delivery).await {
                 if record.is_definitive() {
                     claim.published(&self.shutdown).await;

@@ -46,7 +46,7 @@ impl Processor {
                     // The event is out: remembering it must not stop at
                     // the hold deadline.
                     matcher
-                        .remember(event, &delivery.envelope, &delivery.halt.without_deadline())
+                        .confirm(event, &delivery.envelope, &delivery.halt.without_deadline())
                         .await;
                 }
                 true

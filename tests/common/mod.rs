@@ -137,7 +137,7 @@ pub fn test_settings(gewe_url: &str) -> Settings {
     s.shutdown.grace = Duration::from_secs(5);
     // Outcomes (and remembered v3s) the tests leave in Redis expire soon
     // after the run.
-    s.dedupe.window = Duration::from_secs(600);
+    s.dedupe.window = Duration::from_secs(3600);
     s.callbacks.match_window = Duration::from_secs(600);
     s
 }

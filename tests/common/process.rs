@@ -11,9 +11,12 @@ use super::{TOKEN, WAIT, eventually};
 /// Path of the worker binary.
 pub const BIN: &str = env!("CARGO_BIN_EXE_gewe-friend-worker");
 
-/// The binary with a clean configuration environment.
+/// The binary with a clean configuration environment: [`BIN`], or the one
+/// `GEWE_TEST_WORKER_BIN` names (to measure another build, e.g. main's,
+/// with the same test).
 pub fn program() -> Command {
-    let mut cmd = Command::new(BIN);
+    let bin = std::env::var_os("GEWE_TEST_WORKER_BIN").unwrap_or_else(|| BIN.into());
+    let mut cmd = Command::new(bin);
     for (key, _) in std::env::vars() {
         if key.starts_with("GEWE_WORKER") || key == "RUST_LOG" {
             cmd.env_remove(key);
@@ -39,7 +42,7 @@ pub fn worker_command(settings: &Settings, gewe: &str) -> Command {
     cmd.arg("run")
         .env("GEWE_WORKER__GEWE__BASE_URL", gewe)
         .env("GEWE_WORKER__GEWE__TOKEN", TOKEN)
-        .env("GEWE_WORKER__DEDUPE__WINDOW", "10m")
+        .env("GEWE_WORKER__DEDUPE__WINDOW", "1h")
         // The test timeout: it also sets the Redis claim lease (timeout +
         // 10 s), which a killed worker's claims hold commands for.
         .env(

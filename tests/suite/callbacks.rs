@@ -191,6 +191,8 @@ async fn callbacks_that_match_nothing_are_acked_and_every_outcome_is_counted() {
         .env("GEWE_WORKER__CALLBACKS__QUEUE", &c.queue)
         .env("GEWE_WORKER__CALLBACKS__LISTEN", "127.0.0.1:0")
         .env("GEWE_WORKER__CALLBACKS__SECRET", SECRET)
+        // Unknown v3s go round the early delay queue this long first.
+        .env("GEWE_WORKER__CALLBACKS__EARLY_GRACE", "10s")
         .env("GEWE_WORKER__LOG__FORMAT", "json")
         .env("RUST_LOG", "trace");
     let Worker {

@@ -37,7 +37,7 @@ async fn check_config_prints_the_effective_config_without_secrets() {
             "amqp://user:hunter2@broker:5672/%2f",
         )
         .env("GEWE_WORKER__AMQP__PREFETCH", "32")
-        .env("GEWE_WORKER__CALLBACKS__SECRET", "cb-hunter3")
+        .env("GEWE_WORKER__CALLBACKS__SECRET", "cb-hunter3-0123456789")
         .env("GEWE_WORKER__CALLBACKS__LISTEN", "0.0.0.0:8081");
     let out = output(cmd, WAIT).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -55,7 +55,7 @@ async fn check_config_prints_the_effective_config_without_secrets() {
     assert!(
         !stdout.contains("very-secret-token")
             && !stdout.contains("hunter2")
-            && !stdout.contains("cb-hunter3")
+            && !stdout.contains("cb-hunter3-0123456789")
     );
 }
 

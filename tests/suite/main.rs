@@ -16,6 +16,8 @@ mod accounts;
 mod admin;
 mod asyncapi;
 mod callback_endpoint;
+mod callback_flood;
+mod callback_races;
 mod callbacks;
 mod cli;
 mod console_browser;
