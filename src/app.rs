@@ -7,8 +7,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    accounts::Accounts,
     accounts::AccountDirectory,
+    accounts::Accounts,
     admin::{self, Admin, dead_letters::DeadLetters, summary::Sources},
     breaker::Breaker,
     broker::{Connector, topology},

@@ -70,14 +70,16 @@ impl Policies {
         self.overrides.get(app_id).unwrap_or(&self.default)
     }
 
-    /// The configured text found in one of `texts` (GeWe's `msg` and
-    /// `data.msg`), when WeChat said the account adds friends too often.
-    pub fn too_often<'a>(&self, texts: impl IntoIterator<Item = &'a str>) -> Option<&str> {
+    /// The one of `texts` (GeWe's `msg` and `data.msg`) that holds a
+    /// configured text, when WeChat said the account adds friends too
+    /// often: what the cooldown's log line and the console show.
+    pub fn too_often<'a>(&self, texts: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
         let texts: Vec<&str> = texts.into_iter().collect();
-        self.cooldown_on
-            .iter()
-            .find(|needle| texts.iter().any(|t| t.contains(needle.as_str())))
-            .map(String::as_str)
+        texts.into_iter().find(|t| {
+            self.cooldown_on
+                .iter()
+                .any(|needle| t.contains(needle.as_str()))
+        })
     }
 
     /// Whether any account has a budget beyond pacing (a limit or a

@@ -192,7 +192,7 @@ async fn overrides_set_their_own_budget() {
     assert_eq!(
         a.policies()
             .too_often(["发送失败", "操作过于频繁，请稍后再试"]),
-        Some("频繁")
+        Some("操作过于频繁，请稍后再试")
     );
     assert_eq!(a.policies().too_often(["user ticket invalid"]), None);
 }

@@ -112,7 +112,9 @@ pub async fn read(sources: &Sources, dead_letters: &DeadLetters) -> Summary {
         let messages = depth(&queue).await;
         deferred.push(DelayQueue {
             queue,
-            delay: humantime::format_duration(delay).to_string().replace(' ', ""),
+            delay: humantime::format_duration(delay)
+                .to_string()
+                .replace(' ', ""),
             messages,
         });
     }

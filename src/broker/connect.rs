@@ -75,6 +75,8 @@ struct Node {
 pub struct Connector {
     nodes: Vec<Node>,
     tls: OwnedTLSConfig,
+    /// Whether `amqp.tls.client_cert_file` is set.
+    client_cert: bool,
 }
 
 impl std::fmt::Debug for Connector {
@@ -97,6 +99,7 @@ impl Connector {
         Ok(Self {
             nodes,
             tls: a.tls.load()?,
+            client_cert: a.tls.client_cert_file.is_some(),
         })
     }
 
@@ -120,7 +123,8 @@ impl Connector {
     ) -> Result<Connection, ConnectError> {
         // Never empty: splitting a string yields at least one entry.
         let n = &self.nodes[node % self.nodes.len()];
-        let failed = |source| classify(&n.shown, source);
+        let without_cert = !self.client_cert && n.url.starts_with("amqps://");
+        let failed = |source| classify(&n.shown, without_cert, source);
         let builder = DefaultConnectionBuilder::new()
             .map_err(failed)?
             .with_uri_str(n.url.clone())
@@ -177,8 +181,19 @@ fn list(errors: &[ConnectError]) -> String {
 }
 
 /// Tells TLS verdicts apart from other connection failures.
-fn classify(node: &str, source: lapin::Error) -> ConnectError {
+/// `without_cert`: a TLS node reached without a client certificate.
+fn classify(node: &str, without_cert: bool, source: lapin::Error) -> ConnectError {
     let node = node.to_owned();
+    if without_cert && closed_at_once(&source) {
+        // A broker that requires a client certificate sends its alert and
+        // closes; the client has often written its first AMQP bytes by then
+        // and reads the reset, not the alert.
+        return ConnectError::ClientCertificateRefused {
+            reason: "the connection was closed right after the TLS handshake".to_owned(),
+            hint: "the broker probably requires a client certificate: set amqp.tls.client_cert_file and amqp.tls.client_key_file",
+            node,
+        };
+    }
     match tls_error(&source) {
         Some(rustls::Error::InvalidCertificate(e)) => ConnectError::UntrustedCertificate {
             reason: format!("{e}"),
@@ -223,6 +238,21 @@ fn alert_hint(alert: rustls::AlertDescription) -> &'static str {
         // Protocol-level alerts (versions, ciphers): nothing to configure here.
         _ => "the broker's TLS settings and this client's do not match",
     }
+}
+
+/// Whether the node reset or closed the connection (no TLS verdict).
+fn closed_at_once(e: &lapin::Error) -> bool {
+    let lapin::ErrorKind::IOError(io) = e.kind() else {
+        return false;
+    };
+    tls_error(e).is_none()
+        && matches!(
+            io.kind(),
+            std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::BrokenPipe
+                | std::io::ErrorKind::UnexpectedEof
+                | std::io::ErrorKind::ConnectionAborted
+        )
 }
 
 /// The rustls error inside lapin's I/O error, if the failure was TLS.

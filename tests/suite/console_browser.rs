@@ -8,43 +8,11 @@
 use std::{path::PathBuf, time::SystemTime};
 
 use crate::common::{admin::*, webdriver::Browser, *};
-use gewe_friend_worker::{
-    accounts::{AccountState, AccountView},
-    gewe::ADD_MEMBER_PATH,
-};
 use lapin::{
     BasicProperties,
     options::BasicPublishOptions,
     types::{AMQPValue, FieldArray, FieldTable},
 };
-use wiremock::{
-    Mock, MockServer, ResponseTemplate,
-    matchers::{method, path},
-};
-
-fn account(app_id: &str, state: AccountState, sent: u32, reason: Option<&str>) -> AccountView {
-    let resting = matches!(
-        state,
-        AccountState::CoolingDown | AccountState::OverLimit | AccountState::OutsideHours
-    );
-    AccountView {
-        app_id: app_id.to_owned(),
-        state,
-        sent_today: sent,
-        daily_limit: Some(40),
-        resting_until: resting.then(|| "2026-12-03T22:00:00.000Z".to_owned()),
-        reason: reason.map(str::to_owned),
-        last_sent_at: Some("2026-12-03T13:52:10.412Z".to_owned()),
-        last_outcome: Some(
-            if state == AccountState::CoolingDown {
-                "rejected"
-            } else {
-                "succeeded"
-            }
-            .to_owned(),
-        ),
-    }
-}
 
 /// A dead letter as the broker leaves one that passed the delivery limit.
 fn dead_by_delivery_limit(queue: &str) -> BasicProperties {
@@ -68,36 +36,60 @@ fn dead_by_delivery_limit(queue: &str) -> BasicProperties {
     BasicProperties::default().with_headers(headers)
 }
 
+/// The state the worker's own budget keeper shows for `app_id`.
+async fn state_of(api: &Api, app_id: &str) -> String {
+    let (_, accounts) = api.get("/api/accounts").await;
+    accounts
+        .as_array()
+        .and_then(|all| all.iter().find(|a| a["appId"] == app_id))
+        .and_then(|a| a["state"].as_str())
+        .unwrap_or("absent")
+        .to_owned()
+}
+
 #[tokio::test]
 async fn an_operator_signs_in_pauses_and_resumes_an_account_and_replays_a_dead_letter() {
-    let gewe = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path(ADD_MEMBER_PATH))
-        .respond_with(ResponseTemplate::new(200).set_body_json(gewe_ok("v3_browser")))
-        .mount(&gewe)
-        .await;
-    let mut settings = test_settings(&gewe.uri());
+    // GeWe is the simulator playing WeChat's daily limit: one success per
+    // account and day, then "too often".
+    let stop_sim = tokio_util::sync::CancellationToken::new();
+    let (gewe, _sim) = gewe_friend_worker::simulator::spawn(
+        std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        gewe_friend_worker::simulator::Options {
+            daily_limit: Some(1),
+            ..Default::default()
+        },
+        stop_sim.clone(),
+    )
+    .await
+    .expect("simulator");
+    let mut settings = test_settings(&format!("http://{gewe}"));
     with_admin(&mut settings);
-    let accounts = MemoryDirectory::of(&[]);
-    *accounts.accounts.lock().expect("lock") = vec![
-        account("wx_sales_01", AccountState::Active, 12, None),
-        account(
-            "wx_sales_02",
-            AccountState::CoolingDown,
-            31,
-            Some("操作过于频繁，请稍后再试"),
-        ),
-        account("wx_support", AccountState::OverLimit, 40, None),
-        account("wx_night_shift", AccountState::OutsideHours, 0, None),
-    ];
-    let mut app = spawn_app_with_accounts(settings, true, Some(accounts.clone())).await;
+    // The worker's own budget keeper behind the console.
+    let mut app = spawn_app(settings).await;
     let admin = app.admin_addr.expect("bound");
+    let api = Api::new(admin);
+    let (resting, steady) = (unique("wx_sales"), unique("wx_support"));
+    app.publish(&command(&unique("first"), &resting)).await;
+    app.publish(&command(&unique("steady"), &steady)).await;
+    for e in app.events(2).await {
+        assert_eq!(e.status(), "succeeded", "{}", e.body);
+    }
+    // The account's second request meets the simulator's limit: it rests.
+    app.publish(&command(&unique("second"), &resting)).await;
+    eventually(WAIT, || async {
+        let state = state_of(&api, &resting).await;
+        done_or(state == "cooling_down", || format!("{resting} is {state}"))
+    })
+    .await;
     // Dead letters: one malformed (dead-lettered by the worker itself) and
     // one command that had passed the delivery limit.
     app.publish(&serde_json::json!({"commandId": "no-app-id", "chatroomId": "1@chatroom", "memberWxid": "wxid_x", "content": "hi"}))
         .await;
     assert_eq!(app.next_event().await.kind(), Some("invalid_command"));
-    let replayable = command("browser-replay-1", "wx_sales_01");
+    let replay_id = unique("browser-replay");
+    // An account with its day's request still to send (the simulator
+    // allows one).
+    let replayable = command(&replay_id, &unique("wx_replay"));
     app.channel
         .basic_publish(
             app.settings.amqp.dead_letter_exchange.as_str().into(),
@@ -117,28 +109,36 @@ async fn an_operator_signs_in_pauses_and_resumes_an_account_and_replays_a_dead_l
     browser.type_into(&token, ADMIN_TOKEN).await;
     let sign_in = browser.wait_for("#sign-in", "Sign in").await;
     browser.click(&sign_in).await;
-    browser.wait_for("#accounts", "wx_sales_02").await;
-    browser.wait_for("#accounts", "cooling down").await;
-    browser.wait_for("#dead-letters", "browser-replay-1").await;
+    browser.wait_for("#accounts", &resting).await;
+    browser
+        .wait_for(
+            &format!(r#"tr[data-app="{resting}"] td.state"#),
+            "cooling down",
+        )
+        .await;
+    browser.wait_for("#accounts", "频繁").await;
+    browser.wait_for("#dead-letters", &replay_id).await;
     browser.wait_for("#dead-letters", "delivery_limit").await;
 
-    // Pause with a duration and a reason, then resume.
+    // Pause the other account with a duration and a reason, then resume.
     let pause_for = browser.wait_for("#pause-for", "").await;
     browser.type_into(&pause_for, "2h").await;
     let reason = browser.wait_for("#pause-reason", "").await;
     browser.type_into(&reason, "WeChat warned").await;
     let pause = browser
         .wait_for(
-            r#"button[data-action="pause"][data-app="wx_sales_01"]"#,
+            &format!(r#"button[data-action="pause"][data-app="{steady}"]"#),
             "Pause",
         )
         .await;
     browser.click(&pause).await;
     browser
-        .wait_for(r#"tr[data-app="wx_sales_01"] td.state"#, "paused")
+        .wait_for(&format!(r#"tr[data-app="{steady}"] td.state"#), "paused")
         .await;
-    assert_eq!(accounts.state("wx_sales_01"), Some(AccountState::Paused));
-    browser.wait_for("#status", "paused wx_sales_01").await;
+    assert_eq!(state_of(&api, &steady).await, "paused");
+    browser
+        .wait_for("#status", &format!("paused {steady}"))
+        .await;
 
     let shot = browser.screenshot().await;
     assert!(shot.starts_with(b"\x89PNG"), "a PNG");
@@ -156,21 +156,21 @@ async fn an_operator_signs_in_pauses_and_resumes_an_account_and_replays_a_dead_l
 
     let resume = browser
         .wait_for(
-            r#"button[data-action="resume"][data-app="wx_sales_01"]"#,
+            &format!(r#"button[data-action="resume"][data-app="{steady}"]"#),
             "Resume",
         )
         .await;
     browser.click(&resume).await;
     browser
-        .wait_for(r#"tr[data-app="wx_sales_01"] td.state"#, "active")
+        .wait_for(&format!(r#"tr[data-app="{steady}"] td.state"#), "active")
         .await;
-    assert_eq!(accounts.state("wx_sales_01"), Some(AccountState::Active));
+    assert_eq!(state_of(&api, &steady).await, "active");
 
     // Replay the dead letter; its event arrives.
-    let list = Api::new(admin).dead_letters(10).await;
+    let list = api.dead_letters(10).await;
     let id = list
         .iter()
-        .find(|d| d["commandId"] == "browser-replay-1")
+        .find(|d| d["commandId"] == replay_id.as_str())
         .and_then(|d| d["id"].as_str())
         .expect("listed")
         .to_owned();
@@ -182,11 +182,12 @@ async fn an_operator_signs_in_pauses_and_resumes_an_account_and_replays_a_dead_l
         .await;
     browser.click(&button).await;
     let event = app.next_event().await;
-    assert_eq!(event.body["commandId"], "browser-replay-1");
+    assert_eq!(event.body["commandId"], replay_id.as_str());
     assert_eq!(event.status(), "succeeded");
     browser
-        .wait_for("#status", "replayed browser-replay-1")
+        .wait_for("#status", &format!("replayed {replay_id}"))
         .await;
     browser.quit().await;
+    stop_sim.cancel();
     app.stop().await;
 }
