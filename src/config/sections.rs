@@ -234,3 +234,18 @@ pub struct LogSettings {
     #[serde(default)]
     pub format: Option<LogFormat>,
 }
+
+/// `[telemetry]`: OpenTelemetry trace export (contract §9).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySettings {
+    /// OTLP/HTTP endpoint (`http://host:4318`); spans are posted to its
+    /// `/v1/traces`. Off when unset. Printed without its password.
+    #[serde(default, serialize_with = "serialize_opt_url_redacted")]
+    pub otlp_endpoint: Option<String>,
+    /// Share of the traces the worker starts itself that are recorded; a
+    /// sampled `traceparent` from the publisher is always followed.
+    pub sample_ratio: f64,
+    /// OpenTelemetry `service.name`.
+    pub service_name: String,
+}
