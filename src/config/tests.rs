@@ -483,4 +483,7 @@ fn trace_export_is_off_by_default_and_checked_when_set() {
     let printed = s.redacted_json();
     assert!(!printed.contains("otlp-pa55word"), "{printed}");
     assert!(s.secrets().contains(&"otlp-pa55word".to_owned()));
+    let off = env(&[("GEWE_WORKER__TELEMETRY__OTLP_ENDPOINT", "")]);
+    let s = Settings::load_from(None, off).expect("empty is off");
+    assert!(s.telemetry.otlp_endpoint.is_none());
 }
