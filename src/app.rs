@@ -119,7 +119,12 @@ impl Application {
         };
         let traces = Traces::start(&settings.telemetry)?;
         let tracer = traces.as_ref().map(|traces| {
-            CommandTracer::new(traces.tracer(), &settings.amqp.command_queue, gewe.url())
+            CommandTracer::new(
+                traces.tracer(),
+                &settings.amqp.command_queue,
+                &settings.amqp.result_exchange,
+                gewe.url(),
+            )
         });
         let processor = Arc::new(Processor::new(Parts {
             result_exchange: settings.amqp.result_exchange.clone(),

@@ -32,7 +32,7 @@ impl Processor {
         let span = delivery
             .trace
             .as_ref()
-            .map(|trace| trace.publish(&self.result_exchange, event.routing_key()));
+            .map(|trace| trace.publish(event.routing_key()));
         // Boxed: it holds two publishes at once (result exchange and
         // `reply_to`); inline, every path that publishes would carry them.
         let published = Box::pin(publish_event(

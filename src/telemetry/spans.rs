@@ -29,9 +29,16 @@ pub struct CommandTracer(Arc<Parts>);
 struct Parts {
     tracer: SdkTracer,
     /// `amqp.command_queue`: the consumer spans' destination.
-    queue: String,
+    queue: Arc<str>,
+    /// `amqp.result_exchange`: the producer spans' destination.
+    exchange: Arc<str>,
+    /// `process <queue>` and `publish <exchange>`: made once and shared by
+    /// every span (a name is a `Cow<'static, str>`; an owned one would be
+    /// copied for each span).
+    consume_name: &'static str,
+    publish_name: &'static str,
     /// GeWe's host and port, for the client spans.
-    server: Option<(String, i64)>,
+    server: Option<(Arc<str>, i64)>,
 }
 
 /// What a delivery's span says about the message and its command.
@@ -67,18 +74,23 @@ impl SpanIds {
 }
 
 impl CommandTracer {
-    /// Spans from `tracer`, for deliveries from `queue` and attempts
-    /// against `gewe` (its base URL).
-    pub fn new(tracer: SdkTracer, queue: &str, gewe: &reqwest::Url) -> Self {
+    /// Spans from `tracer`, for deliveries from `queue`, attempts against
+    /// `gewe` (its base URL) and events published to `exchange`. Made once
+    /// per worker: its two span names are leaked, a few dozen bytes.
+    pub fn new(tracer: SdkTracer, queue: &str, exchange: &str, gewe: &reqwest::Url) -> Self {
         let server = gewe.host_str().map(|host| {
             (
-                host.to_owned(),
+                Arc::from(host),
                 i64::from(gewe.port_or_known_default().unwrap_or(0)),
             )
         });
+        let leak = |name: String| -> &'static str { Box::leak(name.into_boxed_str()) };
         Self(Arc::new(Parts {
             tracer,
-            queue: queue.to_owned(),
+            queue: Arc::from(queue),
+            exchange: Arc::from(exchange),
+            consume_name: leak(format!("process {queue}")),
+            publish_name: leak(format!("publish {exchange}")),
             server,
         }))
     }
@@ -93,11 +105,11 @@ impl CommandTracer {
             .map_or_else(Context::new, |sc| {
                 Context::new().with_remote_span_context(sc)
             });
-        let mut attributes = Vec::with_capacity(9);
+        // Room for what `outcome` adds: the list grows once at most.
+        let mut attributes = Vec::with_capacity(10);
         attributes.extend([
             KeyValue::new("messaging.system", "rabbitmq"),
             KeyValue::new("messaging.operation.type", "process"),
-            KeyValue::new("messaging.operation.name", "process"),
             KeyValue::new("messaging.destination.name", t.queue.clone()),
             KeyValue::new("messaging.message.id", facts.message_id.to_owned()),
             KeyValue::new("gewe.command_id", facts.command_id.to_owned()),
@@ -108,7 +120,7 @@ impl CommandTracer {
         }
         let span = t
             .tracer
-            .span_builder(format!("process {}", t.queue))
+            .span_builder(Cow::Borrowed(t.consume_name))
             .with_kind(SpanKind::Consumer)
             .with_attributes(attributes)
             .start_with_context(&t.tracer, &parent_cx);
@@ -175,7 +187,8 @@ impl DeliverySpan {
     /// Starts the client span of GeWe attempt `n` (1-based, over every try).
     pub fn attempt(&self, n: u32) -> AttemptSpan {
         let t = &self.tracer.0;
-        let mut attributes = Vec::with_capacity(7);
+        // Room for what `end` adds.
+        let mut attributes = Vec::with_capacity(9);
         attributes.extend([
             KeyValue::new("http.request.method", "POST"),
             KeyValue::new("url.template", ADD_MEMBER_PATH),
@@ -194,24 +207,23 @@ impl DeliverySpan {
         AttemptSpan(span)
     }
 
-    /// Starts the producer span of an event published to `exchange` with
-    /// `routing_key`.
-    pub fn publish(&self, exchange: &str, routing_key: &str) -> PublishSpan {
+    /// Starts the producer span of an event published to the result
+    /// exchange with `routing_key` (one of the event's fixed keys).
+    pub fn publish(&self, routing_key: &'static str) -> PublishSpan {
         let t = &self.tracer.0;
+        // Room for what `end` adds.
+        let mut attributes = Vec::with_capacity(6);
+        attributes.extend([
+            KeyValue::new("messaging.system", "rabbitmq"),
+            KeyValue::new("messaging.operation.type", "send"),
+            KeyValue::new("messaging.destination.name", t.exchange.clone()),
+            KeyValue::new("messaging.rabbitmq.destination.routing_key", routing_key),
+        ]);
         let span = t
             .tracer
-            .span_builder(format!("publish {exchange}"))
+            .span_builder(Cow::Borrowed(t.publish_name))
             .with_kind(SpanKind::Producer)
-            .with_attributes([
-                KeyValue::new("messaging.system", "rabbitmq"),
-                KeyValue::new("messaging.operation.type", "send"),
-                KeyValue::new("messaging.operation.name", "publish"),
-                KeyValue::new("messaging.destination.name", exchange.to_owned()),
-                KeyValue::new(
-                    "messaging.rabbitmq.destination.routing_key",
-                    routing_key.to_owned(),
-                ),
-            ])
+            .with_attributes(attributes)
             .start_with_context(&t.tracer, &self.cx);
         PublishSpan(span)
     }

@@ -4,7 +4,9 @@
 //! ([`Buffer::on_end`]); a full queue drops it. One task on the worker's
 //! tokio runtime ([`export_loop`]) takes batches from the queue and posts
 //! them, one request at a time, each bounded by a timeout; a batch that
-//! fails (collector down, slow, answering 500) is dropped. So a command
+//! fails (collector down, slow, answering 500) is dropped. The task wakes
+//! once a full batch is queued or the linger has passed, never per span:
+//! a wake per span cost a cross-thread unpark each. So a command
 //! never waits for the collector, whatever it does: at worst its spans are
 //! lost, counted in `telemetry_spans_dropped_total` and reported in at most
 //! one log line a minute.
@@ -27,8 +29,8 @@ use opentelemetry_sdk::{
     trace::{Span, SpanData, SpanExporter, SpanProcessor},
 };
 use tokio::{
-    sync::{mpsc, oneshot},
-    time::{Instant, timeout, timeout_at},
+    sync::{Notify, mpsc, oneshot},
+    time::{Instant, sleep, timeout},
 };
 
 /// How the buffer and its export task are sized and timed.
@@ -50,14 +52,33 @@ pub(crate) struct Limits {
 #[derive(Debug)]
 pub(super) struct Buffer {
     queue: mpsc::Sender<SpanData>,
+    /// Raised once a full batch waits.
+    ready: Arc<Notify>,
+    /// Free places left in the queue when a full batch waits.
+    full_batch_at: usize,
     drops: Arc<Drops>,
 }
 
+/// The export task's end of the buffer.
+#[derive(Debug)]
+pub(super) struct Queue {
+    spans: mpsc::Receiver<SpanData>,
+    ready: Arc<Notify>,
+}
+
 impl Buffer {
-    /// A buffer of `capacity` spans and the receiving end of its queue.
-    pub(super) fn new(capacity: usize, drops: Arc<Drops>) -> (Self, mpsc::Receiver<SpanData>) {
-        let (queue, spans) = mpsc::channel(capacity.max(1));
-        (Self { queue, drops }, spans)
+    /// A buffer of `limits.capacity` spans and the export task's end of it.
+    pub(super) fn new(limits: &Limits, drops: Arc<Drops>) -> (Self, Queue) {
+        let capacity = limits.capacity.max(1);
+        let (queue, spans) = mpsc::channel(capacity);
+        let ready = Arc::new(Notify::new());
+        let buffer = Self {
+            queue,
+            ready: ready.clone(),
+            full_batch_at: capacity.saturating_sub(limits.batch.max(1)),
+            drops,
+        };
+        (buffer, Queue { spans, ready })
     }
 }
 
@@ -71,6 +92,9 @@ impl SpanProcessor for Buffer {
         }
         if self.queue.try_send(span).is_err() {
             self.drops.add(1, Why::BufferFull);
+        } else if self.queue.capacity() <= self.full_batch_at {
+            // A stored permit if the task is busy: one wake at most.
+            self.ready.notify_one();
         }
     }
 
@@ -187,37 +211,35 @@ impl Drops {
     }
 }
 
-/// Sends what `spans` receives to `exporter` in batches until `stop`
-/// brings a deadline (or is dropped), then what is left in the queue while
-/// the deadline allows.
+/// Sends what the queue holds to `exporter`, in batches, each time a full
+/// batch waits or the linger has passed, until `stop` brings a deadline (or
+/// is dropped); then what is left, while the deadline allows.
 pub(super) async fn export_loop<E: SpanExporter>(
     exporter: E,
-    mut spans: mpsc::Receiver<SpanData>,
+    queue: Queue,
     drops: Arc<Drops>,
     limits: Limits,
     mut stop: oneshot::Receiver<Instant>,
 ) {
+    let Queue { mut spans, ready } = queue;
     let mut batch = Vec::with_capacity(limits.batch);
+    // What one wake sends at most, so a stop is seen in time.
+    let rounds = limits.capacity / limits.batch.max(1) + 1;
     let deadline = loop {
         tokio::select! {
             biased;
             deadline = &mut stop => break deadline.ok(),
-            received = spans.recv_many(&mut batch, limits.batch) => {
-                if received == 0 {
-                    break None;
-                }
-            }
+            () = ready.notified() => {}
+            () = sleep(limits.linger) => {}
         }
-        // Let the batch fill for a while, unless it is full already.
-        let linger = Instant::now() + limits.linger;
-        while batch.len() < limits.batch {
-            let room = limits.batch - batch.len();
-            match timeout_at(linger, spans.recv_many(&mut batch, room)).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
+        for _ in 0..rounds {
+            // Not empty: takes what is there without waiting.
+            if spans.is_empty() {
+                break;
             }
+            spans.recv_many(&mut batch, limits.batch).await;
+            send(&exporter, &mut batch, &drops, limits.timeout).await;
         }
-        send(&exporter, &mut batch, &drops, limits.timeout).await;
         drops.log_if_due();
     };
     // Stopping: spans still ending are dropped (counted); those queued go
@@ -335,7 +357,7 @@ mod tests {
     #[test]
     fn a_full_buffer_drops_without_waiting_and_counts() {
         let drops = Arc::new(Drops::new(LIMITS.report_every, metrics::Counter::noop()));
-        let (buffer, mut queue) = Buffer::new(LIMITS.capacity, drops.clone());
+        let (buffer, mut queue) = Buffer::new(&LIMITS, drops.clone());
         for n in 0..10 {
             buffer.on_end(span(n, true));
         }
@@ -343,7 +365,7 @@ mod tests {
         assert_eq!(unreported(&drops), 6);
         assert_eq!(drops.lock().latest, Some(Why::BufferFull));
         let mut queued = 0;
-        while queue.try_recv().is_ok() {
+        while queue.spans.try_recv().is_ok() {
             queued += 1;
         }
         assert_eq!(queued, 4, "unsampled spans are not queued");
@@ -368,7 +390,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn spans_are_exported_in_batches_and_drained_on_stop() {
         let drops = Arc::new(Drops::new(LIMITS.report_every, metrics::Counter::noop()));
-        let (buffer, queue) = Buffer::new(LIMITS.capacity, drops.clone());
+        let (buffer, queue) = Buffer::new(&LIMITS, drops.clone());
         let exported = Arc::new(AtomicUsize::new(0));
         let fake = Fake {
             exported: exported.clone(),
@@ -393,7 +415,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_failed_export_drops_its_batch_and_counts_it() {
         let drops = Arc::new(Drops::new(LIMITS.report_every, metrics::Counter::noop()));
-        let (buffer, queue) = Buffer::new(LIMITS.capacity, drops.clone());
+        let (buffer, queue) = Buffer::new(&LIMITS, drops.clone());
         let fake = Fake {
             exported: Arc::default(),
             fail: true,
@@ -404,14 +426,18 @@ mod tests {
             buffer.on_end(span(n, true));
         }
         tokio::time::sleep(LIMITS.linger * 2).await;
-        // Two batches failed: the first was logged at once (the first
-        // line), the second waits for the next line, a minute later.
+        // Two batches failed in one wake, both in its one line.
         assert!(drops.lock().logged_at.is_some());
+        assert_eq!(unreported(&drops), 0);
+        assert_eq!(drops.lock().latest, None, "the line took the reason");
+        // The next failure waits for the next line, a minute later.
+        buffer.on_end(span(5, true));
+        tokio::time::sleep(LIMITS.linger * 2).await;
         assert_eq!(unreported(&drops), 1);
+        let latest = drops.lock().latest.clone();
         assert!(
-            matches!(&drops.lock().latest, Some(Why::Failed(e)) if e.contains("HTTP 500")),
-            "{:?}",
-            drops.lock().latest
+            matches!(&latest, Some(Why::Failed(e)) if e.contains("HTTP 500")),
+            "{latest:?}"
         );
     }
 }

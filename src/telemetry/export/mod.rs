@@ -96,7 +96,7 @@ impl Traces {
             limits.report_every,
             meters().telemetry_spans_dropped.clone(),
         ));
-        let (buffer, spans) = Buffer::new(limits.capacity, drops.clone());
+        let (buffer, queue) = Buffer::new(&limits, drops.clone());
         let sampler =
             Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(settings.sample_ratio)));
         let resource = Resource::builder()
@@ -111,7 +111,7 @@ impl Traces {
             .with_resource(resource)
             .build();
         let (stop, stopped) = oneshot::channel();
-        let exporting = tokio::spawn(export_loop(exporter, spans, drops, limits, stopped));
+        let exporting = tokio::spawn(export_loop(exporter, queue, drops, limits, stopped));
         Ok(Self {
             provider,
             stop,
