@@ -37,6 +37,7 @@ mod cpu;
 mod phases;
 mod pipelines;
 mod soak;
+mod traced;
 
 use cpu::PhaseCpu;
 use phases::{Run, TOKEN};
@@ -141,22 +142,33 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     };
     let (fast_gewe, _) = simulator::spawn(local, sim(Duration::ZERO), stop.clone()).await?;
     let (slow_gewe, _) = simulator::spawn(local, sim(args.latency), stop.clone()).await?;
+    let sink = traced::spawn_sink(stop.clone()).await?;
     let rounds = args.rounds.max(1);
     println!(
         "gewe-friend-worker benchmark: n={} rounds={rounds} prefetch={} queue_type={:?}",
         args.n, base.amqp.prefetch, base.amqp.queue_type
     );
 
-    // Every round runs the three pipelines in turn, so a slow stretch of
-    // the machine hits all three alike.
-    let order = [Pipeline::Bare, Pipeline::Http, Pipeline::Worker];
+    // Every round runs the pipelines in turn, so a slow stretch of the
+    // machine hits all of them alike.
+    let order = [
+        Pipeline::Bare,
+        Pipeline::Http,
+        Pipeline::Worker,
+        Pipeline::Traced,
+    ];
     let mut runs: Vec<(Pipeline, Run)> = Vec::new();
     let mut redis_runs: Vec<Run> = Vec::new();
+    let mut spans = Vec::new();
     for round in 1..=rounds {
         let mut line = format!("round {round}:");
         for pipeline in order {
             let s = phases::settings(pipeline.arg())?;
             let run = phases::phase(&conn, pipeline, &s, fast_gewe, None, args.n).await?;
+            if pipeline == Pipeline::Traced {
+                // The worker flushed its spans before it exited.
+                spans.push(sink.take_spans());
+            }
             line.push_str(&format!(
                 " {} {:.0} msg/s {} µs/msg;",
                 pipeline.arg(),
@@ -240,6 +252,17 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         ideal,
         args.latency,
         counter_rate,
+    );
+    let of = |p: Pipeline| -> Vec<&Run> {
+        runs.iter()
+            .filter(|(q, _)| *q == p)
+            .map(|(_, r)| r)
+            .collect()
+    };
+    traced::report(&of(Pipeline::Worker), &of(Pipeline::Traced), &spans, args.n);
+    println!(
+        "| export requests received by the sink | {} |",
+        sink.requests()
     );
     let _ = conn.close(200, "bench done".into()).await;
     Ok(())

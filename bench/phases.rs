@@ -188,6 +188,10 @@ pub fn pipeline_command(
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .kill_on_drop(true);
+    if pipeline == Pipeline::Traced {
+        let endpoint = crate::traced::endpoint().context("the span sink is not running")?;
+        cmd.env("GEWE_WORKER__TELEMETRY__OTLP_ENDPOINT", endpoint);
+    }
     Ok(cmd)
 }
 

@@ -6,7 +6,9 @@
 //! - `http`: the same plus one keep-alive reqwest POST to the GeWe
 //!   simulator per command, its answer read: the ceiling of any worker that
 //!   calls GeWe, and the anchor the worker is judged against;
-//! - `worker`: the real worker.
+//! - `worker`: the real worker;
+//! - `traced`: the real worker exporting its spans to the bench's OTLP sink
+//!   ([`crate::traced`]).
 //!
 //! Every pipeline handles deliveries concurrently, one task each, within
 //! the same prefetch, so only what each does per message differs. The bare
@@ -47,6 +49,8 @@ pub enum Pipeline {
     Http,
     /// The real worker.
     Worker,
+    /// The real worker with trace export on.
+    Traced,
 }
 
 impl Pipeline {
@@ -56,6 +60,7 @@ impl Pipeline {
             Pipeline::Bare => "bare",
             Pipeline::Http => "http",
             Pipeline::Worker => "worker",
+            Pipeline::Traced => "traced",
         }
     }
 
@@ -65,6 +70,7 @@ impl Pipeline {
             Pipeline::Bare => "ceiling without HTTP (consume → confirmed publish → ack)",
             Pipeline::Http => "ceiling with HTTP (the same + one keep-alive POST to GeWe)",
             Pipeline::Worker => "gewe-friend-worker",
+            Pipeline::Traced => "gewe-friend-worker, trace export on",
         }
     }
 }
@@ -74,7 +80,8 @@ impl Pipeline {
 pub async fn run_child(pipeline: Pipeline) -> anyhow::Result<()> {
     let settings = Settings::load(None)?;
     match pipeline {
-        Pipeline::Worker => {
+        // The traced worker's endpoint is in its environment.
+        Pipeline::Worker | Pipeline::Traced => {
             // Quiet unless RUST_LOG says otherwise (the soak keeps a log).
             telemetry::init(
                 settings.log.format,

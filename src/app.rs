@@ -26,8 +26,13 @@ use crate::{
     redact::Redactor,
     redis_client::RedisClient,
     resources,
+    telemetry::{CommandTracer, Traces},
     worker::{self, CallbackParts, Readiness},
 };
+
+/// How long the spans still buffered at shutdown may take to export, after
+/// the last command is settled.
+const TRACE_FLUSH: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Key prefix of the worker's state in Redis.
 const REDIS_PREFIX: &str = "gewe-friend-worker";
@@ -52,6 +57,8 @@ pub struct Application {
     /// `admin.listen`, bound, with the console behind it.
     admin: Option<(TcpListener, Arc<Admin>)>,
     admin_addr: Option<SocketAddr>,
+    /// With `telemetry.otlp_endpoint`: the trace export.
+    traces: Option<Traces>,
 }
 
 impl Application {
@@ -132,6 +139,15 @@ impl Application {
             }
             None => (None, None),
         };
+        let traces = Traces::start(&settings.telemetry)?;
+        let tracer = traces.as_ref().map(|traces| {
+            CommandTracer::new(
+                traces.tracer(),
+                &settings.amqp.command_queue,
+                &settings.amqp.result_exchange,
+                gewe.url(),
+            )
+        });
         let processor = Arc::new(Processor::new(Parts {
             amqp: settings.amqp.clone(),
             gewe_timeout: settings.gewe.timeout,
@@ -148,6 +164,7 @@ impl Application {
             delivery_limit: (settings.amqp.queue_type == QueueType::Quorum)
                 .then_some(settings.amqp.delivery_limit),
             matcher: matcher.clone(),
+            tracer,
         }));
         let ops_listener = TcpListener::bind(settings.http.listen)
             .await
@@ -197,6 +214,7 @@ impl Application {
             callback_addr,
             admin,
             admin_addr,
+            traces,
         })
     }
 
@@ -230,6 +248,14 @@ impl Application {
             ops_stop.clone(),
         ));
         tracing::info!(ops = %self.ops_addr, gewe = %self.processor.gewe().url(), redis = self.redis.as_ref().map(|r| r.url()), callbacks = self.settings.callbacks.enabled, "gewe-friend-worker starting");
+        if let Some(endpoint) = &self.settings.telemetry.otlp_endpoint {
+            tracing::info!(
+                endpoint = %crate::config::redact_url_password(endpoint),
+                sample_ratio = self.settings.telemetry.sample_ratio,
+                service_name = %self.settings.telemetry.service_name,
+                "exporting traces over OTLP/HTTP"
+            );
+        }
         if self.settings.amqp.tls_unused() {
             tracing::warn!("amqp.tls is set but no URL in amqp.url is amqps://; it is not used");
         }
@@ -283,6 +309,9 @@ impl Application {
         }
         if let Some(endpoint) = endpoint {
             let _ = endpoint.await;
+        }
+        if let Some(traces) = self.traces {
+            traces.shutdown(TRACE_FLUSH).await;
         }
         result.map_err(Into::into)
     }

@@ -94,10 +94,21 @@ impl Envelope {
     /// caller's header and the worker's new span id. From then on
     /// [`Envelope::event_traceparent`] names that span as the parent.
     pub fn continue_trace(&mut self) -> Option<(TraceParent, String)> {
-        let parent = TraceParent::parse(&self.traceparent.take()?)?;
+        let parent = self.take_traceparent()?;
         let (span_id, header) = parent.child();
         self.event_traceparent = Some(header);
         Some((parent, span_id))
+    }
+
+    /// The command's `traceparent`, when valid (once: it is taken).
+    pub fn take_traceparent(&mut self) -> Option<TraceParent> {
+        TraceParent::parse(&self.traceparent.take()?)
+    }
+
+    /// Sets the `traceparent` the command's events carry: the worker's span
+    /// for the delivery, as the exported trace has it.
+    pub fn set_event_traceparent(&mut self, header: String) {
+        self.event_traceparent = Some(header);
     }
 
     /// The `message_id` property.

@@ -100,6 +100,8 @@ pub struct Settings {
     /// The operator's console (off unless `admin.listen` is set).
     #[serde(default)]
     pub admin: AdminSettings,
+    /// Trace export.
+    pub telemetry: TelemetrySettings,
 }
 
 /// Shortest accepted `gewe.token`.
@@ -158,6 +160,8 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("accounts.cooldown_on", "频繁"),
     ("accounts.max_wait", "7d"),
     ("callbacks.early_grace", "2m"),
+    ("telemetry.sample_ratio", "1.0"),
+    ("telemetry.service_name", "gewe-friend-worker"),
 ];
 
 impl Settings {
@@ -236,21 +240,7 @@ impl Settings {
                 "must be at least 1",
             ));
         }
-        match reqwest::Url::parse(&self.gewe.base_url) {
-            Ok(url) if matches!(url.scheme(), "http" | "https") => {}
-            Ok(_) => {
-                return Err(ConfigError::invalid(
-                    "gewe.base_url",
-                    "must be an http(s) URL",
-                ));
-            }
-            Err(e) => {
-                return Err(ConfigError::invalid(
-                    "gewe.base_url",
-                    format!("is not a URL: {e}"),
-                ));
-            }
-        }
+        http_url("gewe.base_url", &self.gewe.base_url)?;
         if self.gewe.timeout.is_zero() {
             return Err(ConfigError::invalid(
                 "gewe.timeout",
@@ -360,7 +350,8 @@ impl Settings {
         self.validate_hold()?;
         self.accounts.validate()?;
         self.validate_callbacks()?;
-        self.admin.validate()
+        self.admin.validate()?;
+        self.validate_telemetry()
     }
 
     /// `amqp.max_hold` must leave room for one GeWe attempt and stay far
@@ -377,6 +368,35 @@ impl Settings {
             return Err(ConfigError::invalid(
                 "amqp.max_hold",
                 "must be longer than gewe.timeout: a delivery is held at least while its GeWe call runs",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_telemetry(&self) -> Result<(), ConfigError> {
+        let t = &self.telemetry;
+        if let Some(endpoint) = &t.otlp_endpoint {
+            // Spans go to its `/v1/traces`: a query would end up before it.
+            if http_url("telemetry.otlp_endpoint", endpoint)?
+                .query()
+                .is_some()
+            {
+                return Err(ConfigError::invalid(
+                    "telemetry.otlp_endpoint",
+                    "must not have a query",
+                ));
+            }
+        }
+        if !(0.0..=1.0).contains(&t.sample_ratio) {
+            return Err(ConfigError::invalid(
+                "telemetry.sample_ratio",
+                "must be a number from 0.0 to 1.0",
+            ));
+        }
+        if t.service_name.trim().is_empty() {
+            return Err(ConfigError::invalid(
+                "telemetry.service_name",
+                "must not be empty",
             ));
         }
         Ok(())
@@ -446,5 +466,14 @@ impl Settings {
     /// The effective configuration as pretty JSON, secrets redacted.
     pub fn redacted_json(&self) -> String {
         serde_json::to_string_pretty(self).unwrap_or_else(|e| format!("<unprintable: {e}>"))
+    }
+}
+
+/// `value` of `key` as an http(s) URL.
+fn http_url(key: &'static str, value: &str) -> Result<reqwest::Url, ConfigError> {
+    match reqwest::Url::parse(value) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") => Ok(url),
+        Ok(_) => Err(ConfigError::invalid(key, "must be an http(s) URL")),
+        Err(e) => Err(ConfigError::invalid(key, format!("is not a URL: {e}"))),
     }
 }

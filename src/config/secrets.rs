@@ -50,7 +50,9 @@ impl Settings {
         if let Some(token) = &self.gewe.token {
             secrets.push(token.expose_secret().to_owned());
         }
-        let urls = broker_urls(&self.amqp.url).chain(self.redis.url.as_deref());
+        let urls = broker_urls(&self.amqp.url)
+            .chain(self.redis.url.as_deref())
+            .chain(self.telemetry.otlp_endpoint.as_deref());
         for password in urls.filter_map(url_password) {
             secrets.push(password.to_owned());
             if let Ok(decoded) = percent_encoding::percent_decode_str(password).decode_utf8() {
@@ -140,7 +142,7 @@ const SECRET_KEYS: &[&str] = &[
     "admin.token",
 ];
 /// Configuration keys whose values are URLs (lists of them) with passwords.
-const URL_KEYS: &[&str] = &["amqp.url", "redis.url"];
+const URL_KEYS: &[&str] = &["amqp.url", "redis.url", "telemetry.otlp_endpoint"];
 /// Shorter secrets are not masked in error texts: masking them would mangle
 /// unrelated words (and the token must be longer anyway).
 const MIN_MASKED: usize = 4;

@@ -3,11 +3,11 @@
 use std::{net::SocketAddr, time::Duration};
 
 use secrecy::SecretString;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use super::{
     TlsSettings,
-    secrets::{serialize_secret, serialize_url_list_redacted},
+    secrets::{serialize_opt_url_redacted, serialize_secret, serialize_url_list_redacted},
 };
 
 /// Type of the command queue.
@@ -239,4 +239,30 @@ pub struct LogSettings {
     /// Unset means: `json` unless stdout is a terminal.
     #[serde(default)]
     pub format: Option<LogFormat>,
+}
+
+/// `[telemetry]`: OpenTelemetry trace export (contract §9).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySettings {
+    /// OTLP/HTTP endpoint (`http://host:4318`); spans are posted to its
+    /// `/v1/traces`. Off when unset or empty. Printed without its password.
+    #[serde(
+        default,
+        deserialize_with = "empty_as_none",
+        serialize_with = "serialize_opt_url_redacted"
+    )]
+    pub otlp_endpoint: Option<String>,
+    /// Share of the traces the worker starts itself that are recorded; a
+    /// sampled `traceparent` from the publisher is always followed.
+    pub sample_ratio: f64,
+    /// OpenTelemetry `service.name`.
+    pub service_name: String,
+}
+
+/// An empty value is no value, as with OpenTelemetry's own variables: an
+/// empty `GEWE_WORKER__TELEMETRY__OTLP_ENDPOINT` turns export off (so a
+/// compose file can default it and still let it be switched off).
+fn empty_as_none<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.filter(|v| !v.trim().is_empty()))
 }

@@ -120,6 +120,31 @@ fn bad_values_name_their_key() {
             "callbacks.listen",
         ),
         ("GEWE_WORKER__CALLBACKS__SECRET", " ", "callbacks.secret"),
+        (
+            "GEWE_WORKER__TELEMETRY__OTLP_ENDPOINT",
+            "collector:4318",
+            "telemetry.otlp_endpoint",
+        ),
+        (
+            "GEWE_WORKER__TELEMETRY__OTLP_ENDPOINT",
+            "http://collector:4318/?x=1",
+            "telemetry.otlp_endpoint",
+        ),
+        (
+            "GEWE_WORKER__TELEMETRY__SAMPLE_RATIO",
+            "1.5",
+            "telemetry.sample_ratio",
+        ),
+        (
+            "GEWE_WORKER__TELEMETRY__SAMPLE_RATIO",
+            "-0.1",
+            "telemetry.sample_ratio",
+        ),
+        (
+            "GEWE_WORKER__TELEMETRY__SERVICE_NAME",
+            " ",
+            "telemetry.service_name",
+        ),
         ("GEWE_WORKER__CALLBACKS__QUEUE", "", "callbacks.queue"),
         (
             "GEWE_WORKER__CALLBACKS__MATCH_WINDOW",
@@ -563,4 +588,32 @@ fn tls_settings_without_an_amqps_url_are_flagged_as_unused() {
             .amqp
             .tls_unused()
     );
+}
+
+#[test]
+fn trace_export_is_off_by_default_and_checked_when_set() {
+    let s = Settings::load_from(None, env(&[])).expect("defaults are valid");
+    assert!(s.telemetry.otlp_endpoint.is_none());
+    assert_eq!(s.telemetry.sample_ratio, 1.0);
+    assert_eq!(s.telemetry.service_name, "gewe-friend-worker");
+    let s = Settings::load_from(
+        None,
+        env(&[
+            (
+                "GEWE_WORKER__TELEMETRY__OTLP_ENDPOINT",
+                "https://user:otlp-pa55word@collector:4318",
+            ),
+            ("GEWE_WORKER__TELEMETRY__SAMPLE_RATIO", "0.25"),
+            ("GEWE_WORKER__TELEMETRY__SERVICE_NAME", "friends-eu"),
+        ]),
+    )
+    .expect("valid");
+    assert_eq!(s.telemetry.sample_ratio, 0.25);
+    assert_eq!(s.telemetry.service_name, "friends-eu");
+    let printed = s.redacted_json();
+    assert!(!printed.contains("otlp-pa55word"), "{printed}");
+    assert!(s.secrets().contains(&"otlp-pa55word".to_owned()));
+    let off = env(&[("GEWE_WORKER__TELEMETRY__OTLP_ENDPOINT", "")]);
+    let s = Settings::load_from(None, off).expect("empty is off");
+    assert!(s.telemetry.otlp_endpoint.is_none());
 }

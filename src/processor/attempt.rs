@@ -10,12 +10,12 @@
 
 use tokio::time::Instant;
 
-use super::Processor;
+use super::{CommandDelivery, Processor};
 use crate::{
     accounts::calendar::Millis,
     command::Command,
     gewe::{Step, Tally, Verdict, classify},
-    halt::{Halt, Interrupted},
+    halt::Interrupted,
     idempotency::Claim,
     meters::{Deferral, meters},
     outcome::CallOutcome,
@@ -57,11 +57,14 @@ impl Processor {
         &self,
         cmd: &Command,
         claim: &Claim<'_>,
-        halt: &Halt,
+        delivery: &CommandDelivery,
         tally: &mut Tally,
     ) -> Result<CallOutcome, Stop> {
+        let halt = &delivery.halt;
         loop {
-            let (verdict, probe) = self.attempt(cmd, claim, halt, tally.attempts() + 1).await?;
+            let (verdict, probe) = self
+                .attempt(cmd, claim, delivery, tally.attempts() + 1)
+                .await?;
             let step = self.retry.after(tally, verdict, probe, &mut rand::rng());
             match step {
                 Step::Done(result) => {
@@ -106,9 +109,10 @@ impl Processor {
         &self,
         cmd: &Command,
         claim: &Claim<'_>,
-        halt: &Halt,
+        delivery: &CommandDelivery,
         n: u32,
     ) -> Result<(Verdict, bool), Stop> {
+        let halt = &delivery.halt;
         let request = self.gewe.timeout();
         // Before the breaker and pacing: a claim that needs renewing first
         // must not hold a probe or an account's turn meanwhile.
@@ -135,12 +139,17 @@ impl Processor {
             probe = admission.is_probe(),
             "calling GeWe"
         );
+        let span = delivery.trace.as_ref().map(|trace| trace.attempt(n));
         let started = Instant::now();
         let result = self.gewe.add_group_member_as_friend(cmd).await;
         meters()
             .gewe_request_duration
             .record(started.elapsed().as_secs_f64());
         let verdict = classify(&result, &self.redactor);
+        if let Some(span) = span {
+            let status = result.as_ref().ok().map(|answer| answer.status);
+            span.end(status, attempt_outcome(&verdict));
+        }
         let probe = admission.is_probe();
         if let Verdict::Local { message } = &verdict {
             // Not GeWe's doing: the breaker hears nothing of it (a dropped
@@ -170,5 +179,14 @@ impl Processor {
             return Err(Stop::Defer(Deferral::Cooldown, Some(until)));
         }
         Ok((verdict, probe))
+    }
+}
+
+/// An attempt's outcome as `gewe_requests_total` labels it: `success`, the
+/// error kind, or `local_error` (the request never left).
+fn attempt_outcome(verdict: &Verdict) -> &'static str {
+    match verdict {
+        Verdict::Local { .. } => "local_error",
+        _ => verdict.failure().map_or("success", |kind| kind.as_str()),
     }
 }

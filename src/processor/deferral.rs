@@ -85,6 +85,9 @@ impl Processor {
             .await
         {
             meters().deferred(reason).increment(1);
+            if let Some(trace) = &delivery.trace {
+                trace.outcome("deferred", None);
+            }
             tracing::info!(
                 reason = reason.label(),
                 queue = %slot.queue,

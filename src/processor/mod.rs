@@ -37,7 +37,7 @@ use crate::{
     pacing::Pacer,
     park::Parking,
     redact::Redactor,
-    telemetry::{CommandContext, command_scope},
+    telemetry::{CommandContext, CommandTracer, DeliveryFacts, DeliverySpan, command_scope},
     timestamp,
 };
 
@@ -65,6 +65,8 @@ pub struct Processor {
     slots: Semaphore,
     /// With `callbacks.enabled`: remembers the `v3` of succeeded events.
     matcher: Option<Arc<Matcher>>,
+    /// With `telemetry.otlp_endpoint`: makes each delivery's spans.
+    tracer: Option<CommandTracer>,
 }
 
 /// What [`Processor::new`] is made of.
@@ -97,6 +99,8 @@ pub struct Parts {
     pub delivery_limit: Option<u32>,
     /// With `callbacks.enabled`: where succeeded commands are remembered.
     pub matcher: Option<Arc<Matcher>>,
+    /// With `telemetry.otlp_endpoint`: the delivery spans' maker.
+    pub tracer: Option<CommandTracer>,
 }
 
 /// A command delivery on its way through: the message and what settling
@@ -108,6 +112,9 @@ struct CommandDelivery {
     received_at: String,
     session: Arc<SessionHandle>,
     halt: Halt,
+    /// With trace export: the delivery's consumer span (ended when the
+    /// delivery is dropped, after it is settled).
+    trace: Option<DeliverySpan>,
 }
 
 /// Counts a delivery in `commands_in_flight` while it lives.
@@ -144,6 +151,7 @@ impl Processor {
             delivery_limit: parts.delivery_limit,
             slots: Semaphore::new(usize::from(parts.prefetch.max(1))),
             matcher: parts.matcher,
+            tracer: parts.tracer,
         }
     }
 
@@ -168,11 +176,33 @@ impl Processor {
         };
         // The caller's trace context: the worker's handling becomes its
         // child span, and the result event carries that span as the parent.
-        let (trace_id, span_id, parent_span_id) = match envelope.continue_trace() {
-            Some((parent, span_id)) => {
-                (Some(parent.trace_id), Some(span_id), Some(parent.parent_id))
+        let (trace, (trace_id, span_id, parent_span_id)) = match &self.tracer {
+            None => match envelope.continue_trace() {
+                Some((parent, span_id)) => (
+                    None,
+                    (Some(parent.trace_id), Some(span_id), Some(parent.parent_id)),
+                ),
+                None => (None, (None, None, None)),
+            },
+            Some(tracer) => {
+                let parent = envelope.take_traceparent();
+                let facts = DeliveryFacts {
+                    message_id: envelope.message_id().unwrap_or(command_id),
+                    command_id,
+                    app_id,
+                    redelivered: message.redelivered,
+                };
+                let span = tracer.delivery(parent.as_ref(), facts);
+                let ids = span.ids().map_or((None, None, None), |ids| {
+                    envelope.set_event_traceparent(ids.traceparent());
+                    (
+                        Some(ids.trace_id),
+                        Some(ids.span_id),
+                        parent.map(|p| p.parent_id),
+                    )
+                });
+                (Some(span), ids)
             }
-            None => (None, None, None),
         };
         // What every log line about this command says (in place of a
         // tracing span, which every command would pay for, logged or not).
@@ -193,6 +223,7 @@ impl Processor {
             received_at,
             session,
             halt,
+            trace,
         };
         command_scope(context, self.process(decoded, &delivery)).await;
     }
@@ -260,10 +291,7 @@ impl Processor {
             let record = match stored {
                 Some(record) => record,
                 None => {
-                    let outcome = match self
-                        .call_gewe(cmd, &claim, &delivery.halt, &mut tally)
-                        .await
-                    {
+                    let outcome = match self.call_gewe(cmd, &claim, delivery, &mut tally).await {
                         Ok(outcome) => outcome,
                         Err(Stop::Interrupted(Interrupted::ClaimLost)) => {
                             tracing::warn!(
@@ -398,7 +426,12 @@ impl Processor {
         tracing::warn!(reason = %interrupted, "no outcome for now; the command goes back to the queue");
         match interrupted {
             // The broker already has it back; nothing to settle on a dead channel.
-            Interrupted::SessionLost => meters().requeued(Requeue::SessionLost).increment(1),
+            Interrupted::SessionLost => {
+                meters().requeued(Requeue::SessionLost).increment(1);
+                if let Some(trace) = &delivery.trace {
+                    trace.outcome("requeued", None);
+                }
+            }
             Interrupted::Shutdown => self.requeue(delivery, Requeue::Shutdown).await,
             Interrupted::ClaimLost => self.requeue(delivery, Requeue::ClaimLost).await,
             // Deferred where it can happen; here only a wait that had no

@@ -30,17 +30,28 @@ impl Processor {
         event: &ResultEvent<'_>,
         delivery: &CommandDelivery,
     ) -> bool {
+        let span = delivery
+            .trace
+            .as_ref()
+            .map(|trace| trace.publish(event.routing_key()));
         // Boxed: it holds two publishes at once (result exchange and
         // `reply_to`); inline, every path that publishes would carry them.
-        match Box::pin(publish_event(
+        let published = Box::pin(publish_event(
             &self.result_exchange,
             &delivery.envelope,
             event,
             delivery.session.publisher(),
         ))
-        .await
-        {
+        .await;
+        let kind = event.error_kind().map(ErrorKind::as_str);
+        if let Some(span) = span {
+            span.end(event.status.as_str(), kind, published.is_ok());
+        }
+        match published {
             Ok(()) => {
+                if let Some(trace) = &delivery.trace {
+                    trace.outcome(event.status.as_str(), kind);
+                }
                 meters().result_published(event.error_kind()).increment(1);
                 if let Some(matcher) = &self.matcher {
                     // The event is out: remembering it must not stop at
@@ -56,7 +67,6 @@ impl Processor {
                 // One line per command, saying what the lost event said: a
                 // success must never go silent.
                 let status = event.status.as_str();
-                let kind = event.error_kind().map(ErrorKind::as_str);
                 let v3 = event.v3.as_deref();
                 let then = if self.is_last_delivery(delivery) {
                     "the broker dead-letters the command now: its last delivery under amqp.delivery_limit"
@@ -102,6 +112,9 @@ impl Processor {
     /// Returns the delivery to the queue after [`settle::REQUEUE_PAUSE`].
     pub(super) async fn requeue(&self, delivery: &CommandDelivery, reason: Requeue) {
         meters().requeued(reason).increment(1);
+        if let Some(trace) = &delivery.trace {
+            trace.outcome("requeued", None);
+        }
         settle::requeue(&delivery.message, "command").await;
     }
 
@@ -139,6 +152,9 @@ impl Processor {
             .await
         {
             meters().commands_parked.increment(1);
+            if let Some(trace) = &delivery.trace {
+                trace.outcome("parked", None);
+            }
             tracing::info!(
                 queue = %slot.queue,
                 delay_ms = slot.delay.as_millis() as u64,

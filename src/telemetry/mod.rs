@@ -1,5 +1,6 @@
 //! Logging set-up: `RUST_LOG` filtering, JSON or human format, and token
-//! redaction on every line written.
+//! redaction on every line written; and trace export ([`export`], the
+//! command spans in [`spans`]).
 
 use std::io::{self, IsTerminal, Write};
 
@@ -11,10 +12,14 @@ use tracing_subscriber::{
 use crate::{config::LogFormat, redact::Redactor};
 
 mod command_context;
+pub mod export;
+pub mod spans;
 
 pub use command_context::{
     CommandContext, CommandLines, scope as command_scope, with_current as with_current_command,
 };
+pub use export::{ExportSetupError, Traces};
+pub use spans::{CommandTracer, DeliveryFacts, DeliverySpan, SpanIds};
 
 /// Writes to stderr with the token masked. Each log event reaches the writer
 /// as one formatted buffer, so a token is never split across writes.

@@ -11,6 +11,7 @@ pub mod fake_gewe;
 pub mod lock;
 pub mod logs;
 pub mod nodes;
+pub mod otlp;
 pub mod process;
 pub mod sentinel;
 pub mod tcp_proxy;

@@ -33,4 +33,5 @@ mod resilience;
 mod resources;
 mod secrets;
 mod sessions;
+mod telemetry_export;
 mod worker;
