@@ -78,7 +78,10 @@ impl Pipeline {
 /// Runs `pipeline` in this (child) process on the settings of the
 /// environment, until SIGTERM.
 pub async fn run_child(pipeline: Pipeline) -> anyhow::Result<()> {
-    let settings = Settings::load(None)?;
+    // A config file when the phase gives one (the backlog's override).
+    let file =
+        std::env::var_os(gewe_friend_worker::config::CONFIG_PATH_ENV).map(std::path::PathBuf::from);
+    let settings = Settings::load(file.as_deref())?;
     match pipeline {
         // The traced worker's endpoint is in its environment.
         Pipeline::Worker | Pipeline::Traced => {
