@@ -41,10 +41,12 @@ impl Copy {
 }
 
 /// Every message in `queue`, left in place (read, then requeued); none
-/// when the queue does not exist. A channel of its own: reading a missing
-/// queue closes the channel.
-pub async fn peek(connection: &Connection, queue: &str) -> Vec<Copy> {
-    let channel = connection.create_channel().await.expect("a channel");
+/// when the queue does not exist. On a connection of its own: reading a
+/// missing queue closes the channel, and lapin can reuse its id before the
+/// broker finished closing it, which ends the whole connection (seen once
+/// under CI load); the test's own connection must not pay for that.
+pub async fn peek(_test_connection: &Connection, queue: &str) -> Vec<Copy> {
+    let (connection, channel) = crate::common::confirm_channel(&crate::common::amqp_url()).await;
     let mut out = Vec::new();
     let mut tags = Vec::new();
     while let Ok(Some(message)) = channel
@@ -74,7 +76,7 @@ pub async fn peek(connection: &Connection, queue: &str) -> Vec<Copy> {
             .await
             .expect("requeue the peeked copies");
     }
-    let _ = channel.close(200, "peeked".into()).await;
+    let _ = connection.close(200, "peeked".into()).await;
     out
 }
 

@@ -215,40 +215,55 @@ async fn the_console_needs_the_token_a_session_and_a_csrf_token_and_the_ops_port
 }
 
 #[tokio::test]
-async fn without_account_state_the_accounts_api_answers_503_and_the_console_says_so() {
-    let gewe = gewe_never_called().await;
+async fn without_a_directory_given_the_console_steers_the_worker_s_own_budgets() {
+    let gewe = wiremock::MockServer::start().await;
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .respond_with(wiremock::ResponseTemplate::new(200).set_body_json(gewe_ok("v3_own")))
+        .mount(&gewe)
+        .await;
     let mut settings = test_settings(&gewe.uri());
     with_admin(&mut settings);
-    let app = spawn_app_with_accounts(settings, true, None).await;
+    settings.accounts.daily_limit = 5;
+    let mut app = spawn_app_with_accounts(settings, true, None).await;
     let admin = app.admin_addr.expect("bound");
     let api = Api::new(admin);
+    let account = unique("wx_own");
+    app.publish(&command(&unique("own"), &account)).await;
+    assert_eq!(app.next_event().await.status(), "succeeded");
     let (status, body) = api.get("/api/accounts").await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(
-        body["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("not available")),
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let row = body
+        .as_array()
+        .and_then(|all| all.iter().find(|a| a["appId"] == account.as_str()))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        (
+            row["state"].as_str(),
+            row["sentToday"].as_u64(),
+            row["dailyLimit"].as_u64()
+        ),
+        (Some("active"), Some(1), Some(5)),
         "{body}"
     );
-    let (status, _) = api.post("/api/accounts/wx_a/pause", json!({})).await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-    let (_, cookie) = sign_in(admin, ADMIN_TOKEN).await;
-    let session = cookie
-        .expect("cookie")
-        .split(';')
-        .next()
-        .expect("pair")
-        .to_owned();
-    let html = reqwest::Client::new()
-        .get(format!("http://{admin}/"))
-        .header(header::COOKIE, session)
-        .send()
-        .await
-        .expect("answers")
-        .text()
-        .await
-        .expect("html");
-    assert!(html.contains("accounts-unavailable"), "{html}");
+    let (status, _) = api
+        .post(
+            &format!("/api/accounts/{account}/pause"),
+            json!({"reason": "checking"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    // Its next command is deferred, not sent.
+    app.publish(&command(&unique("own"), &account)).await;
+    eventually(WAIT, || async {
+        let n = delay_queues::deferred_copies(&app.connection, &app.settings)
+            .await
+            .len();
+        done_or(n == 1, || format!("{n} deferred"))
+    })
+    .await;
+    let (_, body) = api.get("/api/accounts").await;
+    assert!(body.to_string().contains("paused"), "{body}");
     app.stop().await;
 }
 
