@@ -302,8 +302,18 @@ impl DeadLetters {
         found: &mut HashSet<String>,
         passed: &mut Vec<BasicGetMessage>,
     ) -> Result<(), DeadLetterError> {
+        // `all` means the dead letters there now: one replayed and
+        // dead-lettered again at once (still malformed) joins the back of
+        // the queue and must not be taken a second time.
+        let present = match selection {
+            Selection::All { .. } => self
+                .depth(&self.dead_letter_queue)
+                .await?
+                .map_or(MAX_SCAN, |n| usize::try_from(n).unwrap_or(MAX_SCAN)),
+            Selection::Ids(_) => MAX_SCAN,
+        };
         let (mut scanned, mut held) = (0, 0);
-        while scanned < MAX_SCAN && held < MAX_HELD_BYTES {
+        while scanned < MAX_SCAN.min(present) && held < MAX_HELD_BYTES {
             // A replay by ids reads on after the last one: handing back
             // the whole queue keeps its order (see the module's note).
             if let Selection::All { limit } = selection
