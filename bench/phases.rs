@@ -205,6 +205,13 @@ pub async fn terminate(child: &mut tokio::process::Child) {
     let _ = tokio::time::timeout(Duration::from_secs(40), child.wait()).await;
 }
 
+/// The workers' `pacing.per_app_min_interval`: `0s` (pacing off), or
+/// `BENCH_PACING` (e.g. `1ms`: every call reserves its turn, as in
+/// production, without the interval limiting the rate).
+fn pacing_interval() -> String {
+    std::env::var("BENCH_PACING").unwrap_or_else(|_| "0s".to_owned())
+}
+
 /// What one phase measured.
 pub struct Run {
     /// Results per second, first to last.
@@ -243,7 +250,10 @@ pub async fn backlog_phase(
         format!("[accounts.overrides.\"{BACKLOG_APP}\"]\ndaily_limit = 1\n"),
     )?;
     let mut child = pipeline_command(Pipeline::Worker, s, gewe, None)?
-        .env("GEWE_WORKER__PACING__PER_APP_MIN_INTERVAL", "0s")
+        .env(
+            "GEWE_WORKER__PACING__PER_APP_MIN_INTERVAL",
+            pacing_interval(),
+        )
         .env("GEWE_WORKER_CONFIG", &config)
         .stderr(Stdio::null())
         .spawn()?;
@@ -301,7 +311,10 @@ pub async fn phase(
     let results = results_queue(&ch, &s.amqp.result_exchange).await?;
     let generator = preload(&ch, &s.amqp.command_queue, n, command_bodies()).await?;
     let mut child = pipeline_command(pipeline, s, gewe, redis)?
-        .env("GEWE_WORKER__PACING__PER_APP_MIN_INTERVAL", "0s")
+        .env(
+            "GEWE_WORKER__PACING__PER_APP_MIN_INTERVAL",
+            pacing_interval(),
+        )
         .stderr(Stdio::null())
         .spawn()?;
     let pid = child.id().context("child pid")?;
