@@ -335,8 +335,9 @@ pub async fn declare_delay_queue(
 
 /// The arguments of a delay queue whose messages return to `command_queue`
 /// (the command queue, or the callbacks queue) after `delay`, exactly as
-/// declared.
-fn delay_queue_arguments(
+/// declared. Public for the tests, which shorten a delay queue in place
+/// with the worker's own arguments.
+pub fn delay_queue_arguments(
     command_queue: &str,
     delay: Duration,
     queue_type: QueueType,

@@ -5,11 +5,13 @@
 
 use std::time::Duration;
 
-use gewe_friend_worker::{config::Settings, config::defer_queue_name, defer::DEFER_DELAYS};
+use gewe_friend_worker::{
+    broker::topology, config::Settings, config::defer_queue_name, defer::DEFER_DELAYS,
+};
 use lapin::{
     Channel, Connection,
     options::{BasicGetOptions, BasicNackOptions, QueueDeclareOptions, QueueDeleteOptions},
-    types::{AMQPValue, FieldTable, LongString},
+    types::{AMQPValue, FieldTable},
 };
 use serde_json::Value;
 
@@ -100,28 +102,11 @@ pub async fn shorten_ladder(channel: &Channel, settings: &Settings, ttl: Duratio
             .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
             .await
             .expect("delete the deferral queue");
-        let mut args = FieldTable::default();
-        let ttl_ms = i64::try_from(ttl.as_millis()).expect("a short ttl");
-        args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl_ms));
-        args.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString(LongString::from("")),
-        );
-        args.insert(
-            "x-dead-letter-routing-key".into(),
-            AMQPValue::LongString(LongString::from(settings.amqp.command_queue.as_str())),
-        );
-        args.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString("quorum".into()),
-        );
-        args.insert(
-            "x-dead-letter-strategy".into(),
-            AMQPValue::LongString("at-least-once".into()),
-        );
-        args.insert(
-            "x-overflow".into(),
-            AMQPValue::LongString("reject-publish".into()),
+        // The worker's own arguments, with the short delay as the TTL.
+        let args = topology::delay_queue_arguments(
+            &settings.amqp.command_queue,
+            ttl,
+            settings.amqp.queue_type,
         );
         channel
             .queue_declare(
