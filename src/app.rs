@@ -170,7 +170,12 @@ impl Application {
             .await
             .with_context(|| format!("could not bind http.listen {}", settings.http.listen))?;
         let ops_addr = ops_listener.local_addr()?;
-        let readiness = Arc::new(Readiness::new(breaker.clone(), redis.clone()));
+        let ingress_link = callback_endpoint.as_ref().map(|(_, i)| i.link());
+        let readiness = Arc::new(Readiness::new(
+            breaker.clone(),
+            redis.clone(),
+            ingress_link.clone(),
+        ));
         let (admin, admin_addr) = match settings.admin.listen.zip(settings.admin.token.as_ref()) {
             Some((addr, token)) => {
                 let listener = TcpListener::bind(addr)
@@ -206,10 +211,7 @@ impl Application {
             stop_calls,
             ops_listener,
             ops_addr,
-            callbacks: CallbackParts::new(
-                matcher,
-                callback_endpoint.as_ref().map(|(_, i)| i.link()),
-            ),
+            callbacks: CallbackParts::new(matcher, ingress_link),
             callback_endpoint,
             callback_addr,
             admin,

@@ -52,17 +52,26 @@ pub struct Readiness {
     stopping: AtomicBool,
     breaker: Arc<Breaker>,
     redis: Option<Arc<RedisClient>>,
+    /// The callback endpoint's link (`callbacks.listen`).
+    ingress: Option<Arc<IngressLink>>,
 }
 
 impl Readiness {
-    /// Readiness that also reflects `breaker` and, when configured, Redis:
-    /// without it every command is held, so the worker is not ready.
-    pub fn new(breaker: Arc<Breaker>, redis: Option<Arc<RedisClient>>) -> Self {
+    /// Readiness that also reflects `breaker`, when configured Redis
+    /// (without it every command is held) and, with `callbacks.listen`,
+    /// the callback endpoint's link: a replica whose endpoint has no
+    /// session refuses every callback, so nothing may route GeWe to it.
+    pub fn new(
+        breaker: Arc<Breaker>,
+        redis: Option<Arc<RedisClient>>,
+        ingress: Option<Arc<IngressLink>>,
+    ) -> Self {
         Self {
             consuming: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             breaker,
             redis,
+            ingress,
         }
     }
 
@@ -73,6 +82,16 @@ impl Readiness {
         }
         if !self.consuming.load(Ordering::Relaxed) {
             return Some("not consuming: broker unavailable".to_owned());
+        }
+        // Consuming is set before `consume` hands the session to the
+        // endpoint: without this check a worker whose endpoint still
+        // answers 503 "no broker session" would report itself ready.
+        if self
+            .ingress
+            .as_ref()
+            .is_some_and(|link| !link.is_attached())
+        {
+            return Some("callback endpoint has no broker session yet".to_owned());
         }
         if let Some(reason) = self.redis.as_ref().and_then(|r| r.unhealthy_reason()) {
             return Some(format!("redis unavailable, commands are held: {reason}"));
@@ -172,7 +191,9 @@ pub async fn run(
             if settings.callbacks.enabled {
                 tracing::info!(queue = %settings.callbacks.queue, prefetch = CALLBACK_PREFETCH, "consuming callbacks");
             }
-            // Before readiness: a ready worker's endpoint publishes.
+            // Opened before consuming is set; readiness also waits for
+            // `consume` to attach it (see `Readiness`), so a ready
+            // worker's endpoint publishes.
             let ingress_connection = match &callbacks.ingress {
                 Some(_) => ingress_connection(connector, node, &consumer_tag).await,
                 None => None,
@@ -308,11 +329,13 @@ async fn consume(
             },
         }
     };
+    // Not ready before the endpoint is detached, so nothing routes a
+    // callback to it while it refuses them.
+    readiness.set_consuming(false);
     if let Some(link) = &callbacks.ingress {
         link.detach().await;
     }
     tasks.close();
-    readiness.set_consuming(false);
     match &end {
         SessionEnd::Lost(_) => {
             // The broker puts this session's deliveries back: their waits
@@ -352,4 +375,38 @@ async fn consume(
         tracing::debug!(error = %e, "connection close");
     }
     end
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::BreakerSettings;
+
+    fn readiness(ingress: Option<Arc<IngressLink>>) -> Readiness {
+        let breaker = Arc::new(Breaker::new(&BreakerSettings {
+            failure_threshold: 10,
+            cooldown: Duration::from_secs(30),
+        }));
+        Readiness::new(breaker, None, ingress)
+    }
+
+    #[test]
+    fn a_worker_whose_callback_endpoint_has_no_session_is_not_ready() {
+        // Consuming, but the session has not reached the endpoint (or has
+        // left it): the endpoint answers 503, so the worker is not ready.
+        let with_endpoint = readiness(Some(Arc::new(IngressLink::new())));
+        with_endpoint.set_consuming(true);
+        let reason = with_endpoint.not_ready_reason();
+        assert!(
+            reason
+                .as_deref()
+                .is_some_and(|r| r.contains("callback endpoint")),
+            "{reason:?}"
+        );
+        assert!(with_endpoint.consuming(), "the console's broker state");
+
+        let without_endpoint = readiness(None);
+        without_endpoint.set_consuming(true);
+        assert_eq!(without_endpoint.not_ready_reason(), None);
+    }
 }

@@ -25,7 +25,13 @@
 //! that channel, reopened on the next request, and a flood of callbacks
 //! does not hold up the session's result events.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use axum::{
     Router,
@@ -97,6 +103,10 @@ pub enum IngressError {
 #[derive(Default)]
 pub struct IngressLink {
     current: tokio::sync::Mutex<Option<Link>>,
+    /// Whether `current` holds a session, readable without waiting: the
+    /// worker is ready only while it does, since without one every
+    /// callback is refused with 503 (see [`crate::worker::Readiness`]).
+    attached: AtomicBool,
 }
 
 struct Link {
@@ -118,20 +128,30 @@ impl IngressLink {
     /// A session is up on `session`; the endpoint publishes on `own` while
     /// it is connected.
     pub async fn attach(&self, session: Arc<Connection>, own: Option<Connection>) {
-        *self.current.lock().await = Some(Link {
+        let mut current = self.current.lock().await;
+        *current = Some(Link {
             session,
             own: own.map(Arc::new),
             publisher: None,
         });
+        self.attached.store(true, Ordering::Release);
     }
 
     /// The session is gone; the endpoint's own connection is closed.
     pub async fn detach(&self) {
+        // First: closing the connection may take up to CONFIRM_LIMIT, and
+        // meanwhile the endpoint refuses every callback.
+        self.attached.store(false, Ordering::Release);
         let link = self.current.lock().await.take();
         if let Some(own) = link.and_then(|l| l.own) {
             let closing = own.close(200, "session ended".into());
             let _ = tokio::time::timeout(CONFIRM_LIMIT, closing).await;
         }
+    }
+
+    /// Whether a session is attached, so callbacks can be published.
+    pub fn is_attached(&self) -> bool {
+        self.attached.load(Ordering::Acquire)
     }
 
     /// The endpoint's confirm-mode channel, opened when there is none or
