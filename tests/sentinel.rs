@@ -1,6 +1,7 @@
 //! Redis run for availability with Sentinel: the master is killed with
 //! `kill -9` while two worker replicas have friend requests in flight, and
-//! the workers follow the failover to the promoted replica.
+//! the workers follow the failover to the promoted replica; an account's
+//! daily budget, spent partly before the kill, holds after it.
 //!
 //! Its own binary: it starts a master, two replicas and three sentinels on
 //! fixed ports (27311-27330, held under `/tmp/gewe-sentinel.lock`) and
@@ -20,6 +21,13 @@ use common::{fake_gewe::FakeGewe, sentinel::SentinelSet, *};
 const INTERVAL: Duration = Duration::from_millis(300);
 const APPS: usize = 6;
 const PER_APP: usize = 8;
+/// The daily limit of the one account whose budget must survive the
+/// failover: it spends part of it on the old master, the rest after.
+const LIMIT: usize = 3;
+/// Its commands sent before the kill (each spends a unit)...
+const LIMITED_BEFORE: usize = 2;
+/// ...and after the failover (only `LIMIT - LIMITED_BEFORE` may go out).
+const LIMITED_AFTER: usize = 4;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_master_killed_mid_run_is_followed_and_nobody_is_called_twice() {
@@ -33,6 +41,14 @@ async fn a_master_killed_mid_run_is_followed_and_nobody_is_called_twice() {
         .collect();
     settings.pacing.per_app_min_interval = INTERVAL;
     settings.pacing.per_app_concurrency = 1;
+    let limited = unique("limited");
+    settings.accounts.overrides.insert(
+        limited.clone(),
+        gewe_friend_worker::config::AccountOverride {
+            daily_limit: Some(LIMIT as u32),
+            ..Default::default()
+        },
+    );
     let mut listener = spawn_listener(&settings).await;
     let (stop_a, a, ops_a) = start_worker(&settings).await;
     let (stop_b, b, ops_b) = start_worker(&settings).await;
@@ -40,6 +56,13 @@ async fn a_master_killed_mid_run_is_followed_and_nobody_is_called_twice() {
         wait_for_readyz(ops, 200, "ready").await;
     }
 
+    // The limited account spends part of its day on the old master.
+    let mut limited_ids = Vec::new();
+    for n in 0..LIMITED_BEFORE {
+        let id = unique(&format!("limited-{n}"));
+        listener.publish(&command(&id, &limited)).await;
+        limited_ids.push(id);
+    }
     let apps: Vec<String> = (0..APPS).map(|_| unique("app")).collect();
     let mut ids = Vec::new();
     for n in 0..PER_APP {
@@ -54,7 +77,10 @@ async fn a_master_killed_mid_run_is_followed_and_nobody_is_called_twice() {
     }
     eventually(WAIT, || async {
         let calls = gewe.calls().len();
-        done_or(calls >= 12, || format!("only {calls} calls started"))
+        let spent = gewe.arrivals(&limited).len();
+        done_or(calls >= 12 && spent == LIMITED_BEFORE, || {
+            format!("only {calls} calls started, {spent} of the limited account")
+        })
     })
     .await;
 
@@ -74,19 +100,44 @@ async fn a_master_killed_mid_run_is_followed_and_nobody_is_called_twice() {
     for ops in [ops_a, ops_b] {
         wait_for_readyz(ops, 200, "ready").await;
     }
+    for n in 0..LIMITED_AFTER {
+        let id = unique(&format!("limited-after-{n}"));
+        listener.publish(&command(&id, &limited)).await;
+        limited_ids.push(id);
+    }
     // For BENCHMARKS.md (`-- --nocapture`).
     eprintln!(
         "sentinel failover: the sentinels named a new master {promoted:?} after the kill, both workers were ready {:?} after it",
         killed.elapsed()
     );
 
-    twice_published_succeeded_once_each(&mut listener, &ids, Duration::from_secs(90)).await;
+    succeeded_once_each(&mut listener, &ids, &limited_ids, Duration::from_secs(90)).await;
+    // The day's count lived through the failover: the new master knew the
+    // units spent on the old one, so only the rest of the limit went out,
+    // and every other command of that account waits in the deferral ladder.
+    eventually(WAIT, || async {
+        let waiting = delay_queues::deferred_copies(&listener.connection, &settings).await;
+        let want = LIMITED_BEFORE + LIMITED_AFTER - LIMIT;
+        done_or(waiting.len() == want, || {
+            format!("{} of {want} copies deferred", waiting.len())
+        })
+    })
+    .await;
+    assert_eq!(
+        gewe.arrivals(&limited).len(),
+        LIMIT,
+        "the daily limit held across the failover"
+    );
     assert!(
         gewe.called_twice().is_empty(),
         "called twice: {:?}",
         gewe.called_twice()
     );
-    assert_eq!(gewe.calls().len(), ids.len(), "one call per command");
+    assert_eq!(
+        gewe.calls().len(),
+        ids.len() + LIMIT,
+        "one call per command, within the limit"
+    );
     assert!(
         calls_at_outage < ids.len(),
         "the failover happened while commands were in flight ({calls_at_outage} calls made by then)"
@@ -101,6 +152,49 @@ async fn a_master_killed_mid_run_is_followed_and_nobody_is_called_twice() {
     b.await.expect("join").expect("clean exit");
     listener.stop().await;
     drop(set);
+}
+
+/// Waits for the events of `ids` (each published twice: one plain
+/// `succeeded` and one marked duplicate) and of [`LIMIT`] of `limited`
+/// (published once each, the rest deferred), and checks that each of those
+/// commands succeeded exactly once and nothing else came.
+async fn succeeded_once_each(
+    listener: &mut TestApp,
+    ids: &[String],
+    limited: &[String],
+    within: Duration,
+) {
+    let expected = ids.len() * 2 + LIMIT;
+    let mut plain: std::collections::HashMap<String, usize> = Default::default();
+    let mut events = 0;
+    let all = tokio::time::timeout(within, async {
+        while events < expected {
+            let Some(e) = listener.try_next_event(Duration::from_secs(1)).await else {
+                continue;
+            };
+            events += 1;
+            assert_eq!(e.status(), "succeeded", "{}", e.body);
+            if e.body["duplicate"] != true {
+                let id = e.body["commandId"].as_str().unwrap_or("").to_owned();
+                *plain.entry(id).or_default() += 1;
+            }
+        }
+    })
+    .await;
+    assert!(all.is_ok(), "{events} of {expected} events arrived");
+    assert!(plain.values().all(|n| *n == 1), "{plain:?}");
+    for id in ids {
+        assert!(plain.contains_key(id), "{id} has no succeeded event");
+    }
+    let limited_done = limited.iter().filter(|id| plain.contains_key(*id)).count();
+    assert_eq!(limited_done, LIMIT, "succeeded within the daily limit");
+    assert_eq!(
+        plain.len(),
+        ids.len() + LIMIT,
+        "no event of another command"
+    );
+    let extra = listener.try_next_event(Duration::from_secs(1)).await;
+    assert!(extra.is_none(), "an extra event: {extra:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
