@@ -104,13 +104,50 @@ pub async fn alone<F: Future>(test: F) -> F::Output {
     ALONE.scope((), test).await
 }
 
+thread_local! {
+    /// This test thread's share of [`IN_PROCESS`]: how many [`InProcess`]
+    /// are alive, and the one read guard they share.
+    static HELD: std::cell::RefCell<(usize, Option<RwLockReadGuard<'static, ()>>)> =
+        const { std::cell::RefCell::new((0, None)) };
+}
+
 /// What an in-process worker holds while it runs (see [`alone`]).
-pub async fn in_process() -> Option<RwLockReadGuard<'static, ()>> {
-    if ALONE.try_with(|_| ()).is_ok() {
-        None
-    } else {
-        Some(IN_PROCESS.read().await)
+///
+/// One read guard per test thread, shared by that test's workers: tokio's
+/// lock is fair, so a test taking a second read guard (a second replica)
+/// while an [`alone`] test waits for the write side would wait behind it,
+/// and that test waits for the first guard: both would hang.
+pub struct InProcess(());
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        // Dropped on another thread (a multi-threaded test's task), the
+        // count there is 0 and nothing happens: the guard then lives until
+        // the test's thread ends, which is also when the test is over.
+        let _ = HELD.try_with(|held| {
+            let mut held = held.borrow_mut();
+            if held.0 > 0 {
+                held.0 -= 1;
+                if held.0 == 0 {
+                    held.1 = None;
+                }
+            }
+        });
     }
+}
+
+/// Takes this test thread's share of the in-process lock (see
+/// [`InProcess`]); `None` inside [`alone`].
+pub async fn in_process() -> Option<InProcess> {
+    if ALONE.try_with(|_| ()).is_ok() {
+        return None;
+    }
+    if HELD.with(|held| held.borrow().0 == 0) {
+        let guard = IN_PROCESS.read().await;
+        HELD.with(|held| held.borrow_mut().1 = Some(guard));
+    }
+    HELD.with(|held| held.borrow_mut().0 += 1);
+    Some(InProcess(()))
 }
 
 /// Settings with unique names, fast retries, no pacing, an ephemeral ops port.
@@ -157,7 +194,7 @@ pub struct TestApp {
     pub stop: CancellationToken,
     pub worker: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     /// Held while the worker runs in this process (see [`alone`]).
-    in_process: Option<RwLockReadGuard<'static, ()>>,
+    in_process: Option<InProcess>,
     /// Set once [`TestApp::stop`] removed the topology; until then dropping
     /// the app removes it (a test that panicked never reaches `stop`).
     removed: bool,
