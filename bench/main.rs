@@ -59,8 +59,9 @@ struct Args {
     /// next to the worker without it.
     #[arg(long)]
     redis: Option<String>,
-    /// Commands for one account over its daily limit, queued ahead of the
-    /// others' in the backlog phase (0: no backlog phase).
+    /// Commands for one account over its daily limit in the two backlog
+    /// phases: queued ahead of the others', then already deferred while
+    /// the others run (0: no backlog phases).
     #[arg(long, default_value_t = 5_000)]
     backlog: usize,
     /// GeWe latency in the slow phase.
@@ -190,22 +191,23 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         }
         println!("{line}");
     }
-    let backlog = if args.backlog > 0 {
-        let s = phases::settings("backlog")?;
-        let (run, deferred) =
-            phases::backlog_phase(&conn, &s, fast_gewe, args.backlog, args.n).await?;
-        println!(
-            "backlog: {} commands for {} (daily limit 1) ahead of {}: others {:.0} msg/s {} µs/msg; {deferred} copies in the deferral queues",
-            args.backlog,
-            phases::BACKLOG_APP,
-            args.n,
-            run.rate,
-            cpu::opt(run.cpu.child_us, 0)
-        );
-        Some((run, deferred))
-    } else {
-        None
-    };
+    let mut backlog = Vec::new();
+    if args.backlog > 0 {
+        for how in [phases::Backlog::Arriving, phases::Backlog::Held] {
+            let s = phases::settings("backlog")?;
+            let (run, deferred) =
+                phases::backlog_phase(&conn, &s, fast_gewe, (args.backlog, how), args.n).await?;
+            println!(
+                "backlog ({how:?}): {} commands for {} (daily limit 1), {} others: others {:.0} msg/s {} µs/msg; {deferred} copies in the deferral queues",
+                args.backlog,
+                phases::BACKLOG_APP,
+                args.n,
+                run.rate,
+                cpu::opt(run.cpu.child_us, 0)
+            );
+            backlog.push((how, run, deferred));
+        }
+    }
     let slow = phases::phase(
         &conn,
         Pipeline::Worker,
@@ -244,9 +246,8 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         rounds,
         Budgets {
             with_redis: &redis_runs,
-            backlog: backlog
-                .as_ref()
-                .map(|(run, deferred)| (run, *deferred, args.backlog)),
+            backlog: &backlog,
+            backlog_size: args.backlog,
         },
         slow,
         ideal,
@@ -272,8 +273,11 @@ async fn bench(args: Args) -> anyhow::Result<()> {
 struct Budgets<'a> {
     /// The worker with Redis, one run per round.
     with_redis: &'a [Run],
-    /// The backlog phase: its run, the copies deferred, the backlog size.
-    backlog: Option<(&'a Run, u32, usize)>,
+    /// The backlog phases: how the backlog met the others, their run, the
+    /// copies deferred afterwards.
+    backlog: &'a [(phases::Backlog, Run, u32)],
+    /// Commands in the backlog.
+    backlog_size: usize,
 }
 
 /// Prints the tables of BENCHMARKS.md.
@@ -343,6 +347,7 @@ fn report(
     let Budgets {
         with_redis,
         backlog,
+        backlog_size,
     } = budgets;
     if !with_redis.is_empty() {
         let redis_rates: Vec<f64> = with_redis.iter().map(|r| r.rate).collect();
@@ -360,12 +365,18 @@ fn report(
             spread(&per_round(&redis_cpus, &cpus(Pipeline::Worker)), ratio)
         );
     }
-    if let Some((run, deferred, size)) = backlog {
+    for (how, run, deferred) in backlog {
         let worker = median(rates(Pipeline::Worker));
+        let size = backlog_size;
+        let when = match how {
+            phases::Backlog::Arriving => "queued ahead of them (its first pass included)",
+            phases::Backlog::Held => "already deferred (held in the ladder)",
+        };
         println!(
-            "| others' commands behind a deferred backlog of {size} for one account, msg/s | {:.0} ({:.2}× the worker's median without it; {deferred} copies deferred) |",
+            "| others' commands, a backlog of {size} for one account {when}, msg/s | {:.0} ({:.2}× the worker's median without it; CPU {} µs/msg; {deferred} copies deferred) |",
             run.rate,
-            run.rate / worker
+            run.rate / worker,
+            cpu::opt(run.cpu.child_us, 0)
         );
     }
     println!(

@@ -224,17 +224,29 @@ pub struct Run {
     pub generator: f64,
 }
 
-/// The worker with [`BACKLOG_APP`] limited to one request a day and
-/// `backlog` commands for it queued ahead of `n` commands for other
-/// accounts: the backlog is deferred (one request goes out, its one event
-/// is counted with the others), and the rate is that of the others'
-/// results. Returns the run and how many copies wait in the deferral
-/// queues afterwards.
+/// How the backlog meets the measured commands in [`backlog_phase`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backlog {
+    /// Queued ahead of the others: its first pass (each command consumed
+    /// and deferred once) is part of the measured phase.
+    Arriving,
+    /// Deferred before the others are queued (a worker ran until the
+    /// deferral ladder held it, then stopped): the account holds it while
+    /// the others are measured.
+    Held,
+}
+
+/// The worker with [`BACKLOG_APP`] limited to one request a day, its
+/// `backlog` commands met as `how` says, and `n` commands for other
+/// accounts: the backlog is deferred (one request goes out, its one
+/// event is counted with the others when arriving), and the rate is
+/// that of the others' results. Returns the run and how many copies wait
+/// in the deferral queues afterwards.
 pub async fn backlog_phase(
     conn: &Connection,
     s: &Settings,
     gewe: SocketAddr,
-    backlog: usize,
+    (backlog, how): (usize, Backlog),
     n: usize,
 ) -> anyhow::Result<(Run, u32)> {
     let ch = conn.create_channel().await?;
@@ -242,28 +254,62 @@ pub async fn backlog_phase(
     topology::declare(&ch, &s.amqp).await?;
     topology::declare_delay_queues(&ch, &s.amqp, &[]).await?;
     let results = results_queue(&ch, &s.amqp.result_exchange).await?;
-    preload(&ch, &s.amqp.command_queue, backlog, backlog_bodies()).await?;
-    let generator = preload(&ch, &s.amqp.command_queue, n, command_bodies()).await?;
     let config = std::env::temp_dir().join(format!("bench-backlog-{}.toml", std::process::id()));
     std::fs::write(
         &config,
         format!("[accounts.overrides.\"{BACKLOG_APP}\"]\ndaily_limit = 1\n"),
     )?;
-    let mut child = pipeline_command(Pipeline::Worker, s, gewe, None)?
-        .env(
-            "GEWE_WORKER__PACING__PER_APP_MIN_INTERVAL",
-            pacing_interval(),
-        )
-        .env("GEWE_WORKER_CONFIG", &config)
-        .stderr(Stdio::null())
-        .spawn()?;
+    let worker = || -> anyhow::Result<tokio::process::Child> {
+        Ok(pipeline_command(Pipeline::Worker, s, gewe, None)?
+            .env(
+                "GEWE_WORKER__PACING__PER_APP_MIN_INTERVAL",
+                pacing_interval(),
+            )
+            .env("GEWE_WORKER_CONFIG", &config)
+            .stderr(Stdio::null())
+            .spawn()?)
+    };
+    preload(&ch, &s.amqp.command_queue, backlog, backlog_bodies()).await?;
+    let mut expected = n + 1;
+    if how == Backlog::Held {
+        let mut child = worker()?;
+        count(conn, &results, 1).await?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while deferred_copies(&ch, s).await? + 1 < backlog as u32 {
+            if Instant::now() > deadline {
+                bail!("the backlog was not deferred within 120 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        terminate(&mut child).await;
+        expected = n;
+    }
+    let generator = preload(&ch, &s.amqp.command_queue, n, command_bodies()).await?;
+    let mut child = worker()?;
     let pid = child.id().context("child pid")?;
     let broker = cpu::broker_pid();
     let before = Snapshot::take(broker, Some(pid));
-    let rate = count(conn, &results, n + 1).await?;
+    let rate = count(conn, &results, expected).await?;
     let cpu = PhaseCpu::between(&before, &Snapshot::take(broker, Some(pid)), n);
     let peak_rss_kib = cpu::peak_rss_kib(pid)?;
     terminate(&mut child).await;
+    let deferred = deferred_copies(&ch, s).await?;
+    topology::remove_delay_queues(&ch, &s.amqp, &[]).await;
+    topology::remove(&ch, &s.amqp).await;
+    let _ = std::fs::remove_file(&config);
+    Ok((
+        Run {
+            rate,
+            peak_rss_kib,
+            cpu,
+            generator,
+        },
+        deferred,
+    ))
+}
+
+/// Copies waiting in `s`'s deferral queues.
+async fn deferred_copies(ch: &Channel, s: &Settings) -> anyhow::Result<u32> {
     let mut deferred = 0;
     for delay in gewe_friend_worker::defer::DEFER_DELAYS {
         let queue = gewe_friend_worker::config::defer_queue_name(&s.amqp.command_queue, delay);
@@ -279,18 +325,7 @@ pub async fn backlog_phase(
             .await?;
         deferred += declared.message_count();
     }
-    topology::remove_delay_queues(&ch, &s.amqp, &[]).await;
-    topology::remove(&ch, &s.amqp).await;
-    let _ = std::fs::remove_file(&config);
-    Ok((
-        Run {
-            rate,
-            peak_rss_kib,
-            cpu,
-            generator,
-        },
-        deferred,
-    ))
+    Ok(deferred)
 }
 
 /// Runs `pipeline` as a child process on `s` (its own topology), against
