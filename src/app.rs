@@ -115,6 +115,8 @@ impl Application {
             };
             let early = Early {
                 queue: topology::early_queue_name(&c.queue),
+                returns_to: c.queue.clone(),
+                queue_type: settings.amqp.queue_type,
                 grace: c.early_grace,
             };
             Arc::new(Matcher::new(

@@ -240,9 +240,19 @@ pub async fn declare_callbacks(
         )
         .await
         .map_err(|e| TopologyError::from_lapin(queue, e))?;
-    // Callbacks that came before their command's `succeeded` wait here and
-    // go back to the callbacks queue (see `callbacks::early`).
-    let early = early_queue_name(&c.queue);
+    declare_early_queue(channel, &c.queue, a.queue_type).await
+}
+
+/// Declares `<callbacks_queue>.early`, where callbacks that came before
+/// their command's `succeeded` wait and go back to the callbacks queue
+/// (see `callbacks::early`): at start-up, and again when a publish finds
+/// it missing (an operator deleted it).
+pub async fn declare_early_queue(
+    channel: &Channel,
+    callbacks_queue: &str,
+    queue_type: QueueType,
+) -> Result<(), TopologyError> {
+    let early = early_queue_name(callbacks_queue);
     channel
         .queue_declare(
             ShortString::from(early.as_str()),
@@ -250,7 +260,7 @@ pub async fn declare_callbacks(
                 durable: true,
                 ..QueueDeclareOptions::default()
             },
-            delay_queue_arguments(&c.queue, EARLY_DELAY, a.queue_type),
+            delay_queue_arguments(callbacks_queue, EARLY_DELAY, queue_type),
         )
         .await
         .map_err(|e| TopologyError::from_lapin(format!("queue '{early}'"), e))?;

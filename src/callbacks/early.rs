@@ -22,7 +22,7 @@ use lapin::{
     types::{AMQPValue, FieldTable},
 };
 
-use crate::broker::topology::EARLY_DELAY;
+use crate::{broker::topology::EARLY_DELAY, config::QueueType};
 
 /// Header with the times a callback went through the early delay queue.
 pub const TRIES_HEADER: &str = "x-gewe-early";
@@ -32,6 +32,10 @@ pub const TRIES_HEADER: &str = "x-gewe-early";
 pub struct Early {
     /// `<callbacks.queue>.early`.
     pub queue: String,
+    /// `callbacks.queue`, where the delay queue returns callbacks.
+    pub returns_to: String,
+    /// `amqp.queue_type`, to declare the delay queue again when missing.
+    pub queue_type: QueueType,
     /// `callbacks.early_grace`.
     pub grace: Duration,
 }
@@ -110,6 +114,8 @@ mod tests {
     fn early() -> Early {
         Early {
             queue: "cb.early".into(),
+            returns_to: "cb".into(),
+            queue_type: QueueType::Quorum,
             grace: Duration::from_secs(10),
         }
     }

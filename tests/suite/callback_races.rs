@@ -17,7 +17,11 @@ use std::{
 
 use axum::{Json, Router, extract::State, routing};
 use gewe_friend_worker::{gewe::ADD_MEMBER_PATH, simulator};
-use lapin::{BasicProperties, types::ShortString};
+use lapin::{
+    BasicProperties,
+    options::{QueueDeclareOptions, QueueDeleteOptions},
+    types::{FieldTable, ShortString},
+};
 use secrecy::SecretString;
 use serde_json::Value;
 use wiremock::{
@@ -209,6 +213,46 @@ async fn no_accepted_event_is_lost(when: When, redis: bool, replicas: usize, n: 
         stop.cancel();
         worker.await.expect("join").expect("clean exit");
     }
+    app.stop().await;
+}
+
+/// An operator deleted `<callbacks.queue>.early`: the first early callback
+/// finds it missing, declares it again and goes round it, so every command
+/// still gets its accepted event and the queue is back.
+#[tokio::test]
+async fn a_deleted_early_queue_is_declared_again() {
+    let gewe = AcceptingGewe::start(When::Before).await;
+    let settings = callback_settings(&gewe.url);
+    let mut app = spawn_app(settings.clone()).await;
+    gewe.post_to(app.callback_addr.expect("endpoint"));
+    wait_for_readyz(app.ops_addr, 200, "ready").await;
+    let early = gewe_friend_worker::broker::topology::early_queue_name(&settings.callbacks.queue);
+    app.channel
+        .queue_delete(early.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .expect("delete the early queue");
+
+    let app_id = unique("app");
+    let ids: Vec<String> = (0..10).map(|i| unique(&format!("early{i}"))).collect();
+    for id in &ids {
+        app.publish(&command(id, &app_id)).await;
+    }
+    one_accepted_after_each_succeeded(&mut app, &ids, &gewe).await;
+    assert_eq!(gewe.refused(), 0, "callbacks the endpoint refused");
+
+    let (connection, channel) = confirm_channel(&amqp_url()).await;
+    let declared = channel
+        .queue_declare(
+            early.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    assert!(declared.is_ok(), "the early queue is back: {declared:?}");
+    let _ = connection.close(200, "checked".into()).await;
     app.stop().await;
 }
 
