@@ -7,8 +7,9 @@
 //! it is, compared in constant time, checked before the body is read), 413
 //! for a body over 1 MiB (as declared, or as sent), 400 for a body that is
 //! not a JSON object or has no `TypeName`, 503 when the broker did not
-//! confirm, the worker has no broker session, or there was no room for the
-//! body within [`ROOM_WAIT`], 408 when the whole request took longer than
+//! confirm, the worker had no broker session within [`SESSION_WAIT`] (a
+//! reconnecting session is waited for), or there was no room for the body
+//! within [`ROOM_WAIT`], 408 when the whole request took longer than
 //! 30 s. The URI (which carries the secret) is never logged; refusals are
 //! logged at most once a second per status, with a count (`refusals`).
 //!
@@ -78,6 +79,11 @@ pub const MAX_HELD_BYTES: usize = 16 * 1024 * 1024;
 pub const ROOM_WAIT: Duration = Duration::from_secs(10);
 /// How long the broker gets to confirm a callback.
 const CONFIRM_LIMIT: Duration = Duration::from_secs(10);
+/// How long a callback waits for a broker session before 503: a session
+/// that is reconnecting (a broker restart, a dropped connection) is usually
+/// back within it, and GeWe's retries of a refused callback are not
+/// something to count on.
+pub const SESSION_WAIT: Duration = Duration::from_secs(5);
 /// How long one request may take, body upload included.
 const REQUEST_LIMIT: Duration = Duration::from_secs(30);
 
@@ -85,7 +91,7 @@ const REQUEST_LIMIT: Duration = Duration::from_secs(30);
 #[derive(Debug, thiserror::Error)]
 pub enum IngressError {
     /// The worker is not connected to the broker.
-    #[error("no broker session")]
+    #[error("no broker session within {SESSION_WAIT:?}")]
     NoSession,
     /// A publishing channel could not be opened.
     #[error("could not open a publishing channel: {0}")]
@@ -107,6 +113,8 @@ pub struct IngressLink {
     /// worker is ready only while it does, since without one every
     /// callback is refused with 503 (see [`crate::worker::Readiness`]).
     attached: AtomicBool,
+    /// Woken when a session is attached, for callbacks waiting for one.
+    arrived: tokio::sync::Notify,
 }
 
 struct Link {
@@ -135,6 +143,8 @@ impl IngressLink {
             publisher: None,
         });
         self.attached.store(true, Ordering::Release);
+        drop(current);
+        self.arrived.notify_waiters();
     }
 
     /// The session is gone; the endpoint's own connection is closed.
@@ -158,7 +168,21 @@ impl IngressLink {
     /// the last one was closed (by the broker, e.g. for a missing
     /// exchange: only a new channel can publish again).
     async fn publisher(&self) -> Result<Publisher, IngressError> {
-        let mut current = self.current.lock().await;
+        let deadline = tokio::time::Instant::now() + SESSION_WAIT;
+        let mut current = loop {
+            // Registered before looking, so an attach in between wakes it.
+            let arrived = self.arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            let current = self.current.lock().await;
+            if current.is_some() {
+                break current;
+            }
+            drop(current);
+            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                return Err(IngressError::NoSession);
+            }
+        };
         let link = current.as_mut().ok_or(IngressError::NoSession)?;
         if let Some(publisher) = link.publisher.as_ref().filter(|p| p.is_open()) {
             return Ok(publisher.clone());

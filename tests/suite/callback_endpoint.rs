@@ -235,6 +235,55 @@ async fn it_answers_503_without_a_broker_session_or_a_confirm_and_200_again_afte
     app.stop().await;
 }
 
+/// A callback that arrives while the worker's broker session is down (a
+/// broker restart, a dropped connection) waits for the session to come
+/// back (up to `SESSION_WAIT`) and is published, instead of a 503 that
+/// loses it unless GeWe sends it again.
+#[tokio::test]
+async fn a_callback_during_a_reconnect_waits_for_the_session() {
+    let gewe = gewe().await;
+    let mut settings = callback_settings(&gewe.uri());
+    settings.callbacks.enabled = false;
+    let app = spawn_listener(&settings).await;
+    let proxy = TcpProxy::to(&amqp_url()).await;
+    proxy.set(Mode::Cut);
+    let mut worker_settings = settings.clone();
+    worker_settings.amqp.url = proxy.url.clone();
+    let _in_process = in_process().await;
+    let worker = Application::build(worker_settings).await.expect("builds");
+    let (addr, ops) = (worker.callback_addr().expect("endpoint"), worker.ops_addr());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(worker.run(stop.clone()));
+    let mut seen = observe(&app).await;
+    let callback = json!({"TypeName": "ModContacts", "Appid": "wx_a", "Data": {}}).to_string();
+
+    let (status, _) = broker::get(ops, "/readyz").await;
+    assert_eq!(status, 503, "no session while the broker is cut off");
+    let posting = tokio::spawn({
+        let (query, body) = (with_secret(), callback.clone());
+        async move { post(addr, &query, body).await }
+    });
+    proxy.set(Mode::Open);
+    assert_eq!(
+        posting.await.expect("join"),
+        200,
+        "published once the session was back"
+    );
+    let delivery = tokio::time::timeout(WAIT, seen.next())
+        .await
+        .expect("the callback reached the exchange")
+        .expect("consumer open")
+        .expect("delivery");
+    assert_eq!(delivery.data, callback.as_bytes());
+
+    stop.cancel();
+    running
+        .await
+        .expect("join")
+        .expect("the worker exits cleanly");
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn a_client_that_never_finishes_its_headers_is_disconnected() {
     let gewe = gewe().await;
