@@ -13,6 +13,10 @@
 //! 30 s. The URI (which carries the secret) is never logged; refusals are
 //! logged at most once a second per status, with a count (`refusals`).
 //!
+//! Pace: bodies are taken at [`RATE_KIB_PER_SECOND`] at most, after their
+//! room and before they are read, so a flood waits in TCP, not in the
+//! broker that carries the commands too.
+//!
 //! Memory: at most [`MAX_HELD_BYTES`] of request bodies are held at once. A
 //! request takes room for its declared `Content-Length` (or for the
 //! largest body, when it declares none) before its body is read, and gives
@@ -27,6 +31,7 @@
 //! does not hold up the session's result events.
 
 use std::{
+    num::NonZeroU32,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -77,6 +82,14 @@ pub const LIMITS: Limits = Limits {
 pub const MAX_HELD_BYTES: usize = 16 * 1024 * 1024;
 /// How long a request waits for room for its body before it gets 503.
 pub const ROOM_WAIT: Duration = Duration::from_secs(10);
+/// Callback bytes taken per second, in KiB: far above what GeWe sends
+/// (callbacks are a few KiB; a thousand a second is a few MiB), far below
+/// what makes the broker, which carries the commands too, fall behind (an
+/// unpaced flood of 1 MiB bodies reached 800 MiB/s and command p99 grew
+/// 25–65×; BENCHMARKS.md).
+const RATE_KIB_PER_SECOND: u32 = 16 * 1024;
+/// KiB taken at once before the pace applies: one largest body.
+const BURST_KIB: u32 = 1024;
 /// How long the broker gets to confirm a callback.
 const CONFIRM_LIMIT: Duration = Duration::from_secs(10);
 /// How long a callback waits for a broker session before 503: a session
@@ -209,6 +222,8 @@ pub struct Ingress {
     secret: Option<[u8; 32]>,
     /// Room for request bodies, in bytes ([`MAX_HELD_BYTES`]).
     room: Arc<Semaphore>,
+    /// Body bytes taken per second ([`RATE_KIB_PER_SECOND`]).
+    rate: governor::DefaultDirectRateLimiter,
     /// Rate-limited log lines about refusals.
     refusals: Refusals,
 }
@@ -221,6 +236,7 @@ impl Ingress {
             exchange,
             secret: secret.map(|s| Sha256::digest(s.expose_secret().as_bytes()).into()),
             room: Arc::new(Semaphore::new(MAX_HELD_BYTES)),
+            rate: governor::RateLimiter::direct(byte_rate()),
             refusals: Refusals::default(),
         }
     }
@@ -256,12 +272,15 @@ impl Ingress {
             .min(MAX_CALLBACK_BYTES);
         // At most 1 MiB: it fits a u32.
         let bytes = u32::try_from(bytes.max(1)).unwrap_or(u32::MAX);
-        let wait = self.room.clone().acquire_many_owned(bytes);
-        match tokio::time::timeout(ROOM_WAIT, wait).await {
-            Ok(Ok(permit)) => Some(permit),
-            // Never closed; a timeout is the flood.
-            Ok(Err(_)) | Err(_) => None,
-        }
+        let kib = NonZeroU32::new(bytes.div_ceil(1024).max(1)).unwrap_or(NonZeroU32::MIN);
+        let wait = async {
+            let permit = self.room.clone().acquire_many_owned(bytes).await.ok()?;
+            // At most 1 MiB, within the burst: the wait always ends.
+            self.rate.until_n_ready(kib).await.ok()?;
+            Some(permit)
+        };
+        // A timeout is the flood; the semaphore is never closed.
+        tokio::time::timeout(ROOM_WAIT, wait).await.ok().flatten()
     }
 
     async fn publish(&self, type_name: &str, body: &[u8]) -> Result<(), IngressError> {
@@ -285,6 +304,13 @@ impl Ingress {
             .publish(&self.exchange, type_name, false, body, properties)
             .await?)
     }
+}
+
+/// [`RATE_KIB_PER_SECOND`] with a burst of [`BURST_KIB`], in KiB cells.
+fn byte_rate() -> governor::Quota {
+    let per_second = NonZeroU32::new(RATE_KIB_PER_SECOND).unwrap_or(NonZeroU32::MIN);
+    let burst = NonZeroU32::new(BURST_KIB).unwrap_or(NonZeroU32::MIN);
+    governor::Quota::per_second(per_second).allow_burst(burst)
 }
 
 /// The endpoint's router (the body limit is [`LIMITS`]' own).

@@ -1,7 +1,7 @@
 //! A flood of large callback bodies against the endpoint of a worker
-//! process (contract §6): it holds at most 16 MiB of bodies, so its memory
-//! stays bounded, commands keep flowing meanwhile, and refusals are logged
-//! at most once a second per status.
+//! process (contract §6): it holds at most 16 MiB of bodies and takes
+//! them at 16 MiB/s, so its memory stays bounded, commands keep flowing
+//! meanwhile, and refusals are logged at most once a second per status.
 
 use std::time::{Duration, Instant};
 
@@ -17,8 +17,9 @@ const BODY_BYTES: usize = 1024 * 1024 - 64;
 /// Every this many senders, one sends a small body with a wrong secret:
 /// its 401s must not flood the log.
 const FORGER_EVERY: usize = 8;
-/// Commands timed quietly and during the flood.
-const SAMPLES: usize = 40;
+/// Commands timed quietly and during the flood: enough that the p99 is
+/// not simply the slowest one.
+const SAMPLES: usize = 200;
 /// The process must stay under this (contract §6; the Kubernetes limit
 /// shipped is 256 MiB).
 const RSS_LIMIT_KIB: u64 = 128 * 1024;
@@ -52,7 +53,9 @@ fn p99(sorted: &[Duration]) -> Duration {
     sorted[(sorted.len() * 99).div_ceil(100).saturating_sub(1)]
 }
 
-#[tokio::test]
+// Two threads: on one, the 256 senders' tasks would delay the timing of
+// the commands, which is the test's own latency, not the worker's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_large_callbacks_keeps_the_worker_small_and_commands_flowing() {
     let gewe = gewe().await;
     let mut settings = callback_settings(&gewe.uri());
