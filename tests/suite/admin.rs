@@ -735,6 +735,7 @@ async fn a_worker_killed_mid_replay_loses_nothing() {
         "killed mid-replay: {left_dead} dead letters left, {queued} in the command queue, {} commands had events ({events} events)",
         seen.len()
     );
+    let published_before_kill = seen.clone();
     assert!(left_dead > 0, "the kill came before the replay ended");
     assert!(
         left_dead as usize + queued as usize + seen.len() >= total as usize,
@@ -770,12 +771,24 @@ async fn a_worker_killed_mid_replay_loses_nothing() {
         }
     }
     eprintln!(
-        "after the second replay: all {total} commands had their event; {duplicates} duplicates marked"
+        "after the second replay: all {total} commands had their event; {duplicates} duplicates marked, {} published twice unmarked",
+        unmarked.values().filter(|n| **n > 1).count()
     );
+    // A worker killed between an event's confirm and its published mark in
+    // Redis leaves a command whose redelivery cannot tell that the event is
+    // out: it is published again, unmarked (README, Guarantees). Only the
+    // commands the killed worker held can be in that window: at most its
+    // prefetch, and never more than two events.
     let twice: Vec<_> = unmarked.iter().filter(|(_, n)| **n > 1).collect();
     assert!(
-        twice.is_empty(),
-        "one unmarked event per command: {twice:?}"
+        twice.len() <= settings.amqp.prefetch as usize && twice.iter().all(|(_, n)| **n == 2),
+        "at most one unmarked event per command but for those in flight at the kill: {twice:?}"
+    );
+    assert!(
+        twice
+            .iter()
+            .all(|(id, _)| published_before_kill.contains(*id)),
+        "a second unmarked event only for a command the killed worker had published: {twice:?}"
     );
     assert_eq!(depth(&app, &dlq).await, 0, "no dead letter left");
     second.child.start_kill().expect("kill");
