@@ -11,6 +11,8 @@ use lapin::{
     types::ShortString,
 };
 
+use super::TopologyError;
+
 /// Why an event is not known to be safe in the broker.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -98,6 +100,36 @@ impl Publisher {
     /// Whether the channel can still publish.
     pub fn is_open(&self) -> bool {
         self.channel.status().connected()
+    }
+
+    /// Publishes `body` to the delay queue `queue` (default exchange,
+    /// mandatory) and waits for the confirm. A queue that is missing (an
+    /// operator deleted it) is declared again with `declare` and the
+    /// publish retried once, so what waits there is neither lost nor sent
+    /// round a requeue loop (or to GeWe again) for that reason.
+    pub async fn publish_to_delay_queue(
+        &self,
+        queue: &str,
+        body: &[u8],
+        properties: BasicProperties,
+        declare: impl AsyncFnOnce(&Channel) -> Result<(), TopologyError>,
+    ) -> Result<(), PublishError> {
+        let error = match self
+            .publish("", queue, true, body, properties.clone())
+            .await
+        {
+            Ok(()) => return Ok(()),
+            Err(error) => error,
+        };
+        if !error.is_unroutable() {
+            return Err(error);
+        }
+        tracing::warn!(queue, "the delay queue is missing; declaring it again");
+        if let Err(e) = declare(&self.channel).await {
+            tracing::error!(error = %e, queue, "could not declare the delay queue");
+            return Err(error);
+        }
+        self.publish("", queue, true, body, properties).await
     }
 
     /// Publishes `body` and waits for the broker's confirm.

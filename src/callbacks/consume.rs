@@ -28,7 +28,7 @@ use super::{
     store::{Claim, Mark, Phase, Sent},
 };
 use crate::{
-    broker::{PublishError, SessionHandle, settle, topology},
+    broker::{SessionHandle, settle, topology},
     halt::{Halt, Interrupted, Signal},
     meters::{CallbackOutcome, meters},
     redis_client::retry_while_unavailable,
@@ -223,7 +223,16 @@ impl Matcher {
             RECEIVED_AT_HEADER,
             &delivery.received_at,
         );
-        match self.send_to_early_queue(delivery, properties).await {
+        let early = &self.early;
+        let declare = async |channel: &_| {
+            topology::declare_early_queue(channel, &early.returns_to, early.queue_type).await
+        };
+        let sent = delivery
+            .session
+            .publisher()
+            .publish_to_delay_queue(&early.queue, &message.data, properties, declare)
+            .await;
+        match sent {
             Ok(()) => {
                 tracing::debug!(
                     tries,
@@ -239,49 +248,6 @@ impl Matcher {
                     delivery.session.publishing_channel_broke();
                 }
                 settle::requeue(message, "callback").await;
-            }
-        }
-    }
-
-    /// Publishes the callback's copy to the early delay queue with a
-    /// confirm. A queue that is missing (an operator deleted it) is
-    /// declared again and the publish retried once, so the callback does
-    /// not go round a requeue loop for that reason.
-    async fn send_to_early_queue(
-        &self,
-        delivery: &CallbackDelivery<'_>,
-        properties: BasicProperties,
-    ) -> Result<(), PublishError> {
-        let publisher = delivery.session.publisher();
-        let queue = self.early.queue.as_str();
-        let body = &delivery.message.data;
-        let mut declared = false;
-        loop {
-            let error = match publisher
-                .publish("", queue, true, body, properties.clone())
-                .await
-            {
-                Ok(()) => return Ok(()),
-                Err(error) => error,
-            };
-            if !error.is_unroutable() || declared {
-                return Err(error);
-            }
-            tracing::warn!(
-                queue,
-                "the early delay queue is missing; declaring it again"
-            );
-            declared = true;
-            let channel = publisher.channel();
-            let redeclared = topology::declare_early_queue(
-                channel,
-                &self.early.returns_to,
-                self.early.queue_type,
-            )
-            .await;
-            if let Err(e) = redeclared {
-                tracing::error!(error = %e, queue, "could not declare the early delay queue");
-                return Err(error);
             }
         }
     }

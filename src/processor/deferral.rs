@@ -113,35 +113,20 @@ impl Processor {
         delivery: &CommandDelivery,
     ) -> bool {
         let publisher = delivery.session.publisher();
-        let body = &delivery.message.data;
-        let mut declared = false;
-        loop {
-            let error = match publisher
-                .publish("", queue, true, body, properties.clone())
-                .await
-            {
-                Ok(()) => return true,
-                Err(error) => error,
-            };
-            if error.is_unroutable() && !declared {
-                tracing::warn!(queue, "the delay queue is missing; declaring it again");
-                declared = true;
-                match topology::declare_delay_queue(publisher.channel(), &self.amqp, queue, delay)
-                    .await
-                {
-                    Ok(()) => continue,
-                    Err(e) => {
-                        tracing::error!(error = %e, queue, "could not declare the delay queue")
-                    }
-                }
-            } else {
-                tracing::error!(%error, queue, "the copy for the delay queue was not confirmed");
-            }
-            if error.breaks_channel() || !publisher.is_open() {
-                delivery.session.publishing_channel_broke();
-            }
-            return false;
+        let declare = async |channel: &_| {
+            topology::declare_delay_queue(channel, &self.amqp, queue, delay).await
+        };
+        let sent = publisher
+            .publish_to_delay_queue(queue, &delivery.message.data, properties, declare)
+            .await;
+        let Err(error) = sent else {
+            return true;
+        };
+        tracing::error!(%error, queue, "the copy for the delay queue was not confirmed");
+        if error.breaks_channel() || !publisher.is_open() {
+            delivery.session.publishing_channel_broke();
         }
+        false
     }
 }
 
