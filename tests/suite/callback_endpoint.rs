@@ -167,22 +167,62 @@ async fn it_publishes_every_type_unchanged_and_refuses_without_the_secret_non_ob
     app.stop().await;
 }
 
+/// An endpoint-only worker (no callbacks consumed) whose broker connection
+/// goes through a proxy that starts cut off: the harness talks to the
+/// broker directly, the worker has no session until the proxy opens.
+struct EndpointCutOff {
+    app: TestApp,
+    proxy: TcpProxy,
+    settings: gewe_friend_worker::config::Settings,
+    addr: std::net::SocketAddr,
+    ops: std::net::SocketAddr,
+    stop: tokio_util::sync::CancellationToken,
+    running: tokio::task::JoinHandle<anyhow::Result<()>>,
+    _in_process: Option<InProcess>,
+}
+
+impl EndpointCutOff {
+    async fn start(gewe: &str) -> Self {
+        let mut settings = callback_settings(gewe);
+        settings.callbacks.enabled = false;
+        let app = spawn_listener(&settings).await;
+        let proxy = TcpProxy::to(&amqp_url()).await;
+        proxy.set(Mode::Cut);
+        let mut worker_settings = settings.clone();
+        worker_settings.amqp.url = proxy.url.clone();
+        let in_process = in_process().await;
+        let worker = Application::build(worker_settings).await.expect("builds");
+        let (addr, ops) = (worker.callback_addr().expect("endpoint"), worker.ops_addr());
+        let stop = tokio_util::sync::CancellationToken::new();
+        let running = tokio::spawn(worker.run(stop.clone()));
+        Self {
+            app,
+            proxy,
+            settings,
+            addr,
+            ops,
+            stop,
+            running,
+            _in_process: in_process,
+        }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.running
+            .await
+            .expect("join")
+            .expect("the worker exits cleanly");
+        self.app.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn it_answers_503_without_a_broker_session_or_a_confirm_and_200_again_after() {
     let gewe = gewe().await;
-    let mut settings = callback_settings(&gewe.uri());
-    settings.callbacks.enabled = false;
-    // The harness talks to the broker directly; the worker through a proxy.
-    let app = spawn_listener(&settings).await;
-    let proxy = TcpProxy::to(&amqp_url()).await;
-    proxy.set(Mode::Cut);
-    let mut worker_settings = settings.clone();
-    worker_settings.amqp.url = proxy.url.clone();
-    let _in_process = in_process().await;
-    let worker = Application::build(worker_settings).await.expect("builds");
-    let (addr, ops) = (worker.callback_addr().expect("endpoint"), worker.ops_addr());
-    let stop = tokio_util::sync::CancellationToken::new();
-    let running = tokio::spawn(worker.run(stop.clone()));
+    let cut = EndpointCutOff::start(&gewe.uri()).await;
+    let (app, proxy, settings) = (&cut.app, &cut.proxy, &cut.settings);
+    let (addr, ops) = (cut.addr, cut.ops);
     let callback = json!({"TypeName": "ModContacts", "Appid": "wx_a", "Data": {}}).to_string();
 
     assert_eq!(
@@ -202,7 +242,7 @@ async fn it_answers_503_without_a_broker_session_or_a_confirm_and_200_again_afte
         "x-overflow".into(),
         AMQPValue::LongString("reject-publish".into()),
     );
-    bound_queue(&app, "Refused", full).await;
+    bound_queue(app, "Refused", full).await;
     let refused = json!({"TypeName": "Refused", "Data": {}}).to_string();
     assert_eq!(
         post(addr, &with_secret(), refused).await,
@@ -227,12 +267,7 @@ async fn it_answers_503_without_a_broker_session_or_a_confirm_and_200_again_afte
     let (status, _) = broker::get(ops, "/readyz").await;
     assert_eq!(status, 200, "the worker's session was not disturbed");
 
-    stop.cancel();
-    running
-        .await
-        .expect("join")
-        .expect("the worker exits cleanly");
-    app.stop().await;
+    cut.stop().await;
 }
 
 /// A callback that arrives while the worker's broker session is down (a
@@ -242,19 +277,9 @@ async fn it_answers_503_without_a_broker_session_or_a_confirm_and_200_again_afte
 #[tokio::test]
 async fn a_callback_during_a_reconnect_waits_for_the_session() {
     let gewe = gewe().await;
-    let mut settings = callback_settings(&gewe.uri());
-    settings.callbacks.enabled = false;
-    let app = spawn_listener(&settings).await;
-    let proxy = TcpProxy::to(&amqp_url()).await;
-    proxy.set(Mode::Cut);
-    let mut worker_settings = settings.clone();
-    worker_settings.amqp.url = proxy.url.clone();
-    let _in_process = in_process().await;
-    let worker = Application::build(worker_settings).await.expect("builds");
-    let (addr, ops) = (worker.callback_addr().expect("endpoint"), worker.ops_addr());
-    let stop = tokio_util::sync::CancellationToken::new();
-    let running = tokio::spawn(worker.run(stop.clone()));
-    let mut seen = observe(&app).await;
+    let cut = EndpointCutOff::start(&gewe.uri()).await;
+    let (addr, ops) = (cut.addr, cut.ops);
+    let mut seen = observe(&cut.app).await;
     let callback = json!({"TypeName": "ModContacts", "Appid": "wx_a", "Data": {}}).to_string();
 
     let (status, _) = broker::get(ops, "/readyz").await;
@@ -263,7 +288,7 @@ async fn a_callback_during_a_reconnect_waits_for_the_session() {
         let (query, body) = (with_secret(), callback.clone());
         async move { post(addr, &query, body).await }
     });
-    proxy.set(Mode::Open);
+    cut.proxy.set(Mode::Open);
     assert_eq!(
         posting.await.expect("join"),
         200,
@@ -276,12 +301,7 @@ async fn a_callback_during_a_reconnect_waits_for_the_session() {
         .expect("delivery");
     assert_eq!(delivery.data, callback.as_bytes());
 
-    stop.cancel();
-    running
-        .await
-        .expect("join")
-        .expect("the worker exits cleanly");
-    app.stop().await;
+    cut.stop().await;
 }
 
 #[tokio::test]
