@@ -687,10 +687,25 @@ pub async fn twice_published_succeeded_once_each(
     ids: &[String],
     within: Duration,
 ) {
+    succeeded_once_each(listener, ids, (&[], 0), within).await;
+}
+
+/// Like [`twice_published_succeeded_once_each`] for `twice`, plus
+/// `once.0`, each published once, of which exactly `once.1` succeed (the
+/// others wait, e.g. deferred by a daily limit): every event is a
+/// succeeded one, each of those commands has exactly one not marked
+/// `duplicate`, and no other command has any.
+pub async fn succeeded_once_each(
+    listener: &mut TestApp,
+    twice: &[String],
+    (once, succeeding): (&[String], usize),
+    within: Duration,
+) {
+    let expected = twice.len() * 2 + succeeding;
     let mut unmarked: std::collections::HashMap<String, usize> = Default::default();
     let mut events = 0;
     let all = tokio::time::timeout(within, async {
-        while events < ids.len() * 2 {
+        while events < expected {
             let Some(e) = listener.try_next_event(Duration::from_secs(1)).await else {
                 continue;
             };
@@ -704,12 +719,16 @@ pub async fn twice_published_succeeded_once_each(
         }
     })
     .await;
-    assert!(all.is_ok(), "{events} of {} events arrived", ids.len() * 2);
-    let expected: std::collections::HashSet<&String> = ids.iter().collect();
-    assert_eq!(
-        unmarked.keys().collect::<std::collections::HashSet<_>>(),
-        expected,
-        "every command has its event"
-    );
+    assert!(all.is_ok(), "{events} of {expected} events arrived");
     assert!(unmarked.values().all(|n| *n == 1), "{unmarked:?}");
+    for id in twice {
+        assert!(unmarked.contains_key(id), "{id} has no succeeded event");
+    }
+    let once_done = once.iter().filter(|id| unmarked.contains_key(*id)).count();
+    assert_eq!(once_done, succeeding, "succeeded of those published once");
+    assert_eq!(
+        unmarked.len(),
+        twice.len() + succeeding,
+        "no event of another command"
+    );
 }
