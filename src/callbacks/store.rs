@@ -15,7 +15,9 @@
 //! characters from WeChat) is neither a key nor stored; the callback that
 //! looks it up carries it.
 
+mod legacy;
 mod memory;
+mod packed;
 mod redis;
 
 use std::{sync::Arc, time::Duration};

@@ -3,18 +3,25 @@
 //! Millions of outcomes sit in Redis for `dedupe.window`, and the JSON
 //! form (field names, a hex fingerprint, the v3 as text) was ~330 bytes for
 //! a GeWe-length v3. Here: one tag byte, the fingerprint's 16 bytes, the
-//! completion time in 6 bytes, attempts, parks and deferrals as varints, then the
-//! result. A v3 of GeWe's shape (`v3_<hex>@stranger`) is kept as the bytes
+//! completion time in 6 bytes, attempts, parks and deferrals as varints
+//! (parks and deferrals left out, and [`UNTRIED`] added to the tag, when
+//! both are 0, as they mostly are: that byte keeps a GeWe-length record
+//! within jemalloc's 128-byte size class), then the result. A v3 of GeWe's shape (`v3_<hex>@stranger`) is kept as the bytes
 //! its hex spells, half its length; any other v3 as its text; a failure as
 //! the JSON of its error (failures are few, and their texts vary). Tags
 //! stay below 128: the store adds 128 to mark a record published.
 
 use super::{Fingerprint, Record};
-use crate::outcome::{CallOutcome, EventError, Tries};
+use crate::{
+    outcome::{CallOutcome, EventError, Tries},
+    varint,
+};
 
 const V3_HEX: u8 = 1;
 const V3_TEXT: u8 = 2;
 const FAILURE: u8 = 3;
+/// Added to the tag of a record never parked or deferred.
+const UNTRIED: u8 = 16;
 const V3_PREFIX: &str = "v3_";
 const V3_SUFFIX: &str = "@stranger";
 /// 6 bytes of milliseconds: until the year 10889.
@@ -45,22 +52,28 @@ pub fn encode(record: &Record) -> Result<Vec<u8>, serde_json::Error> {
         Err(error) => (FAILURE, serde_json::to_vec(error)?),
     };
     let mut out = Vec::with_capacity(1 + 16 + TIME_BYTES + 2 + payload.len());
-    out.push(tag);
+    let tries = record.tries();
+    let untried = tries.parked == 0 && tries.deferred == 0;
+    out.push(if untried { tag + UNTRIED } else { tag });
     out.extend_from_slice(&record.fingerprint().to_bytes());
     out.extend_from_slice(&record.completed_at_ms().to_be_bytes()[8 - TIME_BYTES..]);
-    varint(&mut out, outcome.attempts);
-    varint(&mut out, record.tries().parked);
-    varint(&mut out, record.tries().deferred);
+    varint::put(&mut out, outcome.attempts);
+    if !untried {
+        varint::put(&mut out, tries.parked);
+        varint::put(&mut out, tries.deferred);
+    }
     out.extend_from_slice(&payload);
     Ok(out)
 }
 
 /// The record `bytes` hold.
 pub fn decode(bytes: &[u8]) -> Result<Record, CompactError> {
-    let (&tag, rest) = bytes.split_first().ok_or(CompactError::Truncated)?;
-    if !matches!(tag, V3_HEX | V3_TEXT | FAILURE) {
-        return Err(CompactError::UnknownTag(tag));
-    }
+    let (&stored_tag, rest) = bytes.split_first().ok_or(CompactError::Truncated)?;
+    let (tag, untried) = match stored_tag {
+        V3_HEX | V3_TEXT | FAILURE => (stored_tag, false),
+        t if matches!(t.wrapping_sub(UNTRIED), V3_HEX | V3_TEXT | FAILURE) => (t - UNTRIED, true),
+        other => return Err(CompactError::UnknownTag(other)),
+    };
     let (fingerprint, rest) = rest.split_at_checked(16).ok_or(CompactError::Truncated)?;
     let mut fp = [0u8; 16];
     fp.copy_from_slice(fingerprint);
@@ -69,9 +82,14 @@ pub fn decode(bytes: &[u8]) -> Result<Record, CompactError> {
         .ok_or(CompactError::Truncated)?;
     let mut ms = [0u8; 8];
     ms[8 - TIME_BYTES..].copy_from_slice(time);
-    let (attempts, rest) = read_varint(rest)?;
-    let (parked, rest) = read_varint(rest)?;
-    let (deferred, payload) = read_varint(rest)?;
+    let (attempts, rest) = varint::read(rest).ok_or(CompactError::Truncated)?;
+    let (parked, deferred, payload) = if untried {
+        (0, 0, rest)
+    } else {
+        let (parked, rest) = varint::read(rest).ok_or(CompactError::Truncated)?;
+        let (deferred, payload) = varint::read(rest).ok_or(CompactError::Truncated)?;
+        (parked, deferred, payload)
+    };
     let result =
         match tag {
             // Never written empty: an empty one was cut short.
@@ -120,25 +138,6 @@ fn hex(bytes: &[u8]) -> String {
     out
 }
 
-fn varint(out: &mut Vec<u8>, mut n: u32) {
-    while n >= 0x80 {
-        out.push((n as u8) | 0x80);
-        n >>= 7;
-    }
-    out.push(n as u8);
-}
-
-fn read_varint(bytes: &[u8]) -> Result<(u32, &[u8]), CompactError> {
-    let mut n: u32 = 0;
-    for (i, b) in bytes.iter().enumerate().take(5) {
-        n |= u32::from(b & 0x7f) << (7 * i);
-        if b & 0x80 == 0 {
-            return Ok((n, &bytes[i + 1..]));
-        }
-    }
-    Err(CompactError::Truncated)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,17 +184,28 @@ mod tests {
     #[test]
     fn a_gewe_v3_is_kept_in_half_its_length() {
         let bytes = encode(&record(Ok(GEWE_V3.into()), 1, 0)).expect("encodes");
-        assert_eq!(
-            bytes.len(),
-            1 + 16 + 6 + 1 + 1 + 1 + (GEWE_V3.len() - 12) / 2
-        );
-        assert!(bytes.len() < 130, "{}", bytes.len());
+        assert_eq!(bytes.len(), 1 + 16 + 6 + 1 + (GEWE_V3.len() - 12) / 2);
+        // With Redis' 3-byte string header and its NUL: jemalloc's 128 bin.
+        assert!(bytes.len() <= 124, "{}", bytes.len());
+    }
+
+    #[test]
+    fn a_record_with_its_parks_and_deferrals_written_out_is_still_read() {
+        // As versions before the untried tag wrote every record.
+        let r = record(Ok(GEWE_V3.into()), 2, 0);
+        let short = encode(&r).expect("encodes");
+        let mut long = vec![V3_HEX];
+        long.extend_from_slice(&short[1..24]);
+        long.extend_from_slice(&[0, 0]);
+        long.extend_from_slice(&short[24..]);
+        assert_eq!(short[0], V3_HEX + UNTRIED);
+        assert_eq!(decode(&long).expect("decodes"), r);
     }
 
     #[test]
     fn damaged_bytes_are_an_error_not_a_panic() {
         let bytes = encode(&record(Ok(GEWE_V3.into()), 1, 0)).expect("encodes");
-        for cut in 0..27 {
+        for cut in 0..25 {
             assert!(decode(&bytes[..cut]).is_err(), "cut at {cut}");
         }
         let mut unknown = bytes.clone();

@@ -13,7 +13,6 @@
 //! they and the claims live there ([`redis`]), the claim kept alive by a
 //! [`lease`]. Only definitive outcomes are stored ([`Record::is_definitive`]).
 
-mod buckets;
 mod compact;
 mod lease;
 mod local;

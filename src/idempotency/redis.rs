@@ -23,7 +23,8 @@ use std::{
 
 use redis::{Script, Value};
 
-use super::{Record, buckets::Buckets, compact};
+use super::{Record, compact};
+use crate::buckets::{BucketId, Buckets};
 use crate::redis_client::{Durable, RELEASE_IF_OWNED, RedisClient, RedisError, millis};
 
 /// Shared by the scripts that can be first to see Redis again after a
@@ -195,7 +196,7 @@ impl RedisStore {
                 client,
                 prefix: prefix.to_owned(),
                 owner: uuid::Uuid::new_v4().to_string(),
-                buckets: Buckets::new(prefix, window),
+                buckets: Buckets::new(prefix, "i", "r", window),
                 lease,
                 seen: Mutex::new(String::new()),
             }),
@@ -280,13 +281,16 @@ impl RedisStore {
 
     /// The stored outcome of `command_id` if announced, else our claim on it.
     pub async fn acquire(&self, command_id: &str) -> Result<Acquired, RedisError> {
-        let buckets = &self.inner.buckets;
+        let id = BucketId::of(command_id.as_bytes());
         let (state, record, packed): (String, Vec<u8>, i64) = self
             .with_boot(
                 &ACQUIRE,
-                &[buckets.legacy(command_id), self.key("claim", command_id)],
-                &buckets.lookup(command_id, crate::timestamp::now_millis()),
-                &[&Buckets::field(command_id)],
+                &[self.key("rec", command_id), self.key("claim", command_id)],
+                &self
+                    .inner
+                    .buckets
+                    .lookup(&id, crate::timestamp::now_millis()),
+                &[&id.field()],
             )
             .await?;
         let decoded = (!record.is_empty()).then(|| match packed {
@@ -331,33 +335,38 @@ impl RedisStore {
     /// was stored and the claim is still ours.
     pub async fn store(&self, command_id: &str, packed: &[u8]) -> Result<bool, RedisError> {
         let buckets = &self.inner.buckets;
+        let id = BucketId::of(command_id.as_bytes());
         let now = crate::timestamp::now_millis();
-        let (target, expire_at) = buckets.target(command_id, now);
+        let (target, expire_at) = buckets.target(&id, now);
         let mut call = Durable::new(&STORE);
-        call.key(buckets.legacy(command_id))
+        call.key(self.key("rec", command_id))
             .key(self.key("claim", command_id))
             .key(target);
-        for bucket in buckets.lookup(command_id, now) {
+        for bucket in buckets.lookup(&id, now) {
             call.key(bucket);
         }
         call.arg(packed)
             .arg(expire_at)
             .arg(&self.inner.owner)
-            .arg(&Buckets::field(command_id));
+            .arg(&id.field());
         let (stored, ours): (i64, i64) = self.inner.client.run_durable(&call).await?;
         Ok(stored == 1 && ours == 1)
     }
 
     /// Marks the outcome announced and releases our claim.
     pub async fn published(&self, command_id: &str) -> Result<(), RedisError> {
-        let buckets = &self.inner.buckets;
+        let id = BucketId::of(command_id.as_bytes());
         let mut call = Durable::new(&PUBLISHED);
-        call.key(buckets.legacy(command_id))
+        call.key(self.key("rec", command_id))
             .key(self.key("claim", command_id));
-        for bucket in buckets.lookup(command_id, crate::timestamp::now_millis()) {
+        for bucket in self
+            .inner
+            .buckets
+            .lookup(&id, crate::timestamp::now_millis())
+        {
             call.key(bucket);
         }
-        call.arg(&self.inner.owner).arg(&Buckets::field(command_id));
+        call.arg(&self.inner.owner).arg(&id.field());
         self.inner
             .client
             .run_durable::<i64>(&call)

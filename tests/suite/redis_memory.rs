@@ -8,6 +8,7 @@ use std::{sync::Arc, time::Duration};
 
 use crate::common::{tcp_proxy::RedisServer, unique};
 use gewe_friend_worker::{
+    callbacks::{Phase, Sent, Store, store::Fields},
     command::Command,
     halt::{Halt, Signal},
     idempotency::{Fingerprint, Found, Idempotency, Record, Stored},
@@ -15,6 +16,7 @@ use gewe_friend_worker::{
     redis_client::RedisClient,
 };
 use redis::AsyncCommands;
+use sha2::{Digest, Sha256};
 
 /// The v3 of the seed's example answer: GeWe's real length (211 characters).
 const GEWE_V3: &str = "v3_020b3826fd030100000000003a070e7757675c000000501ea9a3dba12f95f6b60a0536a1adb690dcccc9bf58cc80765e6eb16bffa5996420bb1b2577634516ff82090419d8bdcd5689df8dfb21d40af93d286f72c3a0e8cfa6dcb68afed39226f008c6@stranger";
@@ -76,14 +78,38 @@ async fn memory_usage(conn: &mut redis::aio::MultiplexedConnection, prefix: &str
     (total, keys.len())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_succeeded_command_leaves_at_most_300_bytes_in_redis() {
+/// A private, empty `redis-server` and a connection to it.
+async fn private_redis() -> (RedisServer, redis::aio::MultiplexedConnection) {
     let server = RedisServer::start().await;
-    let mut conn = redis::Client::open(server.url.as_str())
+    let conn = redis::Client::open(server.url.as_str())
         .expect("url")
         .get_multiplexed_async_connection()
         .await
         .expect("redis");
+    (server, conn)
+}
+
+/// `write` run for commands `0..COMMANDS`: the growth of `used_memory` per
+/// command, and `MEMORY USAGE` per command over the keys under `prefix`
+/// (which hold `extra` commands more) and how many keys those are.
+async fn measure(
+    conn: &mut redis::aio::MultiplexedConnection,
+    prefix: &str,
+    extra: usize,
+    mut write: impl AsyncFnMut(usize),
+) -> (f64, f64, usize) {
+    let before = used_memory(conn).await;
+    for n in 0..COMMANDS {
+        write(n).await;
+    }
+    let used = (used_memory(conn).await - before) / COMMANDS as f64;
+    let (usage, keys) = memory_usage(conn, prefix).await;
+    (used, usage / (COMMANDS + extra) as f64, keys)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_succeeded_command_leaves_at_most_300_bytes_in_redis() {
+    let (server, mut conn) = private_redis().await;
     let prefix = unique("mem");
     let store = Idempotency::in_redis(
         Arc::new(RedisClient::new(&server.url).expect("url")),
@@ -106,31 +132,23 @@ async fn a_succeeded_command_leaves_at_most_300_bytes_in_redis() {
     };
     // Scripts loaded and the first buckets made before the baseline.
     handle(COMMANDS).await;
-    let before = used_memory(&mut conn).await;
-    for n in 0..COMMANDS {
-        handle(n).await;
-    }
-    let compact_used = (used_memory(&mut conn).await - before) / COMMANDS as f64;
-    let (usage, keys) = memory_usage(&mut conn, &prefix).await;
-    let compact_usage = usage / (COMMANDS + 1) as f64;
+    let (compact_used, compact_usage, keys) = measure(&mut conn, &prefix, 1, handle).await;
 
     // The layout of earlier versions, for comparison: one hash per
     // commandId with the JSON record and the published flag.
     let legacy = unique("legacy");
-    let before = used_memory(&mut conn).await;
-    for n in 0..COMMANDS {
+    let mut writer = conn.clone();
+    let (legacy_used, legacy_usage, _) = measure(&mut conn, &legacy, 0, async |n| {
         let cmd = command(n);
         let key = format!("{legacy}:rec:{}", cmd.command_id);
         let json = serde_json::to_string(&record(&cmd, n)).expect("json");
-        let _: () = conn
+        let _: () = writer
             .hset_multiple(&key, &[("r", json.as_str()), ("p", "1")])
             .await
             .expect("hset");
-        let _: () = conn.pexpire(&key, 86_400_000).await.expect("pexpire");
-    }
-    let legacy_used = (used_memory(&mut conn).await - before) / COMMANDS as f64;
-    let (usage, _) = memory_usage(&mut conn, &legacy).await;
-    let legacy_usage = usage / COMMANDS as f64;
+        let _: () = writer.pexpire(&key, 86_400_000).await.expect("pexpire");
+    })
+    .await;
 
     eprintln!(
         "redis_memory: {COMMANDS} succeeded commands, v3 of {} characters, commandId of {}:\n  \
@@ -141,4 +159,99 @@ async fn a_succeeded_command_leaves_at_most_300_bytes_in_redis() {
     );
     assert!(compact_used <= BUDGET, "{compact_used:.0} B per command");
     assert!(compact_usage <= BUDGET, "{compact_usage:.0} B per command");
+}
+
+fn sent(n: usize, app_id: &str) -> Sent {
+    let cmd = command(n);
+    Sent {
+        v3: format!("{}{n:08x}@stranger", &GEWE_V3[..GEWE_V3.len() - 17]),
+        app_id: app_id.to_owned(),
+        fields: Fields {
+            chatroom_id: cmd.chatroom_id,
+            member_wxid: cmd.member_wxid,
+            correlation_id: cmd.command_id.clone(),
+            completed_at: "2026-12-03T19:40:00.123Z".into(),
+        },
+        command_id: cmd.command_id,
+    }
+}
+
+/// What a succeeded command leaves for `callbacks.match_window` (30 days):
+/// its record packed into a hash bucket, against the JSON hash per v3 that
+/// the previous version wrote, which this one still reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remembered_v3_leaves_at_most_300_bytes_in_redis() {
+    let (server, mut conn) = private_redis().await;
+    let client = Arc::new(RedisClient::new(&server.url).expect("url"));
+    let window = Duration::from_secs(30 * 86_400);
+    let app_id = unique("app");
+    let prefix = unique("mem");
+    let store = Store::in_redis(client.clone(), &prefix, window);
+    // As the worker does: pending when GeWe's answer is stored, confirmed
+    // once the succeeded event is.
+    let remember = async |n: usize| {
+        let sent = sent(n, &app_id);
+        for phase in [Phase::Pending, Phase::Confirmed] {
+            store.remember(&sent, phase).await.expect("remembered");
+        }
+    };
+    remember(COMMANDS).await;
+    let (packed_used, packed_usage, keys) = measure(&mut conn, &prefix, 1, remember).await;
+    let found = store
+        .lookup(&app_id, &sent(7, &app_id).v3)
+        .await
+        .expect("lookup");
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].sent, sent(7, &app_id));
+    assert_eq!(found[0].phase, Phase::Confirmed);
+
+    // The previous layout, for comparison, and to show it is still read:
+    // a hash per (appId, v3), a JSON record per commandId.
+    let legacy = unique("legacy");
+    let mut writer = conn.clone();
+    let (legacy_used, legacy_usage, _) = measure(&mut conn, &legacy, 0, async |n| {
+        let sent = sent(n, &app_id);
+        let digest: String = Sha256::new()
+            .chain_update(app_id.len().to_le_bytes())
+            .chain_update(app_id.as_bytes())
+            .chain_update(sent.v3.as_bytes())
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let key = format!("{legacy}:v3h:{digest}");
+        let mut json = serde_json::to_value(&sent.fields).expect("json");
+        json["confirmed"] = true.into();
+        json["at"] = gewe_friend_worker::timestamp::now_millis().into();
+        let _: () = writer
+            .hset(&key, &sent.command_id, json.to_string())
+            .await
+            .expect("hset");
+        let _: () = writer
+            .pexpire(&key, 30 * 86_400_000)
+            .await
+            .expect("pexpire");
+    })
+    .await;
+    let upgraded = Store::in_redis(client, &legacy, window);
+    let found = upgraded
+        .lookup(&app_id, &sent(7, &app_id).v3)
+        .await
+        .expect("lookup");
+    assert_eq!(
+        found.len(),
+        1,
+        "an earlier version's record matches: {found:?}"
+    );
+    assert_eq!(found[0].sent, sent(7, &app_id));
+
+    eprintln!(
+        "redis_memory: {COMMANDS} remembered v3s of {} characters, commandId of {}:\n  \
+         packed buckets: {packed_used:.0} B/command (used_memory), {packed_usage:.0} B/command (MEMORY USAGE over {keys} keys)\n  \
+         JSON hash per v3: {legacy_used:.0} B/command (used_memory), {legacy_usage:.0} B/command (MEMORY USAGE)",
+        GEWE_V3.len(),
+        command(0).command_id.len(),
+    );
+    assert!(packed_used <= BUDGET, "{packed_used:.0} B per command");
+    assert!(packed_usage <= BUDGET, "{packed_usage:.0} B per command");
 }

@@ -1,108 +1,88 @@
 //! Remembered `v3`s and accepted marks in Redis (`redis.url`), shared by
 //! every replica and kept across restarts.
 //!
-//! `<prefix>:v3h:<hex SHA-256 of (appId, v3)>` is a hash: one field per
-//! commandId whose request got that `v3`, holding its [`Fields`], its
-//! phase and when it was remembered, as JSON. The key expires
-//! `callbacks.match_window` after its last write; older fields are skipped
-//! on reads and pruned on writes. A callback is looked up with one
-//! `HGETALL`. `<prefix>:accepted:<commandId>` is the mark: a claim (the
-//! owner's id, with a lease) while one delivery publishes the accepted
-//! event, then `announced` for the window. Each step is one script.
+//! A `(appId, v3)` is a field, named by 16 bytes of its SHA-256, of a hash
+//! bucket `<prefix>:{v<slot>}:v:<period>` ([`Buckets`]) kept for
+//! `callbacks.match_window`; its value is the packed records ([`packed`])
+//! of every command whose request got that `v3` in that period, each
+//! `pending` or `confirmed` and when it was first remembered. A callback is
+//! looked up with one script that reads the field in every bucket of the
+//! window, all in one hash slot. `<prefix>:accepted:<commandId>` is the
+//! mark: a claim (the owner's id, with a lease) while one delivery
+//! publishes the accepted event, then `announced` for the window. Each
+//! step is one script.
+//!
+//! What earlier versions wrote is still read until it expires, within
+//! `callbacks.match_window` of the upgrade: a hash `v3h:<hex SHA-256>` of
+//! JSON records per commandId, and before that a key per `(appId, v3)`.
 
 use std::{
+    collections::HashMap,
     sync::{Arc, LazyLock},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use redis::Script;
-use serde::{Deserialize, Serialize};
 
-use super::{CLAIM_LEASE, Claim, Fields, MAX_PER_V3, Mark, Phase, Remembered, Sent, v3_digest};
-use crate::redis_client::{RELEASE_IF_OWNED, RedisClient, RedisError, millis};
+use super::{
+    CLAIM_LEASE, Claim, MAX_PER_V3, Mark, Phase, Remembered, Sent, legacy, packed, v3_digest,
+};
+use crate::{
+    buckets::{BucketId, Buckets},
+    redis_client::{RELEASE_IF_OWNED, RedisClient, RedisError, millis},
+    timestamp::now_millis,
+};
 
-/// KEYS: entry. ARGV: commandId, record, `1` when confirmed, now ms,
-/// window ms, most fields. A known command keeps its record but for
-/// becoming confirmed; a new one prunes expired fields and the oldest
-/// beyond the bound first.
+/// KEYS: target bucket. ARGV: field, identity, record, `1` when
+/// confirmed, bucket expiry (ms since the epoch), most records. A known
+/// command keeps its record (and when it was first remembered) but for
+/// becoming confirmed; a new one is appended, the oldest dropped beyond
+/// the bound. Records are framed by their length in two bytes.
 static REMEMBER: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(&format!(
         r#"
-local old = redis.call('HGET', KEYS[1], ARGV[1])
-if old then
-  if ARGV[3] == '1' then
-    local rec = cjson.decode(old)
-    if not rec.confirmed then
-      rec.confirmed = true
-      redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(rec))
-    end
+local blob = redis.call('HGET', KEYS[1], ARGV[1]) or ''
+local id, body = ARGV[2], ARGV[3]
+local kept, pos, known = {{}}, 1, false
+while pos + 1 <= #blob do
+  local len = string.byte(blob, pos) * 256 + string.byte(blob, pos + 1)
+  local rec = string.sub(blob, pos + 2, pos + 1 + len)
+  pos = pos + 2 + len
+  if string.sub(rec, {at}, {at} - 1 + #id) == id then
+    if ARGV[4] ~= '1' then return 0 end
+    known = true
+    rec = string.sub(body, 1, 1) .. string.sub(rec, 2, {at} - 1) .. string.sub(body, {at})
   end
-else
-  local now, window = tonumber(ARGV[4]), tonumber(ARGV[5])
-  local all = redis.call('HGETALL', KEYS[1])
-  local oldest, oldest_at, live = nil, nil, 0
-  for i = 1, #all, 2 do
-    local ok, rec = pcall(cjson.decode, all[i + 1])
-    local at = ok and tonumber(rec.at) or 0
-    if now - at >= window then
-      redis.call('HDEL', KEYS[1], all[i])
-    else
-      live = live + 1
-      if not oldest_at or at < oldest_at then oldest, oldest_at = all[i], at end
-    end
-  end
-  if live >= tonumber(ARGV[6]) and oldest then redis.call('HDEL', KEYS[1], oldest) end
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  table.insert(kept, rec)
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
+if not known then
+  while #kept >= tonumber(ARGV[6]) do table.remove(kept, 1) end
+  table.insert(kept, body)
+end
+for i, rec in ipairs(kept) do
+  kept[i] = string.char(math.floor(#rec / 256), #rec % 256) .. rec
+end
+redis.call('HSET', KEYS[1], ARGV[1], table.concat(kept))
+redis.call('PEXPIREAT', KEYS[1], ARGV[5])
 return 1
 "#,
-    )
+        at = packed::IDENTITY_AT + 1,
+    ))
 });
 
-/// KEYS: entry, legacy key. Returns the entry's fields and records, and
-/// the legacy record (if any) under the field `""`.
+/// KEYS: the buckets of the window. ARGV: field. Returns the field's
+/// value in each (`''` where it has none).
 static LOOKUP: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-local found = redis.call('HGETALL', KEYS[1])
-local legacy = redis.call('GET', KEYS[2])
-if legacy then
-  table.insert(found, '')
-  table.insert(found, legacy)
+local found = {}
+for i, key in ipairs(KEYS) do
+  found[i] = redis.call('HGET', key, ARGV[1]) or ''
 end
 return found
 "#,
     )
 });
-
-/// What versions before the `(appId, v3)` entries remembered, under
-/// `<prefix>:v3:<len(appId)>:<appId>:<v3>`, once the `succeeded` event was
-/// confirmed. Still read, so a callback for a request sent before an
-/// upgrade matches; those keys expire within `callbacks.match_window`.
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Legacy {
-    command_id: String,
-    #[serde(flatten)]
-    fields: Fields,
-}
-
-/// One command as stored in an entry's field.
-#[derive(Debug, Serialize, Deserialize)]
-struct Record {
-    #[serde(flatten)]
-    fields: Fields,
-    confirmed: bool,
-    /// When it was first remembered, in ms since the epoch.
-    at: u64,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
 
 /// KEYS: mark. ARGV: owner, lease ms. Returns `repeated`, `held` or
 /// `claimed`.
@@ -133,6 +113,7 @@ pub struct RedisStore {
     client: Arc<RedisClient>,
     prefix: String,
     window: Duration,
+    buckets: Buckets,
 }
 
 impl RedisStore {
@@ -142,19 +123,8 @@ impl RedisStore {
             client,
             prefix: prefix.to_owned(),
             window,
+            buckets: Buckets::new(prefix, "v", "v", window),
         }
-    }
-
-    fn v3_key(&self, app_id: &str, v3: &str) -> String {
-        let digest: String = v3_digest(app_id, v3)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        format!("{}:v3h:{digest}", self.prefix)
-    }
-
-    fn legacy_key(&self, app_id: &str, v3: &str) -> String {
-        format!("{}:v3:{}:{app_id}:{v3}", self.prefix, app_id.len())
     }
 
     fn mark_key(&self, command_id: &str) -> String {
@@ -162,76 +132,82 @@ impl RedisStore {
     }
 
     pub(super) async fn remember(&self, sent: &Sent, phase: Phase) -> Result<(), RedisError> {
-        let record = Record {
-            fields: sent.fields.clone(),
-            confirmed: phase == Phase::Confirmed,
-            at: now_ms(),
-        };
-        // A `Record` is strings, a flag and a number: encoding cannot fail.
-        let json = serde_json::to_string(&record).unwrap_or_default();
+        let id = BucketId::from_digest(v3_digest(&sent.app_id, &sent.v3));
+        let now = now_millis();
+        let (target, expire_at) = self.buckets.target(&id, now);
         self.client
             .run::<i64>(
                 REMEMBER
-                    .key(self.v3_key(&sent.app_id, &sent.v3))
-                    .arg(&sent.command_id)
-                    .arg(json)
-                    .arg(if record.confirmed { "1" } else { "0" })
-                    .arg(record.at)
-                    .arg(millis(self.window))
+                    .key(target)
+                    .arg(&id.field())
+                    .arg(packed::identity(&sent.command_id))
+                    .arg(packed::encode(&sent.command_id, &sent.fields, phase, now))
+                    .arg(if phase == Phase::Confirmed { "1" } else { "0" })
+                    .arg(expire_at)
                     .arg(MAX_PER_V3),
             )
             .await
             .map(|_| ())
     }
 
+    /// Every command remembered for `(app_id, v3)` within the window,
+    /// oldest first; one that was remembered in two periods (pending in
+    /// one, confirmed in the next) once, confirmed.
     pub(super) async fn lookup(
         &self,
         app_id: &str,
         v3: &str,
     ) -> Result<Vec<Remembered>, RedisError> {
-        let stored: Vec<(String, String)> = self
-            .client
-            .run(
-                LOOKUP
-                    .key(self.v3_key(app_id, v3))
-                    .key(self.legacy_key(app_id, v3)),
-            )
-            .await?;
-        let since = now_ms().saturating_sub(millis(self.window));
-        let mut found = Vec::with_capacity(stored.len());
-        for (command_id, json) in stored {
-            if command_id.is_empty() {
-                if let Some(legacy) = read_legacy(app_id, v3, &json) {
-                    found.push((0, legacy));
-                }
-                continue;
+        let id = BucketId::from_digest(v3_digest(app_id, v3));
+        let now = now_millis();
+        let mut call = LOOKUP.prepare_invoke();
+        for bucket in self.buckets.lookup(&id, now) {
+            call.key(bucket);
+        }
+        call.arg(&id.field());
+        let (values, earlier) = tokio::join!(
+            self.client.run::<Vec<Vec<u8>>>(&call),
+            legacy::lookup(&self.client, &self.prefix, app_id, v3),
+        );
+        let since = now.saturating_sub(millis(self.window));
+        let mut by_command: HashMap<String, (u64, Remembered)> = HashMap::new();
+        let mut note = |command_id: String, at: u64, fields, phase| {
+            if at <= since && at != legacy::AT {
+                return;
             }
-            match serde_json::from_str::<Record>(&json) {
-                Ok(record) if record.at > since => found.push((
-                    record.at,
-                    Remembered {
-                        sent: Sent {
-                            command_id,
-                            app_id: app_id.to_owned(),
-                            v3: v3.to_owned(),
-                            fields: record.fields,
-                        },
-                        phase: if record.confirmed {
-                            Phase::Confirmed
-                        } else {
-                            Phase::Pending
-                        },
-                    },
-                )),
-                Ok(_) => {}
-                // Written by another version: matching it could announce
+            let entry = by_command.entry(command_id.clone()).or_insert_with(|| {
+                let sent = Sent {
+                    command_id,
+                    app_id: app_id.to_owned(),
+                    v3: v3.to_owned(),
+                    fields,
+                };
+                (at, Remembered { sent, phase })
+            });
+            entry.0 = entry.0.min(at);
+            if phase == Phase::Confirmed {
+                entry.1.phase = Phase::Confirmed;
+            }
+        };
+        for value in values? {
+            match packed::decode_all(&value) {
+                Ok(records) => {
+                    for r in records {
+                        note(r.command_id, r.at, r.fields, r.phase);
+                    }
+                }
+                // Written by a later version: matching it could announce
                 // the wrong command, so it matches nothing.
                 Err(e) => {
-                    tracing::error!(%app_id, %command_id, error = %e, "Redis holds a remembered v3 this version cannot read; it matches nothing");
+                    tracing::error!(%app_id, error = %e, "Redis holds a remembered v3 this version cannot read; it matches nothing");
                 }
             }
         }
-        found.sort_by_key(|(at, _)| *at);
+        for r in earlier? {
+            note(r.command_id, r.at, r.fields, r.phase);
+        }
+        let mut found: Vec<_> = by_command.into_values().collect();
+        found.sort_by(|a, b| (a.0, &a.1.sent.command_id).cmp(&(b.0, &b.1.sent.command_id)));
         Ok(found.into_iter().map(|(_, r)| r).collect())
     }
 
@@ -275,24 +251,5 @@ impl RedisStore {
             )
             .await
             .map(|_| ())
-    }
-}
-
-/// A remembered `v3` of an earlier version: its command was confirmed.
-fn read_legacy(app_id: &str, v3: &str, json: &str) -> Option<Remembered> {
-    match serde_json::from_str::<Legacy>(json) {
-        Ok(legacy) => Some(Remembered {
-            sent: Sent {
-                command_id: legacy.command_id,
-                app_id: app_id.to_owned(),
-                v3: v3.to_owned(),
-                fields: legacy.fields,
-            },
-            phase: Phase::Confirmed,
-        }),
-        Err(e) => {
-            tracing::error!(%app_id, error = %e, "Redis holds a remembered v3 of an earlier version this one cannot read; it matches nothing");
-            None
-        }
     }
 }
