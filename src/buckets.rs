@@ -20,8 +20,8 @@ use sha2::{Digest, Sha256};
 
 use crate::redis_client::millis as ms;
 
-/// Buckets per period.
-const SLOTS: u32 = 1024;
+/// Buckets per period, and hash tags per kind of entry.
+pub const SLOTS: u32 = 1024;
 /// Periods per window.
 const PERIODS_PER_WINDOW: u32 = 8;
 /// Clocks of replicas may disagree by this much without an entry being
@@ -53,9 +53,16 @@ impl BucketId {
         field
     }
 
-    fn slot(&self) -> u32 {
+    /// Which of the [`SLOTS`] the id's entries (and whatever else a
+    /// script needs beside them, [`Buckets::tagged`]) are in.
+    pub fn slot(&self) -> u32 {
         u32::from_be_bytes([self.0[16], self.0[17], self.0[18], self.0[19]]) % SLOTS
     }
+}
+
+/// `<prefix>:{<tag><slot>}:<what>`: see [`Buckets::tagged`].
+pub fn tagged(prefix: &str, tag: &str, slot: u32, what: &str) -> String {
+    format!("{prefix}:{{{tag}{slot}}}:{what}")
 }
 
 /// The bucket layout of one kind of entry.
@@ -90,6 +97,13 @@ impl Buckets {
             "{}:{{{}{slot}}}:{}:{period}",
             self.prefix, self.tag, self.kind
         )
+    }
+
+    /// `<prefix>:{<tag><slot>}:<what>`: a key in the same hash slot as
+    /// the buckets of ids in `slot`, for what a script reads or writes
+    /// with them.
+    pub fn tagged(&self, slot: u32, what: &str) -> String {
+        tagged(&self.prefix, self.tag, slot, what)
     }
 
     /// The bucket an entry written at `now_ms` goes to, and when (ms since

@@ -14,16 +14,19 @@
 //! [`lease`]. Only definitive outcomes are stored ([`Record::is_definitive`]).
 
 mod compact;
+mod layout;
 mod lease;
 mod local;
 mod memory;
 mod record;
 mod redis;
+mod scripts;
 
 use std::{sync::Arc, time::Duration};
 
 use tokio::time::Instant;
 
+pub use layout::claim_key;
 pub use lease::LEASE_OVER_TIMEOUT;
 pub use memory::MAX_ENTRIES;
 pub use record::{Fingerprint, Record};

@@ -137,6 +137,19 @@ impl Api {
         (status, r.json().await.unwrap_or(serde_json::Value::Null))
     }
 
+    /// The row of `app_id` in `GET /api/accounts` (`Null` when it is not
+    /// listed), and the whole list.
+    pub async fn account(&self, app_id: &str) -> (serde_json::Value, serde_json::Value) {
+        let (status, list) = self.get("/api/accounts").await;
+        assert_eq!(status, StatusCode::OK, "{list}");
+        let row = list
+            .as_array()
+            .and_then(|all| all.iter().find(|a| a["appId"] == app_id))
+            .cloned()
+            .unwrap_or_default();
+        (row, list)
+    }
+
     /// The dead letters' ids and reasons, in queue order.
     pub async fn dead_letters(&self, limit: usize) -> Vec<serde_json::Value> {
         let (status, list) = self.get(&format!("/api/dead-letters?limit={limit}")).await;

@@ -2,7 +2,7 @@
 //! callback bodies, posting to the endpoint, publishing to the callbacks
 //! exchange, and how many messages a queue still holds.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
 
 use gewe_friend_worker::{config::Settings, gewe::ADD_MEMBER_PATH, simulator};
 use lapin::{BasicProperties, options::BasicPublishOptions};
@@ -23,23 +23,31 @@ pub fn v3_for(id: &str) -> String {
     format!("v3_wxid_{id}@stranger")
 }
 
-/// GeWe answering every request with `v3_<memberWxid>@stranger`.
-struct V3PerMember;
+/// GeWe answering every request with `v3_<memberWxid>@stranger`, after
+/// a delay.
+struct V3PerMember(Duration);
 
 impl Respond for V3PerMember {
     fn respond(&self, request: &Request) -> ResponseTemplate {
         let body: Value = serde_json::from_slice(&request.body).unwrap_or_default();
         let member = body["memberWxid"].as_str().unwrap_or("");
-        ResponseTemplate::new(200).set_body_json(gewe_ok(&format!("v3_{member}@stranger")))
+        ResponseTemplate::new(200)
+            .set_body_json(gewe_ok(&format!("v3_{member}@stranger")))
+            .set_delay(self.0)
     }
 }
 
 /// A GeWe mock whose `v3` for command `id` is [`v3_for`]`(id)`.
 pub async fn gewe() -> MockServer {
+    slow_gewe(Duration::ZERO).await
+}
+
+/// Like [`gewe`], answering each request after `delay`.
+pub async fn slow_gewe(delay: Duration) -> MockServer {
     let gewe = MockServer::start().await;
     Mock::given(method("POST"))
         .and(path(ADD_MEMBER_PATH))
-        .respond_with(V3PerMember)
+        .respond_with(V3PerMember(delay))
         .mount(&gewe)
         .await;
     gewe

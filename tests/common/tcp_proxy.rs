@@ -211,6 +211,7 @@ pub struct RedisServer {
     pub url: String,
     dir: tempfile::TempDir,
     password: Option<String>,
+    cluster: bool,
     child: Option<Child>,
     _proxy: TcpProxy,
 }
@@ -218,15 +219,22 @@ pub struct RedisServer {
 impl RedisServer {
     /// Starts a server and waits until it answers.
     pub async fn start() -> Self {
-        Self::start_with(None).await
+        Self::start_with(None, false).await
+    }
+
+    /// A one-node Redis Cluster holding every slot: a script or a
+    /// transaction whose keys are in two hash slots fails with CROSSSLOT,
+    /// as on any Cluster.
+    pub async fn start_cluster_node() -> Self {
+        Self::start_with(None, true).await
     }
 
     /// Like [`RedisServer::start`], requiring `password` (in [`Self::url`]).
     pub async fn start_with_password(password: &str) -> Self {
-        Self::start_with(Some(password)).await
+        Self::start_with(Some(password), false).await
     }
 
-    async fn start_with(password: Option<&str>) -> Self {
+    async fn start_with(password: Option<&str>, cluster: bool) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut url = url::Url::parse("redis://127.0.0.1/0").expect("url");
         if password.is_some() {
@@ -238,6 +246,7 @@ impl RedisServer {
             url: proxy.url.clone(),
             dir,
             password: password.map(str::to_owned),
+            cluster,
             child: None,
             _proxy: proxy,
         };
@@ -262,6 +271,12 @@ impl RedisServer {
         if let Some(password) = &self.password {
             command.args(["--requirepass", password]);
         }
+        if self.cluster {
+            let _ = std::fs::remove_file(self.dir.path().join("nodes.conf"));
+            command
+                .args(["--cluster-enabled", "yes", "--cluster-config-file"])
+                .arg(self.dir.path().join("nodes.conf"));
+        }
         let child = command
             .args(["--port", "0", "--unixsocket"])
             .arg(&socket)
@@ -276,6 +291,36 @@ impl RedisServer {
                 .await
                 .map(drop)
                 .map_err(|e| format!("redis-server does not listen yet: {e}"))
+        })
+        .await;
+        if self.cluster {
+            self.take_every_slot().await;
+        }
+    }
+
+    async fn take_every_slot(&self) {
+        let mut conn = redis::Client::open(self.url.as_str())
+            .expect("url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("cluster node");
+        let _: () = redis::cmd("CLUSTER")
+            .arg("ADDSLOTSRANGE")
+            .arg(0)
+            .arg(16383)
+            .query_async(&mut conn)
+            .await
+            .expect("addslots");
+        eventually(Duration::from_secs(10), || {
+            let mut conn = conn.clone();
+            async move {
+                let info: String = redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                done_or(info.contains("cluster_state:ok"), || info.clone())
+            }
         })
         .await;
     }

@@ -230,13 +230,7 @@ async fn without_a_directory_given_the_console_steers_the_worker_s_own_budgets()
     let account = unique("wx_own");
     app.publish(&command(&unique("own"), &account)).await;
     assert_eq!(app.next_event().await.status(), "succeeded");
-    let (status, body) = api.get("/api/accounts").await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    let row = body
-        .as_array()
-        .and_then(|all| all.iter().find(|a| a["appId"] == account.as_str()))
-        .cloned()
-        .unwrap_or_default();
+    let (row, body) = api.account(&account).await;
     assert_eq!(
         (
             row["state"].as_str(),

@@ -13,7 +13,7 @@ use crate::common::{
 use gewe_friend_worker::{
     command::Command,
     halt::{Halt, Interrupted, Signal},
-    idempotency::{Fingerprint, Found, Idempotency, Record, Stored},
+    idempotency::{Fingerprint, Found, Idempotency, Record, Stored, claim_key},
     outcome::CallOutcome,
     redis_client::RedisClient,
 };
@@ -63,7 +63,7 @@ async fn polled_replica(prefix: &str) -> (Idempotency, TcpProxy) {
 async fn claim_holder(prefix: &str) -> Option<String> {
     redis()
         .await
-        .get(format!("{prefix}:claim:cmd"))
+        .get(claim_key(prefix, "cmd"))
         .await
         .expect("get")
 }
@@ -223,18 +223,26 @@ async fn a_command_id_reused_for_another_member_is_a_conflict_and_the_outcome_st
             .await,
         Ok(Found::Conflict)
     ));
-    let holder: Option<String> = conn
-        .get(format!("{prefix}:claim:other"))
-        .await
-        .expect("get");
+    let holder: Option<String> = conn.get(claim_key(&prefix, "other")).await.expect("get");
     assert_eq!(holder, None, "a conflict leaves no claim behind");
     delete_keys(&prefix).await;
+}
+
+/// Leaves what every earlier version left in Redis under `prefix` (its
+/// one boot marker), so a replica of this one reads their keys too.
+async fn an_earlier_version_ran(prefix: &str) -> redis::aio::MultiplexedConnection {
+    let mut conn = redis().await;
+    let _: () = conn
+        .set(format!("{prefix}:boot"), "an-earlier-version")
+        .await
+        .expect("set");
+    conn
 }
 
 #[tokio::test]
 async fn an_unreadable_stored_outcome_is_neither_republished_nor_called_again() {
     let prefix = prefix();
-    let mut conn = redis().await;
+    let mut conn = an_earlier_version_ran(&prefix).await;
     let _: () = conn
         .hset_multiple(
             format!("{prefix}:rec:cmd"),
@@ -257,7 +265,7 @@ async fn a_claim_taken_over_while_waiting_is_seen_before_the_request() {
         panic!("claims");
     };
     // Another replica holds it now, as after our lease ran out.
-    let claim_key = format!("{prefix}:claim:cmd");
+    let claim_key = claim_key(&prefix, "cmd");
     let mut conn = redis().await;
     let _: () = conn
         .set_ex(&claim_key, "other-replica", 60)
@@ -306,7 +314,7 @@ async fn a_request_waits_for_a_renewal_and_the_claim_is_given_up_before_its_leas
     // have claimed the command yet.
     let left: i64 = redis()
         .await
-        .pttl(format!("{prefix}:claim:cmd"))
+        .pttl(claim_key(&prefix, "cmd"))
         .await
         .expect("pttl");
     assert!(left > 500, "claim given up with {left} ms of lease left");
@@ -360,10 +368,10 @@ async fn after_redis_lost_its_data_no_free_command_id_is_claimed_for_a_lease_and
 
 #[tokio::test]
 async fn an_outcome_stored_before_the_buckets_is_still_republished() {
-    // Written by the previous version (one JSON hash per commandId): read
+    // Written by an earlier version (one JSON hash per commandId): read
     // until it expires, one dedupe.window after the upgrade.
     let prefix = prefix();
-    let mut conn = redis().await;
+    let mut conn = an_earlier_version_ran(&prefix).await;
     let stored = record("m", "v3_020b3826fd03@stranger");
     let json = serde_json::to_string(&stored).expect("encodes");
     let _: () = conn
@@ -377,5 +385,49 @@ async fn an_outcome_stored_before_the_buckets_is_still_republished() {
         Found::Duplicate(found) => assert_eq!(found, stored),
         _ => panic!("the legacy outcome is a duplicate"),
     }
+    delete_keys(&prefix).await;
+}
+
+#[tokio::test]
+async fn in_a_rolling_upgrade_a_claim_of_either_version_keeps_the_other_out() {
+    let prefix = prefix();
+    let mut conn = an_earlier_version_ran(&prefix).await;
+    // A replica of an earlier version holds the commandId.
+    let old_claim = format!("{prefix}:claim:cmd");
+    let _: () = conn
+        .set_ex(&old_claim, "earlier-replica", 60)
+        .await
+        .expect("set");
+    let (b, b_redis) = polled_replica(&prefix).await;
+    let looks = b_redis.requests();
+    let waiting =
+        tokio::spawn(async move { matches!(acquire(&b, "m").await, Found::Claimed { .. }) });
+    b_redis.wait_for_requests(looks, 3).await;
+    assert!(
+        !waiting.is_finished(),
+        "this version waits for the earlier one"
+    );
+    assert_eq!(claim_holder(&prefix).await, None);
+    // It lets go; this version claims, where both versions look.
+    let _: () = conn.del(&old_claim).await.expect("del");
+    assert!(waiting.await.expect("join"), "claimed once free");
+    let holder = claim_holder(&prefix).await.expect("claimed");
+    let old: Option<String> = conn.get(&old_claim).await.expect("get");
+    assert_eq!(old, Some(holder), "an earlier replica sees the claim too");
+    delete_keys(&prefix).await;
+}
+
+#[tokio::test]
+async fn without_an_earlier_version_only_the_commands_own_slot_is_touched() {
+    let prefix = prefix();
+    let a = replica(&prefix);
+    let Found::Claimed { claim, .. } = acquire(&a, "m").await else {
+        panic!("claims");
+    };
+    let mut conn = redis().await;
+    let old: Option<String> = conn.get(format!("{prefix}:claim:cmd")).await.expect("get");
+    assert_eq!(old, None, "no claim where earlier versions kept it");
+    assert!(claim_holder(&prefix).await.is_some());
+    claim.release().await;
     delete_keys(&prefix).await;
 }

@@ -27,6 +27,7 @@ mod observability;
 mod ops;
 mod pacing;
 mod parking;
+mod redis_cluster;
 mod redis_faults;
 mod redis_memory;
 mod resilience;

@@ -2,7 +2,9 @@
 //! kept across restarts.
 //!
 //! One hash per account (`<prefix>:acct:<appId>`) and one sorted set of the
-//! accounts seen (`<prefix>:accounts`, scored by when). Admitting a call
+//! accounts seen (`<prefix>:accounts`, scored by when, refreshed once an
+//! hour per account and outside the scripts, so that each script touches
+//! one key, as Redis Cluster requires). Admitting a call
 //! (pause, cooldown, the day's count and the pacing turn) is one script, so
 //! it is one round trip and holds exactly under concurrency: two replicas
 //! can never both take the last unit of a day. The pacing turn is reserved
@@ -22,43 +24,54 @@ use crate::{
     accounts::{AccountError, calendar::Millis},
     backoff::Backoff,
     halt::{Halt, Interrupted},
-    redis_client::{Durable, RedisClient, retry_while_unavailable},
+    redis_client::{Durable, RedisClient, millis, retry_while_unavailable},
 };
 
 /// Waits while Redis is unavailable.
 const REDIS_BACKOFF: Backoff =
     Backoff::doubling(Duration::from_millis(200), Duration::from_secs(5));
+/// How often an account's entry in the registry (`<prefix>:accounts`, the
+/// console's list) is refreshed: the list shows accounts seen in the last
+/// seven days, so an hour's staleness is not seen, and every call does
+/// not write a key that all accounts share.
+const REGISTER_EVERY: Duration = Duration::from_secs(3600);
 /// How often the last outcomes are written, in one pipeline.
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
 
-/// KEYS: account hash, registry. ARGV: appId, now, day, limit, interval ms,
-/// max wait ms, keep ms. Returns {code, value}: 0 go (wait ms), 1 paused
-/// (until, -1 until resumed), 2 cooling (until), 3 over limit, 4 too far
-/// (wait ms).
+/// KEYS: account hash. ARGV: now, day, limit, interval ms, max wait ms,
+/// keep ms, register every ms. Returns {code, value, register}:
+/// code 0 go (wait ms), 1 paused (until, -1 until resumed), 2 cooling
+/// (until), 3 over limit, 4 too far (wait ms); register 1 when the
+/// account's entry in the registry is due (then the caller writes it: the
+/// registry is another key, in another hash slot).
 static ADMIT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-local now = tonumber(ARGV[2])
-redis.call('ZADD', KEYS[2], now, ARGV[1])
-local h = redis.call('HMGET', KEYS[1], 'pu', 'cu', 'day', 'sent', 'next')
+local now = tonumber(ARGV[1])
+local h = redis.call('HMGET', KEYS[1], 'pu', 'cu', 'day', 'sent', 'next', 'rg')
+local register = 0
+if now - tonumber(h[6] or '0') >= tonumber(ARGV[7]) then register = 1 end
 local pu = tonumber(h[1] or '0')
-if pu == -1 or pu > now then return {1, pu} end
+if pu == -1 or pu > now then return {1, pu, register} end
 local cu = tonumber(h[2] or '0')
-if cu > now then return {2, cu} end
+if cu > now then return {2, cu, register} end
 local sent = 0
-if h[3] == ARGV[3] then sent = tonumber(h[4] or '0') end
-local limit = tonumber(ARGV[4])
-if limit > 0 and sent >= limit then return {3, 0} end
-local interval = tonumber(ARGV[5])
+if h[3] == ARGV[2] then sent = tonumber(h[4] or '0') end
+local limit = tonumber(ARGV[3])
+if limit > 0 and sent >= limit then return {3, 0, register} end
+local interval = tonumber(ARGV[4])
 local t = redis.call('TIME')
 local clock = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local start = clock
 if interval > 0 then start = math.max(clock, tonumber(h[5] or '0')) end
 local wait = start - clock
-if wait > tonumber(ARGV[6]) then return {4, wait} end
-redis.call('HSET', KEYS[1], 'day', ARGV[3], 'sent', sent + 1, 'next', start + interval, 'ls', now + wait)
-redis.call('PEXPIRE', KEYS[1], ARGV[7])
-return {0, wait}
+if wait > tonumber(ARGV[5]) then return {4, wait, register} end
+redis.call('HSET', KEYS[1], 'day', ARGV[2], 'sent', sent + 1, 'next', start + interval, 'ls', now + wait)
+-- Only here, where the key gets its expiry: written on an early return,
+-- the field could create a key that never expires.
+if register == 1 then redis.call('HSET', KEYS[1], 'rg', now) end
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
+return {0, wait, register}
 "#,
     )
 });
@@ -127,8 +140,8 @@ impl RedisLedger {
         req: &AdmitRequest<'_>,
         halt: &Halt,
     ) -> Result<Admission, Interrupted> {
-        let (key, registry, client) = (self.key(req.app_id), self.registry(), &self.client);
-        let (code, value): (i64, i64) = retry_while_unavailable(
+        let (key, client) = (self.key(req.app_id), &self.client);
+        let (code, value, register): (i64, i64, i64) = retry_while_unavailable(
             REDIS_BACKOFF,
             halt,
             "Redis unavailable: account budgets cannot be checked, GeWe is not called",
@@ -139,19 +152,32 @@ impl RedisLedger {
             || {
                 let mut call = Durable::new(&ADMIT);
                 call.key(&key)
-                    .key(&registry)
-                    .arg(req.app_id)
                     .arg(req.now)
                     .arg(req.day)
                     .arg(req.limit)
                     .arg(req.interval_ms)
                     .arg(req.max_wait_ms)
-                    .arg(KEEP_MS);
+                    .arg(KEEP_MS)
+                    .arg(millis(REGISTER_EVERY));
                 async move { client.run_durable(&call).await }
             },
         )
         .await?;
+        if register == 1 {
+            self.register(req.app_id, req.now).await;
+        }
         Ok(decode(code, value))
+    }
+
+    /// Notes in the registry that `app_id` was seen at `now`, for the
+    /// console's list. Best effort: missed, the account is listed again
+    /// at its next registration.
+    async fn register(&self, app_id: &str, now: Millis) {
+        let mut pipe = redis::pipe();
+        pipe.zadd(self.registry(), app_id, now).ignore();
+        if let Err(error) = self.client.query::<()>(&pipe).await {
+            tracing::warn!(%error, app_id, "could not list the account for the console; it is listed again within the hour");
+        }
     }
 
     /// Whether Redis answers now (a failover in progress: no).
@@ -265,13 +291,13 @@ impl RedisLedger {
     ) -> Result<(), AccountError> {
         let key = self.key(app_id);
         let until_field = until.map_or(-1, |t| i64::try_from(t).unwrap_or(i64::MAX));
+        // Atomic on the account's key only: the registry is in another
+        // hash slot, and a transaction may not span two.
         let mut pipe = redis::pipe();
         pipe.atomic()
             .hset(&key, "pu", until_field)
             .ignore()
             .hset(&key, "pr", reason.unwrap_or(""))
-            .ignore()
-            .zadd(self.registry(), app_id, now)
             .ignore();
         match until {
             // A pause until resumed outlives any expiry.
@@ -284,6 +310,9 @@ impl RedisLedger {
                 )
                 .ignore(),
         };
+        self.client.query::<()>(&pipe).await.map_err(unavailable)?;
+        let mut pipe = redis::pipe();
+        pipe.zadd(self.registry(), app_id, now).ignore();
         self.client.query::<()>(&pipe).await.map_err(unavailable)
     }
 
