@@ -117,9 +117,20 @@ impl Buckets {
     /// Every bucket that can hold a live entry of `id` at `now_ms`, newest
     /// first.
     pub fn lookup(&self, id: &BucketId, now_ms: u64) -> Vec<String> {
+        self.lookup_since(id, 0, now_ms)
+    }
+
+    /// Of those, the buckets an entry written since `since_ms` (by any
+    /// replica, whose clock may be off by the margin) can be in: a
+    /// lookup that already found nothing in the others need not read them
+    /// again.
+    pub fn lookup_since(&self, id: &BucketId, since_ms: u64, now_ms: u64) -> Vec<String> {
         let slot = id.slot();
         let newest = now_ms.saturating_add(self.margin_ms) / self.span_ms;
-        let oldest = now_ms.saturating_sub(self.window_ms + self.margin_ms) / self.span_ms;
+        let oldest = now_ms
+            .saturating_sub(self.window_ms + self.margin_ms)
+            .max(since_ms.saturating_sub(self.margin_ms))
+            / self.span_ms;
         (oldest..=newest).rev().map(|p| self.key(slot, p)).collect()
     }
 }
@@ -153,6 +164,24 @@ mod tests {
         // The window and both margins: nine or ten periods.
         assert!((9..=10).contains(&b.lookup(&id, stored_at).len()));
         assert_ne!(id.slot(), BucketId::of(b"cmd-2").slot());
+    }
+
+    #[test]
+    fn an_entry_written_since_a_lookup_is_in_the_fewer_buckets_read_after_it() {
+        let window = Duration::from_secs(24 * 3600);
+        let b = Buckets::new("p", "i", "r", window);
+        let id = BucketId::of(b"cmd-1");
+        let looked_at = 1_764_770_000_000;
+        for skew in [-(ms(CLOCK_MARGIN) as i64), 0, ms(CLOCK_MARGIN) as i64] {
+            for later in [0, 1, 60_000, b.span_ms, 3 * b.span_ms] {
+                let writer_clock = (looked_at + later).saturating_add_signed(skew);
+                let (target, _) = b.target(&id, writer_clock);
+                let now = looked_at + later;
+                let read = b.lookup_since(&id, looked_at, now);
+                assert!(read.contains(&target), "later {later} skew {skew}");
+                assert!(read.len() < b.lookup(&id, now).len(), "{read:?}");
+            }
+        }
     }
 
     #[test]

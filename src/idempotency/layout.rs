@@ -90,8 +90,10 @@ pub enum Reads {
     Nothing,
     /// Every bucket that can hold the record.
     Record,
-    /// Those, the one a new record goes to first.
-    RecordAndTarget,
+    /// The one a new record goes to first, then every bucket that can
+    /// hold a record written since the given time (ms since the epoch; 0:
+    /// every bucket).
+    RecordAndTarget(u64),
 }
 
 impl Layout {
@@ -123,10 +125,10 @@ impl Layout {
         let lookup = match reads {
             Reads::Nothing => Vec::new(),
             Reads::Record => self.buckets.lookup(&id, now),
-            Reads::RecordAndTarget => {
+            Reads::RecordAndTarget(since) => {
                 let (target, at) = self.buckets.target(&id, now);
                 expire_at = at;
-                let mut all = self.buckets.lookup(&id, now);
+                let mut all = self.buckets.lookup_since(&id, since, now);
                 all.retain(|k| *k != target);
                 all.insert(0, target);
                 all
@@ -257,14 +259,14 @@ mod tests {
     fn a_commands_keys_share_one_hash_tag_once_earlier_versions_are_gone() {
         let layout = Layout::new("p", Duration::from_secs(86_400), Duration::from_secs(20));
         layout.compat_until.store(0, Ordering::Relaxed);
-        for reads in [Reads::Nothing, Reads::Record, Reads::RecordAndTarget] {
+        for reads in [Reads::Nothing, Reads::Record, Reads::RecordAndTarget(0)] {
             let (keys, _) = layout.keys("cmd-1", reads);
             let first = tag(&keys.keys[0]).to_owned();
             assert!(first.starts_with("{i"), "{:?}", keys.keys);
             assert!(keys.keys.iter().all(|k| tag(k) == first), "{:?}", keys.keys);
             assert_eq!(keys.keys.len(), 3 + keys.buckets);
         }
-        let (keys, expire_at) = layout.keys("cmd-1", Reads::RecordAndTarget);
+        let (keys, expire_at) = layout.keys("cmd-1", Reads::RecordAndTarget(0));
         assert!(expire_at > now_millis());
         assert_eq!(
             keys.keys.iter().filter(|k| **k == keys.keys[3]).count(),

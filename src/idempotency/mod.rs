@@ -119,6 +119,7 @@ impl Idempotency {
         // An unpublished in-memory entry found here is the one this claim
         // marks published, unless it stores a new one.
         let mut entry = None;
+        let mut absent_since = 0;
         let (stored, lease) = match &self.backend {
             Backend::Memory(memory) => match memory.get(command_id) {
                 Some(found) if found.is_published() => {
@@ -135,11 +136,15 @@ impl Idempotency {
                 let mut waits = REDIS_BACKOFF.waits();
                 loop {
                     let sent = Instant::now();
+                    let sent_ms = crate::timestamp::now_millis();
                     let wait = match redis.acquire(command_id).await {
                         Ok(Acquired::Published(record)) => {
                             return Ok(announced(record, fingerprint));
                         }
                         Ok(Acquired::Claimed(stored)) => {
+                            if stored.is_none() {
+                                absent_since = sent_ms;
+                            }
                             break (stored, Some(Lease::hold(redis.clone(), command_id, sent)));
                         }
                         Ok(Acquired::Wait) => HELD_POLL,
@@ -165,6 +170,7 @@ impl Idempotency {
             _local: local,
             lease,
             entry,
+            absent_since,
         };
         match stored {
             Some(record) if record.fingerprint() != fingerprint => {
@@ -206,6 +212,9 @@ pub struct Claim<'a> {
     /// The in-memory entry this claim found or stored, marked published
     /// without a second lookup.
     entry: Option<Arc<Entry>>,
+    /// When Redis last had no record for the commandId (ms since the
+    /// epoch; 0 when it had one or is not used).
+    absent_since: u64,
 }
 
 impl Claim<'_> {
@@ -252,7 +261,10 @@ impl Claim<'_> {
                 };
                 let mut waits = REDIS_BACKOFF.waits();
                 loop {
-                    match redis.store(self.command_id, &packed).await {
+                    match redis
+                        .store(self.command_id, &packed, self.absent_since)
+                        .await
+                    {
                         Ok(true) => return Stored::Kept,
                         Ok(false) => return Stored::Lost,
                         Err(e) => {

@@ -176,9 +176,17 @@ impl RedisStore {
     }
 
     /// Stores the packed record unless an outcome is there; true when it
-    /// was stored and the claim is still ours.
-    pub async fn store(&self, command_id: &str, packed: &[u8]) -> Result<bool, RedisError> {
-        let (keys, expire_at) = self.keys(command_id, Reads::RecordAndTarget).await;
+    /// was stored and the claim is still ours. `absent_since`: when (ms
+    /// since the epoch) a lookup found no record (0: not known), so only
+    /// the buckets written since are read again.
+    pub async fn store(
+        &self,
+        command_id: &str,
+        packed: &[u8],
+        absent_since: u64,
+    ) -> Result<bool, RedisError> {
+        let reads = Reads::RecordAndTarget(absent_since);
+        let (keys, expire_at) = self.keys(command_id, reads).await;
         let expire_at = expire_at.to_string();
         let (stored, ours): (i64, i64) = self
             .call(&STORE, &keys, &[packed, expire_at.as_bytes()])
