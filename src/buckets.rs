@@ -8,11 +8,13 @@
 //! `<prefix>:{<tag><slot>}:<kind>:<period>`: the slot spreads ids over 1024
 //! hashes and is a hash tag, so every bucket one id can be in is one Redis
 //! Cluster slot and a script that reads them touches one slot; the period
-//! is the time slice (an eighth of the window) in which the entry was
+//! is the time slice (a fraction of the window) in which the entry was
 //! written. A bucket expires as a whole once its newest entry is a window
 //! old (plus a margin for clocks that disagree), so an entry lives at least
-//! the window and on average a sixteenth longer; a lookup reads the bucket
-//! of every period that can still hold a live entry.
+//! the window and on average half a period longer; a lookup reads the
+//! bucket of every period that can still hold a live entry. More periods
+//! per window keep entries closer to the window (memory), fewer make a
+//! lookup read fewer buckets (each a call inside a script: server CPU).
 
 use std::time::Duration;
 
@@ -22,8 +24,6 @@ use crate::redis_client::millis as ms;
 
 /// Buckets per period, and hash tags per kind of entry.
 pub const SLOTS: u32 = 1024;
-/// Periods per window.
-const PERIODS_PER_WINDOW: u32 = 8;
 /// Clocks of replicas may disagree by this much without an entry being
 /// missed or dropped early.
 const CLOCK_MARGIN: Duration = Duration::from_secs(600);
@@ -78,16 +78,23 @@ pub struct Buckets {
 
 impl Buckets {
     /// Buckets `<prefix>:{<tag><slot>}:<kind>:<period>` for entries kept
-    /// `window`. Each kind of entry needs its own `tag`: it is what keeps
-    /// two kinds out of each other's hashes.
-    pub fn new(prefix: &str, tag: &'static str, kind: &'static str, window: Duration) -> Self {
+    /// `window`, in `periods` periods per window. Each kind of entry needs
+    /// its own `tag`: it is what keeps two kinds out of each other's
+    /// hashes.
+    pub fn new(
+        prefix: &str,
+        tag: &'static str,
+        kind: &'static str,
+        window: Duration,
+        periods: u32,
+    ) -> Self {
         let window_ms = ms(window);
         Self {
             prefix: prefix.to_owned(),
             tag,
             kind,
             window_ms,
-            span_ms: (window_ms / u64::from(PERIODS_PER_WINDOW)).max(1000),
+            span_ms: (window_ms / u64::from(periods.max(1))).max(1000),
             margin_ms: ms(CLOCK_MARGIN),
         }
     }
@@ -142,7 +149,7 @@ mod tests {
     #[test]
     fn an_entry_is_found_for_the_whole_window_from_any_clock_within_the_margin() {
         let window = Duration::from_secs(24 * 3600);
-        let b = Buckets::new("p", "i", "r", window);
+        let b = Buckets::new("p", "i", "r", window, 8);
         let id = BucketId::of(b"cmd-1");
         let stored_at = 1_764_770_000_000;
         let (target, expire_at) = b.target(&id, stored_at);
@@ -169,7 +176,7 @@ mod tests {
     #[test]
     fn an_entry_written_since_a_lookup_is_in_the_fewer_buckets_read_after_it() {
         let window = Duration::from_secs(24 * 3600);
-        let b = Buckets::new("p", "i", "r", window);
+        let b = Buckets::new("p", "i", "r", window, 8);
         let id = BucketId::of(b"cmd-1");
         let looked_at = 1_764_770_000_000;
         for skew in [-(ms(CLOCK_MARGIN) as i64), 0, ms(CLOCK_MARGIN) as i64] {
@@ -186,7 +193,7 @@ mod tests {
 
     #[test]
     fn every_bucket_of_an_id_shares_one_hash_tag() {
-        let b = Buckets::new("p", "v", "v", Duration::from_secs(30 * 86_400));
+        let b = Buckets::new("p", "v", "v", Duration::from_secs(30 * 86_400), 8);
         let id = BucketId::of(b"x");
         let keys = b.lookup(&id, 1_764_770_000_000);
         let tag = |k: &str| k[k.find('{').unwrap_or(0)..=k.find('}').unwrap_or(0)].to_owned();

@@ -123,7 +123,9 @@ impl RedisStore {
             client,
             prefix: prefix.to_owned(),
             window,
-            buckets: Buckets::new(prefix, "v", "v", window),
+            // Eight periods: a callback's lookup is rare, its 30 days of
+            // entries are most of Redis' memory.
+            buckets: Buckets::new(prefix, "v", "v", window, 8),
         }
     }
 
