@@ -431,3 +431,51 @@ async fn without_an_earlier_version_only_the_commands_own_slot_is_touched() {
     claim.release().await;
     delete_keys(&prefix).await;
 }
+
+#[tokio::test]
+async fn a_late_answer_of_a_holder_whose_lease_lapsed_is_the_one_kept() {
+    let prefix = prefix();
+    let (a, b, c) = (replica(&prefix), replica(&prefix), replica(&prefix));
+    let Found::Claimed {
+        claim: mut late, ..
+    } = acquire(&a, "m").await
+    else {
+        panic!("A claims");
+    };
+    // A's lease lapses (its renewals stopped getting through) and B claims.
+    // A renews every 3 s and would re-assert a claim it finds gone, so B
+    // tries right after each removal until it holds the commandId.
+    let mut conn = redis().await;
+    let mut taken = None;
+    let never = Halt::never();
+    for _ in 0..10 {
+        let _: () = conn.del(claim_key(&prefix, "cmd")).await.expect("del");
+        let attempt = b.acquire("cmd", Fingerprint::of(&cmd("m")), &never);
+        if let Ok(Ok(Found::Claimed { claim, stored })) =
+            tokio::time::timeout(Duration::from_millis(500), attempt).await
+        {
+            assert!(stored.is_none(), "nothing stored yet");
+            taken = Some(claim);
+            break;
+        }
+    }
+    let mut taken = taken.expect("B claims the lapsed commandId");
+    // A's GeWe answer arrives after B looked: it is stored (the first
+    // answer wins), though the claim is no longer A's.
+    let first = record("m", "v3_a");
+    assert_eq!(late.store(&first).await, Stored::Lost);
+    // B's store sees it, in the buckets written since B's claim.
+    assert_eq!(taken.store(&record("m", "v3_b")).await, Stored::Lost);
+    taken.release().await;
+    match acquire(&c, "m").await {
+        Found::Claimed {
+            claim,
+            stored: Some(found),
+        } => {
+            assert_eq!(found, first);
+            claim.release().await;
+        }
+        _ => panic!("the first answer is found, unpublished"),
+    }
+    delete_keys(&prefix).await;
+}
