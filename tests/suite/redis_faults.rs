@@ -155,3 +155,86 @@ async fn readyz_is_503_while_redis_refuses_the_password() {
     assert!(!body.contains("not-the-password"), "{body}");
     app.stop().await;
 }
+
+/// How many script calls failed on the server at `conn` (for want of
+/// memory, here: a script's first write is refused, which ends it):
+/// `rejected_calls` and `failed_calls` of `EVALSHA` and `EVAL`.
+async fn scripts_refused(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .expect("info");
+    info.lines()
+        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .flat_map(|l| l.split(','))
+        .filter_map(|field| {
+            let n = field
+                .strip_prefix("rejected_calls=")
+                .or_else(|| field.strip_prefix("failed_calls="))?;
+            n.trim().parse::<u64>().ok()
+        })
+        .sum()
+}
+
+#[tokio::test]
+async fn a_full_redis_that_refuses_writes_holds_the_command_and_calls_nobody() {
+    // deploy/kubernetes/redis.yaml runs Redis with noeviction: full, it
+    // refuses every script rather than dropping an outcome or a claim.
+    let gewe = FakeGewe::start(Duration::ZERO, fake_gewe::success).await;
+    let redis = RedisServer::start().await;
+    let mut conn = redis::Client::open(redis.url.as_str())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let mut settings = test_settings(&gewe.url);
+    settings.redis.url = Some(redis.url.clone());
+    let mut app = spawn_app(settings).await;
+    for (key, value) in [("maxmemory-policy", "noeviction"), ("maxmemory", "1")] {
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(key)
+            .arg(value)
+            .query_async(&mut conn)
+            .await
+            .expect("config set");
+    }
+    let id = unique("full");
+    app.publish(&command(&id, &unique("app"))).await;
+    // Refused again and again (retried with backoff), and nobody called.
+    eventually(WAIT, || {
+        let mut conn = conn.clone();
+        async move {
+            let n = scripts_refused(&mut conn).await;
+            done_or(n >= 3, || format!("{n} script calls refused"))
+        }
+    })
+    .await;
+    assert!(
+        gewe.calls().is_empty(),
+        "GeWe was called: {:?}",
+        gewe.calls()
+    );
+    assert!(
+        app.try_next_event(Duration::ZERO).await.is_none(),
+        "an event without the outcome stored"
+    );
+    // Room again: the command goes through, once.
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("0")
+        .query_async(&mut conn)
+        .await
+        .expect("config set");
+    let event = app.next_event().await;
+    assert_eq!(
+        (event.status(), event.body["commandId"].as_str()),
+        ("succeeded", Some(id.as_str())),
+        "{}",
+        event.body
+    );
+    assert_eq!(gewe.calls().len(), 1);
+    app.stop().await;
+}
