@@ -95,9 +95,9 @@ pub enum Reads {
     Nothing,
     /// Every bucket that can hold the record.
     Record,
-    /// The one a new record goes to first, then every bucket that can
-    /// hold a record written since the given time (ms since the epoch; 0:
-    /// every bucket).
+    /// The one a new record goes to (now) first, then every bucket that
+    /// can hold a record written since the given time (ms since the epoch;
+    /// 0: every bucket).
     RecordAndTarget(u64),
 }
 

@@ -196,7 +196,10 @@ impl RedisStore {
 
     /// Marks the outcome announced and releases our claim.
     pub async fn published(&self, command_id: &str) -> Result<(), RedisError> {
-        let (keys, _) = self.keys(command_id, Reads::Record).await;
+        // The record was mostly just stored, in the bucket a store would
+        // use now: read that one first (the newest buckets, read first
+        // otherwise, are often the future ones the clock margin adds).
+        let (keys, _) = self.keys(command_id, Reads::RecordAndTarget(0)).await;
         self.call::<i64>(&PUBLISHED, &keys, &[]).await.map(|_| ())
     }
 
