@@ -61,18 +61,20 @@ pub struct CommandKeys {
 }
 
 impl CommandKeys {
-    /// Adds the keys and the leading arguments to `call`; `seen` is the
-    /// slot's boot marker as this replica last saw it.
-    pub fn apply(&self, call: &mut Durable<'_>, owner: &str, lease: Duration, seen: &str) {
+    /// Adds the keys and the leading arguments to `call`. `seen` is the
+    /// slot's boot marker as this replica last saw it, for a script that
+    /// checks the marker (a fresh one goes with it); `None` for one that
+    /// does not, which gets empty strings in their places.
+    pub fn apply(&self, call: &mut Durable<'_>, owner: &str, lease: Duration, seen: Option<&str>) {
         for key in &self.keys {
             call.key(key);
         }
-        call.arg(owner)
-            .arg(millis(lease))
-            .arg(seen)
-            .arg(uuid::Uuid::new_v4().to_string())
-            .arg(self.buckets)
-            .arg(&self.field);
+        call.arg(owner).arg(millis(lease));
+        match seen {
+            Some(seen) => call.arg(seen).arg(uuid::Uuid::new_v4().to_string()),
+            None => call.arg("").arg(""),
+        };
+        call.arg(self.buckets).arg(&self.field);
     }
 }
 

@@ -95,21 +95,19 @@ impl RedisStore {
     }
 
     /// `script` with `keys`, `more_args` after the common arguments;
-    /// durable.
+    /// durable. `boot`: the script checks the slot's boot marker, so it
+    /// gets the one last seen and a fresh one.
     async fn call<T: redis::FromRedisValue>(
         &self,
         script: &Script,
         keys: &CommandKeys,
+        boot: bool,
         more_args: &[&[u8]],
     ) -> Result<T, RedisError> {
         let inner = &self.inner;
         let mut call = Durable::new(script);
-        keys.apply(
-            &mut call,
-            &inner.owner,
-            inner.lease,
-            &inner.layout.seen(keys.slot),
-        );
+        let seen = boot.then(|| inner.layout.seen(keys.slot));
+        keys.apply(&mut call, &inner.owner, inner.lease, seen.as_deref());
         for arg in more_args {
             call.arg(*arg);
         }
@@ -123,7 +121,7 @@ impl RedisStore {
         script: &Script,
         keys: &CommandKeys,
     ) -> Result<T, RedisError> {
-        let mut reply: Vec<Value> = self.call(script, keys, &[]).await?;
+        let mut reply: Vec<Value> = self.call(script, keys, true, &[]).await?;
         let marker = match reply.pop() {
             Some(Value::BulkString(marker)) => String::from_utf8_lossy(&marker).into_owned(),
             other => return Err(self.inner.client.unexpected(&other.unwrap_or(Value::Nil))),
@@ -189,7 +187,7 @@ impl RedisStore {
         let (keys, expire_at) = self.keys(command_id, reads).await;
         let expire_at = expire_at.to_string();
         let (stored, ours): (i64, i64) = self
-            .call(&STORE, &keys, &[packed, expire_at.as_bytes()])
+            .call(&STORE, &keys, false, &[packed, expire_at.as_bytes()])
             .await?;
         Ok(stored == 1 && ours == 1)
     }
@@ -200,12 +198,16 @@ impl RedisStore {
         // use now: read that one first (the newest buckets, read first
         // otherwise, are often the future ones the clock margin adds).
         let (keys, _) = self.keys(command_id, Reads::RecordAndTarget(0)).await;
-        self.call::<i64>(&PUBLISHED, &keys, &[]).await.map(|_| ())
+        self.call::<i64>(&PUBLISHED, &keys, false, &[])
+            .await
+            .map(|_| ())
     }
 
     /// Releases our claim (the stored outcome, if any, stays).
     pub async fn release(&self, command_id: &str) -> Result<(), RedisError> {
         let (keys, _) = self.keys(command_id, Reads::Nothing).await;
-        self.call::<i64>(&RELEASE, &keys, &[]).await.map(|_| ())
+        self.call::<i64>(&RELEASE, &keys, false, &[])
+            .await
+            .map(|_| ())
     }
 }

@@ -9,8 +9,9 @@
 //!   claims of earlier versions may exist, their record and claim keys
 //!   (which are not in that slot: a server, not a Cluster, holds them).
 //! - ARGV: 1 owner, 2 lease ms, 3 the boot marker this replica last saw in
-//!   the slot (`''` before its first look), 4 a fresh marker, 5 the number
-//!   of buckets, 6 the record's field; then what the script needs.
+//!   the slot (`''` before its first look), 4 a fresh marker (both `''`
+//!   for the scripts that do not call `boot`), 5 the number of buckets,
+//!   6 the record's field; then what the script needs.
 
 use std::sync::LazyLock;
 

@@ -298,12 +298,17 @@ impl RedisServer {
         }
     }
 
-    async fn take_every_slot(&self) {
-        let mut conn = redis::Client::open(self.url.as_str())
+    /// A connection to the server (through its proxy).
+    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url.as_str())
             .expect("url")
             .get_multiplexed_async_connection()
             .await
-            .expect("cluster node");
+            .expect("the private redis-server answers")
+    }
+
+    async fn take_every_slot(&self) {
+        let mut conn = self.connection().await;
         let _: () = redis::cmd("CLUSTER")
             .arg("ADDSLOTSRANGE")
             .arg(0)

@@ -183,11 +183,7 @@ async fn a_full_redis_that_refuses_writes_holds_the_command_and_calls_nobody() {
     // refuses every script rather than dropping an outcome or a claim.
     let gewe = FakeGewe::start(Duration::ZERO, fake_gewe::success).await;
     let redis = RedisServer::start().await;
-    let mut conn = redis::Client::open(redis.url.as_str())
-        .expect("url")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis");
+    let mut conn = redis.connection().await;
     let mut settings = test_settings(&gewe.url);
     settings.redis.url = Some(redis.url.clone());
     let mut app = spawn_app(settings).await;

@@ -81,11 +81,7 @@ async fn memory_usage(conn: &mut redis::aio::MultiplexedConnection, prefix: &str
 /// A private, empty `redis-server` and a connection to it.
 async fn private_redis() -> (RedisServer, redis::aio::MultiplexedConnection) {
     let server = RedisServer::start().await;
-    let conn = redis::Client::open(server.url.as_str())
-        .expect("url")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis");
+    let conn = server.connection().await;
     (server, conn)
 }
 

@@ -173,11 +173,20 @@ impl RedisLedger {
     /// console's list. Best effort: missed, the account is listed again
     /// at its next registration.
     async fn register(&self, app_id: &str, now: Millis) {
-        let mut pipe = redis::pipe();
-        pipe.zadd(self.registry(), app_id, now).ignore();
-        if let Err(error) = self.client.query::<()>(&pipe).await {
+        if let Err(error) = self
+            .client
+            .query::<()>(&self.registration(app_id, now))
+            .await
+        {
             tracing::warn!(%error, app_id, "could not list the account for the console; it is listed again within the hour");
         }
+    }
+
+    /// The registry's entry for `app_id`, seen at `now`.
+    fn registration(&self, app_id: &str, now: Millis) -> redis::Pipeline {
+        let mut pipe = redis::pipe();
+        pipe.zadd(self.registry(), app_id, now).ignore();
+        pipe
     }
 
     /// Whether Redis answers now (a failover in progress: no).
@@ -311,9 +320,10 @@ impl RedisLedger {
                 .ignore(),
         };
         self.client.query::<()>(&pipe).await.map_err(unavailable)?;
-        let mut pipe = redis::pipe();
-        pipe.zadd(self.registry(), app_id, now).ignore();
-        self.client.query::<()>(&pipe).await.map_err(unavailable)
+        self.client
+            .query::<()>(&self.registration(app_id, now))
+            .await
+            .map_err(unavailable)
     }
 
     /// See [`super::Ledger::resume`].
